@@ -1,0 +1,49 @@
+"""Configuration: defaults and their parsing in one place, each also from the environment."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _seconds(value: Any) -> Any:
+    """Read a bare number (or numeric string, as environment variables are) as seconds."""
+    if isinstance(value, str):
+        try:
+            return timedelta(seconds=float(value))
+        except ValueError:
+            return value  # let pydantic try ISO 8601 ("PT1M") and report the error
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+Seconds = Annotated[timedelta, BeforeValidator(_seconds)]
+"""A duration given as a timedelta, a number of seconds, or an ISO 8601 duration."""
+
+
+class Configuration(BaseSettings):
+    """Settings of recoverable-state; each is read from `RECOVERABLE_STATE_<NAME>` too."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECOVERABLE_STATE_", validate_assignment=True, extra="ignore"
+    )
+
+    storage_url: str = "sqlite:///./storage/state.sqlite3"
+    """Where stores live: `sqlite:///rel/path`, `sqlite:////abs/path`, `file:///abs/dir`,
+    `memory://`, `redis://host:port/db`, `postgresql://user@host:port/db`."""
+
+    persist_state_interval: Seconds = timedelta(seconds=60)
+    """How often the event manager emits PERSIST_STATE on its own."""
+
+    shutdown_timeout: Seconds = timedelta(seconds=25)
+    """How long the last persist on a shutdown or migration signal may take."""
+
+    storage_pool_size: int = Field(default=4, ge=1)
+    """Connections a Redis or PostgreSQL backend keeps (worker threads use them)."""
+
+    storage_retry_timeout: Seconds = timedelta(seconds=10)
+    """How long a Redis or PostgreSQL backend retries an unreachable server before failing."""

@@ -1,0 +1,62 @@
+"""One hierarchy of errors, each named for what went wrong.
+
+Catch `RecoverableStateError` for everything, or a precise subclass. Storage
+errors carry the store and key they concern, so a message always says where.
+"""
+
+from __future__ import annotations
+
+
+class RecoverableStateError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class StorageError(RecoverableStateError):
+    """A key-value store could not do what was asked."""
+
+    def __init__(self, message: str, *, store: str | None = None, key: str | None = None) -> None:
+        where = []
+        if store is not None:
+            where.append(f"store {store!r}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+        self.store = store
+        """The store the error concerns (its name, or its id when unnamed)."""
+        self.key = key
+        """The record key the error concerns, when there is one."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """A record key is not allowed (empty, too long, or holds control characters)."""
+
+
+class StoreNotFoundError(StorageError, LookupError):
+    """No store has the id that was asked for."""
+
+
+class StorageUnavailableError(StorageError, ConnectionError):
+    """The storage server could not be reached within the retry budget."""
+
+
+class RecordCorruptError(StorageError, ValueError):
+    """A stored record cannot be read as the state model (not JSON, or fails validation)."""
+
+
+class StateAlreadyInUseError(RecoverableStateError, RuntimeError):
+    """Another live RecoverableState in this process already owns this store and key."""
+
+
+class StateOwnershipLost(RecoverableStateError):
+    """Another process took over this state; this one must stop persisting it.
+
+    Raised by a persist whose compare-and-set found a newer version in the store:
+    a successor (after a migration) has loaded the state and moved on, so this
+    process's snapshot is stale and is never written.
+    """
+
+    def __init__(self, message: str, *, store: str | None, key: str) -> None:
+        super().__init__(f"store {store!r}, key {key!r}: {message}")
+        self.store = store
+        self.key = key

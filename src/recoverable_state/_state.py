@@ -1,0 +1,302 @@
+"""RecoverableState: a pydantic model kept in a key-value store across restarts."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeVar
+
+import anyio
+from pydantic import BaseModel, ValidationError
+
+from ._errors import RecordCorruptError, StateAlreadyInUseError, StateOwnershipLost
+from ._locator import service_locator
+from .events import Event, EventManager, EventPersistStateData
+from .storage import JSON_CONTENT_TYPE, KeyValueStore
+
+TStateModel = TypeVar("TStateModel", bound=BaseModel)
+
+_package_logger = logging.getLogger("recoverable_state")
+
+# Live states by (storage url, store id, key): two in one process would overwrite each other.
+_owners: weakref.WeakValueDictionary[tuple[str, str, str], RecoverableState[Any]] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Name each failing field and what is wrong with it, on one line."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(the record)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class RecoverableState(Generic[TStateModel]):
+    """A pydantic model that survives restarts: loaded on start, saved on PERSIST_STATE.
+
+    `initialize()` loads the stored record (or a deep copy of `default_state`);
+    with `persistence_enabled=True` the state then saves itself on every
+    PERSIST_STATE its event manager emits, with `"explicit_only"` only when
+    `persist_state()` is called, and with `False` never. A write happens only when
+    the serialised model differs from what was last stored, and only while this
+    process still owns the record: a successor that loaded it since (after a
+    migration) makes the next write fail with StateOwnershipLost instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        default_state: TStateModel,
+        persist_state_key: str,
+        persistence_enabled: bool | Literal["explicit_only"] = False,
+        persist_state_kvs_name: str | None = None,
+        persist_state_kvs_id: str | None = None,
+        logger: logging.Logger | None = None,
+        persist_state_kvs_factory: Callable[[], Awaitable[KeyValueStore]] | None = None,
+        event_manager: EventManager | None = None,
+        history: int = 0,
+    ) -> None:
+        """Describe a state; nothing is read or registered until `initialize()`.
+
+        Args:
+            default_state: the model to start from when nothing is stored (deep-copied).
+            persist_state_key: the record key the state is stored under.
+            persistence_enabled: True, "explicit_only" or False (see the class docstring).
+            persist_state_kvs_name: the store to use, by name (created when missing).
+            persist_state_kvs_id: the store to use, by id (must exist).
+            logger: where to log; the package logger by default.
+            persist_state_kvs_factory: an async callable returning the store to use.
+            event_manager: the manager to listen on; the service locator's by default.
+            history: keep this many snapshots of the record (0: keep none).
+        """
+        if persistence_enabled not in (True, False, "explicit_only"):
+            raise ValueError(
+                f"persistence_enabled must be True, False or 'explicit_only', not {persistence_enabled!r}"
+            )
+        sources = (persist_state_kvs_name, persist_state_kvs_id, persist_state_kvs_factory)
+        if sum(x is not None for x in sources) > 1:
+            raise ValueError(
+                "give at most one of persist_state_kvs_name, persist_state_kvs_id "
+                "and persist_state_kvs_factory"
+            )
+        if history < 0:
+            raise ValueError("history must be 0 or more")
+        self._default_state = default_state
+        self._model = type(default_state)
+        self._serializer = self._model.__pydantic_serializer__
+        self._key = persist_state_key
+        self._persistence_enabled = persistence_enabled
+        self._kvs_name = persist_state_kvs_name
+        self._kvs_id = persist_state_kvs_id
+        self._kvs_factory = persist_state_kvs_factory
+        self._log = logger or _package_logger
+        self._event_manager = event_manager
+        self._history = history
+
+        self._state: TStateModel | None = None
+        self._kvs: KeyValueStore | None = None
+        self._listening_on: EventManager | None = None
+        self._owner_key: tuple[str, str, str] | None = None
+        self._lock: anyio.Lock | None = None
+        self._version = 0  # the stored version this process last read or wrote (0: none)
+        self._last_bytes: bytes | None = None  # what the store holds, as far as we know
+        self._lost = False
+
+    # -- reading -------------------------------------------------------------
+
+    @property
+    def current_value(self) -> TStateModel:
+        """The live model; change it in place, it is persisted as it is."""
+        if self._state is None:
+            raise RuntimeError(
+                f"RecoverableState {self._key!r} is not initialized: "
+                "call `await state.initialize()` (or use `async with`) first"
+            )
+        return self._state
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether `initialize()` has run (and `teardown()` has not)."""
+        return self._state is not None and self._lock is not None
+
+    @property
+    def persist_state_key(self) -> str:
+        """The record key the state is stored under."""
+        return self._key
+
+    @property
+    def ownership_lost(self) -> bool:
+        """Whether another process took this state over; it is then no longer persisted."""
+        return self._lost
+
+    async def has_persisted_state(self) -> bool:
+        """Whether a record of this state is in the store."""
+        kvs = await self._open_kvs()
+        return await kvs.record_exists(self._key)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def initialize(self) -> TStateModel:
+        """Load the stored state (or a copy of the default) and start persisting it.
+
+        Raises RecordCorruptError, naming the store, key and failing fields, when
+        the stored record is not valid JSON or does not validate; the record is
+        left as it is. Raises StateAlreadyInUseError when another live state in
+        this process uses the same store and key.
+        """
+        if self.is_initialized:
+            return self.current_value
+        if not self._persistence_enabled:
+            self._state = self._default_state.model_copy(deep=True)
+            self._lock = anyio.Lock()
+            return self._state
+
+        kvs = await self._open_kvs()
+        owner_key = (kvs.storage.url, kvs.id, self._key)
+        other = _owners.get(owner_key)
+        if other is not None and other is not self:
+            raise StateAlreadyInUseError(
+                f"store {kvs.label!r}, key {self._key!r}: another RecoverableState in this "
+                "process already uses this record; share that one, or tear it down first"
+            )
+        _owners[owner_key] = self
+        self._owner_key = owner_key
+        try:
+            record = await kvs.get_record(self._key, claim=True)
+            if record is None:
+                state = self._default_state.model_copy(deep=True)
+                self._version, self._last_bytes = 0, None
+            else:
+                state = self._validate(kvs, record.value)
+                self._version, self._last_bytes = record.version, record.value
+        except BaseException:
+            self._release_owner()
+            raise
+        self._state = state
+        self._lost = False
+        self._lock = anyio.Lock()
+        if self._persistence_enabled is True:
+            manager = self._event_manager or service_locator.get_event_manager()
+            manager.on(event=Event.PERSIST_STATE, listener=self.persist_state)
+            self._listening_on = manager
+        self._log.debug("state %r loaded from store %r (version %d)", self._key, kvs.label, self._version)
+        return state
+
+    def _validate(self, kvs: KeyValueStore, data: bytes) -> TStateModel:
+        try:
+            return self._model.model_validate_json(data)
+        except ValidationError as exc:
+            problem = describe_validation_error(exc)
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                message = f"the stored record is not valid JSON ({problem})"
+            else:
+                message = f"the stored record does not validate as {self._model.__name__}: {problem}"
+            raise RecordCorruptError(message, store=kvs.label, key=self._key) from exc
+
+    async def persist_state(self, event_data: EventPersistStateData | None = None) -> None:
+        """Store the current value now, if it changed since it was last stored.
+
+        Returns once the write is durable. Raises StateOwnershipLost (and stops
+        persisting this state) when another process has taken the record over.
+        """
+        if not self._persistence_enabled or self._state is None or self._lock is None:
+            return
+        if self._lost:
+            return
+        async with self._lock:
+            kvs = self._kvs
+            assert kvs is not None
+            data = self._serializer.to_json(self._state, by_alias=True)
+            if data == self._last_bytes:
+                return
+            outcome = await kvs.put_record(
+                self._key,
+                data,
+                JSON_CONTENT_TYPE,
+                expected_version=self._version,
+                keep_history=self._history,
+            )
+            if outcome.applied:
+                self._version, self._last_bytes = outcome.version, data
+                return
+            self._on_ownership_lost(kvs, outcome.version)
+
+    def _on_ownership_lost(self, kvs: KeyValueStore, stored_version: int) -> None:
+        self._lost = True
+        manager = self._listening_on
+        self._stop_listening()
+        error = StateOwnershipLost(
+            f"the stored record is at version {stored_version}, not {self._version} as this "
+            "process last saw it: another process has taken this state over; this snapshot "
+            "was not written and the state is no longer persisted from here",
+            store=kvs.label,
+            key=self._key,
+        )
+        self._log.error("%s", error)
+        target = manager or self._event_manager
+        if target is not None and target.active:
+            from .events._types import EventStateOwnershipLostData
+
+            target.emit(
+                event=Event.STATE_OWNERSHIP_LOST,
+                event_data=EventStateOwnershipLostData(store=kvs.label, key=self._key),
+            )
+        raise error
+
+    async def reset(self) -> None:
+        """Go back to a copy of the default state and clear the stored record."""
+        self._state = self._default_state.model_copy(deep=True)
+        if not self._persistence_enabled or self._lock is None:
+            return
+        async with self._lock:
+            kvs = await self._open_kvs()
+            await kvs.delete_record(self._key, expected_version=self._version)
+            self._version, self._last_bytes = 0, None
+
+    async def teardown(self) -> None:
+        """Stop listening, persist one last time, and release the record in this process."""
+        if self._lock is None:
+            return
+        self._stop_listening()
+        try:
+            await self.persist_state()
+        finally:
+            self._release_owner()
+            self._lock = None
+
+    def _stop_listening(self) -> None:
+        if self._listening_on is not None:
+            self._listening_on.off(event=Event.PERSIST_STATE, listener=self.persist_state)
+            self._listening_on = None
+
+    def _release_owner(self) -> None:
+        if self._owner_key is not None and _owners.get(self._owner_key) is self:
+            del _owners[self._owner_key]
+        self._owner_key = None
+
+    async def _open_kvs(self) -> KeyValueStore:
+        if self._kvs is None:
+            if self._kvs_factory is not None:
+                self._kvs = await self._kvs_factory()
+            else:
+                self._kvs = await KeyValueStore.open(name=self._kvs_name, id=self._kvs_id)
+        return self._kvs
+
+    async def __aenter__(self) -> TStateModel:
+        return await self.initialize()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.teardown()
+
+    def __repr__(self) -> str:
+        return f"<RecoverableState {self._key!r} of {self._model.__name__}>"

@@ -1,0 +1,90 @@
+"""Events and their payloads (pydantic models with the camelCase JSON aliases)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+from .._config import Seconds
+
+
+class Event(StrEnum):
+    """The events an EventManager emits."""
+
+    PERSIST_STATE = "persistState"
+    """Save your state now (on a timer, and before shutdown or migration)."""
+    MIGRATING = "migrating"
+    """The process is about to be moved to another machine (SIGTERM, preemption notice)."""
+    ABORTING = "aborting"
+    """The process is being stopped by the user (SIGINT)."""
+    EXIT = "exit"
+    """The process is about to exit."""
+    SYSTEM_INFO = "systemInfo"
+    """Periodic information about the machine."""
+    STATE_OWNERSHIP_LOST = "stateOwnershipLost"
+    """Another process took over a state of this one; stop working on it."""
+
+
+_SecondsOut = PlainSerializer(lambda v: v.total_seconds() if v is not None else None)
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, frozen=True)
+
+
+class EventPersistStateData(_Payload):
+    """Data of PERSIST_STATE."""
+
+    is_migrating: Annotated[bool, Field(alias="isMigrating")] = False
+    """True when this is the last persist before the process moves or stops."""
+
+
+class EventMigratingData(_Payload):
+    """Data of MIGRATING."""
+
+    time_remaining: Annotated[Seconds | None, Field(alias="timeRemainingSecs"), _SecondsOut] = None
+    """How long until the process is stopped, when known."""
+
+
+class EventAbortingData(_Payload):
+    """Data of ABORTING."""
+
+
+class EventExitData(_Payload):
+    """Data of EXIT."""
+
+
+class EventSystemInfoData(_Payload):
+    """Data of SYSTEM_INFO: what the process knows of its machine."""
+
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventStateOwnershipLostData(_Payload):
+    """Data of STATE_OWNERSHIP_LOST: which state this process may no longer write."""
+
+    store: str
+    key: str
+
+
+EventData = (
+    EventPersistStateData
+    | EventMigratingData
+    | EventAbortingData
+    | EventExitData
+    | EventSystemInfoData
+    | EventStateOwnershipLostData
+)
+
+__all__ = [
+    "Event",
+    "EventAbortingData",
+    "EventData",
+    "EventExitData",
+    "EventMigratingData",
+    "EventPersistStateData",
+    "EventStateOwnershipLostData",
+    "EventSystemInfoData",
+]

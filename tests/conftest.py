@@ -1,0 +1,36 @@
+"""Shared fixtures: every async test runs on asyncio and on trio."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recoverable_state import Configuration, service_locator
+from recoverable_state.storage import MemoryBackend
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts with default services that write under its own tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("STORAGE_URL", "PERSIST_STATE_INTERVAL", "SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(f"RECOVERABLE_STATE_{name}", raising=False)
+    service_locator.reset()
+    yield
+    service_locator.reset()
+
+
+@pytest.fixture
+def memory_storage() -> MemoryBackend:
+    """A memory backend installed as the default storage."""
+    backend = MemoryBackend()
+    service_locator.set_storage(backend)
+    service_locator.set_configuration(Configuration(storage_url="memory://"))
+    return backend
