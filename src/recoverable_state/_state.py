@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
 import anyio
+import anyio.lowlevel
 from pydantic import BaseModel, ValidationError
 
 from ._errors import RecordCorruptError, StateAlreadyInUseError, StateOwnershipLost
 from ._locator import service_locator
-from .events import Event, EventManager, EventPersistStateData
-from .storage import JSON_CONTENT_TYPE, KeyValueStore
+from .events import Event, EventManager, EventPersistStateData, EventStateOwnershipLostData
+from .storage import JSON_CONTENT_TYPE, KeyValueStore, RecordWrite, StoredRecord, WriteOutcome, check_key
 
 TStateModel = TypeVar("TStateModel", bound=BaseModel)
 
@@ -148,43 +150,85 @@ class RecoverableState(Generic[TStateModel]):
         left as it is. Raises StateAlreadyInUseError when another live state in
         this process uses the same store and key.
         """
-        if self.is_initialized:
-            return self.current_value
-        if not self._persistence_enabled:
-            self._state = self._default_state.model_copy(deep=True)
-            self._lock = anyio.Lock()
-            return self._state
+        await self.initialize_many([self])
+        return self.current_value
 
-        kvs = await self._open_kvs()
+    @staticmethod
+    async def initialize_many(states: Sequence[RecoverableState[Any]]) -> None:
+        """Initialize many states with one batched read per backend.
+
+        The same as calling `initialize()` on each, but thousands of states cost
+        one round trip instead of thousands. States that fail (a bad record, a
+        record already in use) stay uninitialized; the others are ready. One
+        failure is raised as it is; several as an ExceptionGroup.
+        """
+        errors: list[Exception] = []
+        loading: list[RecoverableState[Any]] = []
+        claimed: set[tuple[str, str, str]] = set()
+        for state in states:
+            if state.is_initialized:
+                continue
+            if not state._persistence_enabled:
+                state._start(state._default_state.model_copy(deep=True), None)
+                continue
+            kvs = await state._open_kvs()
+            try:
+                check_key(state._key, store=kvs.label)
+                state._take_owner(kvs, claimed)
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            loading.append(state)
+        if loading:
+            try:
+                records = await KeyValueStore.get_together(
+                    [(s._kvs, s._key, True) for s in loading]  # type: ignore[misc]
+                )
+            except BaseException:
+                for state in loading:
+                    state._release_owner()
+                raise
+            for state, record in zip(loading, records, strict=True):
+                try:
+                    state._start_from(record)
+                except Exception as exc:
+                    state._release_owner()
+                    errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup(f"{len(errors)} of {len(states)} states failed to initialize", errors)
+
+    def _take_owner(self, kvs: KeyValueStore, claimed: set[tuple[str, str, str]]) -> None:
         owner_key = (kvs.storage.url, kvs.id, self._key)
         other = _owners.get(owner_key)
-        if other is not None and other is not self:
+        if (other is not None and other is not self) or owner_key in claimed:
             raise StateAlreadyInUseError(
                 f"store {kvs.label!r}, key {self._key!r}: another RecoverableState in this "
                 "process already uses this record; share that one, or tear it down first"
             )
+        claimed.add(owner_key)
         _owners[owner_key] = self
         self._owner_key = owner_key
-        try:
-            record = await kvs.get_record(self._key, claim=True)
-            if record is None:
-                state = self._default_state.model_copy(deep=True)
-                self._version, self._last_bytes = 0, None
-            else:
-                state = self._validate(kvs, record.value)
-                self._version, self._last_bytes = record.version, record.value
-        except BaseException:
-            self._release_owner()
-            raise
+
+    def _start_from(self, record: StoredRecord | None) -> None:
+        kvs = self._kvs
+        assert kvs is not None
+        if record is None:
+            self._start(self._default_state.model_copy(deep=True), None)
+            return
+        self._start(self._validate(kvs, record.value), record)
+
+    def _start(self, state: TStateModel, record: StoredRecord | None) -> None:
         self._state = state
+        self._version = record.version if record is not None else 0
+        self._last_bytes = record.value if record is not None else None
         self._lost = False
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
         if self._persistence_enabled is True:
             manager = self._event_manager or service_locator.get_event_manager()
-            manager.on(event=Event.PERSIST_STATE, listener=self.persist_state)
+            _PersistGroup.of(manager).add(self)
             self._listening_on = manager
-        self._log.debug("state %r loaded from store %r (version %d)", self._key, kvs.label, self._version)
-        return state
 
     def _validate(self, kvs: KeyValueStore, data: bytes) -> TStateModel:
         try:
@@ -203,9 +247,7 @@ class RecoverableState(Generic[TStateModel]):
         Returns once the write is durable. Raises StateOwnershipLost (and stops
         persisting this state) when another process has taken the record over.
         """
-        if not self._persistence_enabled or self._state is None or self._lock is None:
-            return
-        if self._lost:
+        if not self._persistence_enabled or self._state is None or self._lock is None or self._lost:
             return
         async with self._lock:
             kvs = self._kvs
@@ -220,32 +262,95 @@ class RecoverableState(Generic[TStateModel]):
                 expected_version=self._version,
                 keep_history=self._history,
             )
-            if outcome.applied:
-                self._version, self._last_bytes = outcome.version, data
-                return
-            self._on_ownership_lost(kvs, outcome.version)
+            error = self._settle(outcome, data)
+        if error is not None:
+            raise error
 
-    def _on_ownership_lost(self, kvs: KeyValueStore, stored_version: int) -> None:
+    @staticmethod
+    async def persist_many(states: Iterable[RecoverableState[Any]]) -> None:
+        """Persist many states with one batched write per backend.
+
+        What one PERSIST_STATE does for every state listening on a manager: each
+        changed state is serialised in one pass and all of them are written in one
+        batch. A state whose own `persist_state()` is running is persisted after
+        it. States another process took over are logged and left unwritten.
+        """
+        held: list[tuple[RecoverableState[Any], bytes]] = []
+        puts: list[tuple[KeyValueStore, RecordWrite]] = []
+        busy: list[RecoverableState[Any]] = []
+        try:
+            for n, state in enumerate(states, 1):
+                if n % 2000 == 0:
+                    await anyio.lowlevel.checkpoint()  # stay fair to other tasks
+                lock = state._lock
+                if state._state is None or lock is None or state._lost or not state._persistence_enabled:
+                    continue
+                try:
+                    lock.acquire_nowait()
+                except anyio.WouldBlock:
+                    busy.append(state)
+                    continue
+                try:
+                    data = state._serializer.to_json(state._state, by_alias=True)
+                except Exception:
+                    lock.release()
+                    state._log.exception("state %r cannot be serialised; not persisted", state._key)
+                    continue
+                if data == state._last_bytes:
+                    lock.release()
+                    continue
+                held.append((state, data))
+                kvs = state._kvs
+                assert kvs is not None
+                puts.append(
+                    (
+                        kvs,
+                        kvs.prepare_put(
+                            state._key,
+                            data,
+                            JSON_CONTENT_TYPE,
+                            expected_version=state._version,
+                            keep_history=state._history,
+                        ),
+                    )
+                )
+            if puts:
+                outcomes = await KeyValueStore.put_together(puts)
+                for (state, data), outcome in zip(held, outcomes, strict=True):
+                    state._settle(outcome, data)
+        finally:
+            for state, _ in held:
+                assert state._lock is not None
+                state._lock.release()
+        if busy:
+            async with anyio.create_task_group() as tg:
+                for state in busy:
+                    tg.start_soon(_persist_quietly, state)
+
+    def _settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
+        """Record a write's outcome; on a lost compare-and-set, give up the state."""
+        if outcome.applied:
+            self._version, self._last_bytes = outcome.version, data
+            return None
+        kvs = self._kvs
+        assert kvs is not None
         self._lost = True
         manager = self._listening_on
         self._stop_listening()
         error = StateOwnershipLost(
-            f"the stored record is at version {stored_version}, not {self._version} as this "
+            f"the stored record is at version {outcome.version}, not {self._version} as this "
             "process last saw it: another process has taken this state over; this snapshot "
             "was not written and the state is no longer persisted from here",
             store=kvs.label,
             key=self._key,
         )
         self._log.error("%s", error)
-        target = manager or self._event_manager
-        if target is not None and target.active:
-            from .events._types import EventStateOwnershipLostData
-
-            target.emit(
+        if manager is not None and manager.active:
+            manager.emit(
                 event=Event.STATE_OWNERSHIP_LOST,
                 event_data=EventStateOwnershipLostData(store=kvs.label, key=self._key),
             )
-        raise error
+        return error
 
     async def reset(self) -> None:
         """Go back to a copy of the default state and clear the stored record."""
@@ -270,7 +375,7 @@ class RecoverableState(Generic[TStateModel]):
 
     def _stop_listening(self) -> None:
         if self._listening_on is not None:
-            self._listening_on.off(event=Event.PERSIST_STATE, listener=self.persist_state)
+            _PersistGroup.of(self._listening_on).discard(self)
             self._listening_on = None
 
     def _release_owner(self) -> None:
@@ -300,3 +405,43 @@ class RecoverableState(Generic[TStateModel]):
 
     def __repr__(self) -> str:
         return f"<RecoverableState {self._key!r} of {self._model.__name__}>"
+
+
+async def _persist_quietly(state: RecoverableState[Any]) -> None:
+    with contextlib.suppress(StateOwnershipLost):  # already logged and announced by the state
+        await state.persist_state()
+
+
+class _PersistGroup:
+    """The one PERSIST_STATE listener of a manager, persisting all its states in a batch.
+
+    Thousands of states listening one by one would each cost a task, a lock
+    round and a storage round trip; together they cost one pass and one batch.
+    """
+
+    _groups: weakref.WeakKeyDictionary[EventManager, _PersistGroup] = weakref.WeakKeyDictionary()
+
+    def __init__(self, manager: EventManager) -> None:
+        self._manager = manager
+        self._states: dict[RecoverableState[Any], None] = {}
+
+    @classmethod
+    def of(cls, manager: EventManager) -> _PersistGroup:
+        group = cls._groups.get(manager)
+        if group is None:
+            group = cls._groups[manager] = cls(manager)
+        return group
+
+    def add(self, state: RecoverableState[Any]) -> None:
+        if not self._states:
+            self._manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
+        self._states[state] = None
+
+    def discard(self, state: RecoverableState[Any]) -> None:
+        self._states.pop(state, None)
+        if not self._states:
+            self._manager.off(event=Event.PERSIST_STATE, listener=self.persist_all)
+
+    async def persist_all(self, event_data: EventPersistStateData | None = None) -> None:
+        """Persist every state of this manager that changed."""
+        await RecoverableState.persist_many(list(self._states))

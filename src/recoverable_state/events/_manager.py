@@ -231,22 +231,22 @@ class EventManager:
         assert self._task_group is not None
         if listener.once:
             self.off(event=listener.event, listener=listener.target)
-        self._task_group.start_soon(self._run, listener, event_data)
+        # Counted as running from now on, so that waiting right after emit waits for it.
+        scope = anyio.CancelScope()
+        self._running[scope] = listener
+        self._task_group.start_soon(self._run, listener, event_data, scope)
 
-    async def _run(self, listener: _Listener, event_data: Any) -> None:
-        with anyio.CancelScope() as scope:
-            self._running[scope] = listener
-            try:
+    async def _run(self, listener: _Listener, event_data: Any, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
                 await listener(event_data)
-            except Exception:
-                logger.exception(
-                    "listener %s of event %s failed", listener.name, listener.event.value
-                )
-            finally:
-                del self._running[scope]
-                if not self._running and self._idle is not None:
-                    self._idle.set()
-                    self._idle = None
+        except Exception:
+            logger.exception("listener %s of event %s failed", listener.name, listener.event.value)
+        finally:
+            del self._running[scope]
+            if not self._running and self._idle is not None:
+                self._idle.set()
+                self._idle = None
         if scope.cancelled_caught:
             logger.warning(
                 "listener %s of event %s was cancelled before it finished",

@@ -1,0 +1,314 @@
+"""Throwaway Redis and PostgreSQL servers on loopback, for tests and benchmarks.
+
+Each server lives in its own directory on a free port and can be killed and
+started again on the same port and data directory (to test crash recovery).
+Outside pytest, `running_servers()` starts both and yields their URLs:
+
+    with running_servers() as (redis_url, postgres_url):
+        ...
+
+PostgreSQL refuses to run as root, so as root `initdb` and `postgres` run as
+the `postgres` user (the data directory is handed to that user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+PG_BIN = Path(os.environ.get("RECOVERABLE_STATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+"""Where `initdb` and `postgres` are (PostgreSQL 15 on Debian by default)."""
+
+PG_DATABASE = "rs_test"
+
+
+class ServerUnavailable(RuntimeError):
+    """A server binary is missing; the message says how to install it."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 10.0) -> None:
+    """Send `sig` to the process group of `proc` and wait until it is gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+class RedisServer:
+    """A `redis-server` with an append-only file in its own directory."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerUnavailable(
+                "redis-server is not on PATH; install it with `apt-get install -y redis-server`"
+            )
+        self.binary = binary
+        self.directory = directory
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the server (again, on the same port and data) and wait until it listens."""
+        log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - the child owns it
+        with log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "yes",
+                    "--dir", str(self.directory),
+                    "--daemonize", "no",
+                    "--protected-mode", "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_for_port(self.port, self.proc, "redis-server", timeout)
+        # The port opens before the AOF is loaded; wait until commands are served.
+        deadline = time.monotonic() + timeout
+        while self._ping() != b"+PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING")
+            time.sleep(0.02)
+
+    def _ping(self) -> bytes:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).strip()
+        except OSError:
+            return b""
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would."""
+        _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Shut the server down."""
+        _stop(self.proc, signal.SIGTERM)
+
+
+class PostgresServer:
+    """A PostgreSQL 15 cluster in its own directory, trusting loopback connections."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        for tool in ("initdb", "postgres"):
+            if not (PG_BIN / tool).exists():
+                raise ServerUnavailable(
+                    f"{PG_BIN / tool} is missing; install PostgreSQL 15 with "
+                    "`apt-get install -y postgresql-15` (or set RECOVERABLE_STATE_PG_BIN)"
+                )
+        self.directory = directory
+        self.data = directory / "data"
+        self.sockets = directory / "sockets"
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._user: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            try:
+                self._user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise ServerUnavailable(
+                    "PostgreSQL refuses to run as root and there is no `postgres` user; "
+                    "create one (`useradd postgres`) or run the tests as another user"
+                ) from None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{PG_DATABASE}"
+
+    def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        extra: dict[str, object] = {}
+        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        if self._user is not None:
+            extra = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+            env["HOME"] = self._user.pw_dir
+        return subprocess.Popen(args, env=env, cwd=self.directory, **extra, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    def _give_to_user(self, path: Path) -> None:
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+
+    def init(self) -> None:
+        """Create the cluster (initdb with trust auth) unless it exists."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._give_to_user(self.directory)
+        self.sockets.mkdir(exist_ok=True)
+        self._give_to_user(self.sockets)
+        if (self.data / "PG_VERSION").exists():
+            return
+        proc = self._popen(
+            [
+                str(PG_BIN / "initdb"),
+                "-D", str(self.data),
+                "-U", "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{out.decode(errors='replace')}")
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server (again, on the same port and data) and wait until it serves."""
+        self.init()
+        log = open(self.directory / "postgres.log", "ab")  # noqa: SIM115 - the child owns it
+        with log:
+            self.proc = self._popen(
+                [
+                    str(PG_BIN / "postgres"),
+                    "-D", str(self.data),
+                    "-p", str(self.port),
+                    "-k", str(self.sockets),
+                    "-c", "listen_addresses=127.0.0.1",
+                    "-c", "max_connections=200",
+                    "-c", "shared_buffers=64MB",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_ready(timeout)
+        self._create_database()
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg
+
+        assert self.proc is not None
+        _wait_for_port(self.port, self.proc, "postgres", timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self._dsn("postgres"), connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                # "the database system is starting up" while crash recovery runs
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def _dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _create_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)
+            ).fetchone()
+            if found is None:
+                conn.execute(f"CREATE DATABASE {PG_DATABASE}")
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its children at once, as a crash would."""
+        _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Shut the server down fast (SIGINT: abort transactions, checkpoint, exit)."""
+        _stop(self.proc, signal.SIGINT, timeout=30.0)
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path | None = None) -> Iterator[RedisServer]:
+    """A running Redis server, stopped (and its directory removed) on exit."""
+    with _directory(directory, "rs-redis-") as path:
+        server = RedisServer(path)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
+def postgres_server(directory: Path | None = None) -> Iterator[PostgresServer]:
+    """A running PostgreSQL server, stopped (and its directory removed) on exit."""
+    with _directory(directory, "rs-postgres-") as path:
+        server = PostgresServer(path)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
+def running_servers(directory: Path | None = None) -> Iterator[tuple[str, str]]:
+    """Start Redis and PostgreSQL on free loopback ports; yield `(redis_url, postgres_url)`."""
+    with _directory(directory, "rs-servers-") as path, redis_server(
+        path / "redis"
+    ) as redis, postgres_server(path / "postgres") as postgres:
+        yield redis.url, postgres.url
+
+
+@contextlib.contextmanager
+def _directory(directory: Path | None, prefix: str) -> Iterator[Path]:
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)  # the postgres user must reach its data directory inside
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    with running_servers() as (redis_url, postgres_url):
+        print(f"RECOVERABLE_STATE_STORAGE_URL={redis_url}")
+        print(f"RECOVERABLE_STATE_STORAGE_URL={postgres_url}")
+        print("Ctrl-C stops both servers.")
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
