@@ -232,7 +232,10 @@ class EventManager:
         if listener.once:
             self.off(event=listener.event, listener=listener.target)
         # Counted as running from now on, so that waiting right after emit waits for it.
-        scope = anyio.CancelScope()
+        # Shielded: a listener started while the surrounding scope is being cancelled
+        # (the last persist on the way out) must still run; only its own scope, which
+        # the timeouts cancel, can stop it.
+        scope = anyio.CancelScope(shield=True)
         self._running[scope] = listener
         self._task_group.start_soon(self._run, listener, event_data, scope)
 
