@@ -1,0 +1,129 @@
+"""Group commit: requests that arrive together reach the backend as one batch.
+
+The first caller to find no batch in flight leads: it yields once so that
+concurrent callers can queue behind it, then hands the whole queue to the
+backend in one call. Callers arriving meanwhile queue for the next batch, whose
+leader is woken when the current one ends (the writer queue of LevelDB).
+A caller may submit many items at once; they travel in one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+TItem = TypeVar("TItem")
+TResult = TypeVar("TResult")
+
+
+class _Slot(Generic[TItem, TResult]):
+    __slots__ = ("done", "error", "items", "lead", "results", "wake")
+
+    def __init__(self, items: Sequence[TItem]) -> None:
+        self.items = items
+        self.wake = anyio.Event()
+        self.lead = False
+        self.done = False
+        self.results: Sequence[TResult] = ()
+        self.error: BaseException | None = None
+
+
+class GroupCommitter(Generic[TItem, TResult]):
+    """Coalesces concurrent submissions into calls of `flush(items) -> results`."""
+
+    def __init__(
+        self,
+        flush: Callable[[Sequence[TItem]], Awaitable[Sequence[TResult]]],
+        *,
+        max_batch: int = 10_000,
+    ) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._queue: list[_Slot[TItem, TResult]] = []
+        self._busy = False
+
+    async def submit(self, item: TItem) -> TResult:
+        """Flush `item` with whatever arrives together with it; return its result."""
+        return (await self.submit_many((item,)))[0]
+
+    async def submit_many(self, items: Sequence[TItem]) -> Sequence[TResult]:
+        """Flush `items` in one batch (with whatever arrives together); return their results.
+
+        Cancellation while the items are still queued withdraws them; once their
+        batch is in flight (or this caller leads one) the call sees it through,
+        shielded, so a caller never loses track of a write that did happen.
+        """
+        if not items:
+            return ()
+        slot: _Slot[TItem, TResult] = _Slot(items)
+        self._queue.append(slot)
+        if self._busy:
+            try:
+                await slot.wake.wait()
+            except BaseException:
+                if not slot.lead and not slot.done and slot in self._queue:
+                    self._queue.remove(slot)
+                    raise
+                with anyio.CancelScope(shield=True):
+                    await self._see_through(slot)
+                raise
+        else:
+            self._busy = True
+            slot.lead = True
+        with anyio.CancelScope(shield=True):
+            await self._see_through(slot)
+        if slot.error is not None:
+            raise slot.error
+        return slot.results
+
+    async def _see_through(self, slot: _Slot[TItem, TResult]) -> None:
+        """Lead batches whenever this slot is made leader, until its own one is done."""
+        while not slot.done:
+            if slot.lead:
+                slot.lead = False
+                await anyio.lowlevel.checkpoint()  # let concurrent callers join this batch
+                await self._lead()
+            else:
+                slot.wake = anyio.Event()
+                await slot.wake.wait()
+
+    async def _lead(self) -> None:
+        taken = 0
+        count = 0
+        for s in self._queue:  # whole slots, at least one, up to max_batch items
+            if count and count + len(s.items) > self._max_batch:
+                break
+            count += len(s.items)
+            taken += 1
+        batch = self._queue[:taken]
+        del self._queue[:taken]
+        items = batch[0].items if taken == 1 else [i for s in batch for i in s.items]
+        try:
+            results = await self._flush(items)
+            if len(results) != len(items):
+                raise RuntimeError("storage backend returned a result count unlike its batch")
+        except BaseException as exc:  # every caller in this batch gets the error
+            for s in batch:
+                s.error = exc
+                s.done = True
+                s.wake.set()
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            start = 0
+            for s in batch:
+                end = start + len(s.items)
+                s.results = results if taken == 1 else results[start:end]
+                start = end
+                s.done = True
+                s.wake.set()
+        finally:
+            if self._queue:
+                nxt = self._queue[0]
+                nxt.lead = True
+                nxt.wake.set()
+            else:
+                self._busy = False

@@ -1,0 +1,267 @@
+"""KeyValueStore: the facade states and users write records through."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pydantic_core
+
+from .._errors import InvalidKeyError, RecordCorruptError, StorageError
+from ._backend import (
+    DEFAULT_STORE_NAME,
+    RecordInfo,
+    RecordRead,
+    RecordWrite,
+    StorageBackend,
+    StoredRecord,
+    StoreInfo,
+    WriteOutcome,
+)
+
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+BYTES_CONTENT_TYPE = "application/octet-stream"
+
+QUARANTINE_SUFFIX = ".quarantine"
+"""Records set aside as unusable live in the store named `<store name> + this suffix`."""
+
+SCHEMA_VERSION_PARAM = "schema-version"
+"""The content-type parameter a state's record carries its model's schema version in."""
+
+MAX_KEY_LENGTH = 1024
+"""The longest key, in characters, every backend accepts."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_key(key: object, *, store: str | None) -> str:
+    """Return `key` if every backend can hold it, else raise InvalidKeyError naming it."""
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"a key must be a str, not {type(key).__name__}", store=store)
+    if not key:
+        raise InvalidKeyError("a key must not be empty", store=store, key=key)
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(
+            f"a key may hold at most {MAX_KEY_LENGTH} characters, this one has {len(key)}",
+            store=store,
+            key=key[:40] + "...",
+        )
+    if _CONTROL.search(key):
+        raise InvalidKeyError("a key must not hold control characters (NUL among them)", store=store, key=key)
+    return key
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name or len(name) > 255 or "\x00" in name:
+        raise StorageError(f"store name {name!r} is not valid: use 1 to 255 characters, no NUL")
+
+
+def encode_value(value: Any, content_type: str | None) -> tuple[bytes, str]:
+    """Turn a value into stored bytes and a content type (JSON unless bytes or str)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value), content_type or BYTES_CONTENT_TYPE
+    if isinstance(value, str) and (content_type is None or not _is_json(content_type)):
+        return value.encode("utf-8"), content_type or TEXT_CONTENT_TYPE
+    return pydantic_core.to_json(value), content_type or JSON_CONTENT_TYPE
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower().endswith("json")
+
+
+class KeyValueStore:
+    """A named store of records in a storage backend.
+
+    Open one with `await KeyValueStore.open(name=..., id=...)`; without either,
+    the default store. Values are JSON, text or bytes, chosen by their type or by
+    an explicit content type.
+    """
+
+    def __init__(self, info: StoreInfo, storage: StorageBackend) -> None:
+        self._info = info
+        self._storage = storage
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        name: str | None = None,
+        id: str | None = None,
+        storage: StorageBackend | None = None,
+    ) -> KeyValueStore:
+        """Open a store by id (StoreNotFoundError when there is none) or by name.
+
+        A store opened by name is created when missing. `storage` defaults to the
+        service locator's backend, built from `RECOVERABLE_STATE_STORAGE_URL`.
+        """
+        if name is not None and id is not None:
+            raise ValueError("open a store by name or by id, not both")
+        if storage is None:
+            from .._locator import service_locator
+
+            storage = service_locator.get_storage()
+        if id is None:
+            name = DEFAULT_STORE_NAME if name is None else name
+            _check_name(name)
+        info = await storage.find_store(name=name, id=id)
+        return cls(info, storage)
+
+    @property
+    def id(self) -> str:
+        """The store's stable id."""
+        return self._info.id
+
+    @property
+    def name(self) -> str | None:
+        """The store's name, or None when it has none."""
+        return self._info.name
+
+    @property
+    def storage(self) -> StorageBackend:
+        """The backend the store lives in."""
+        return self._storage
+
+    @property
+    def label(self) -> str:
+        """How messages name the store: its name, or its id."""
+        return self._info.label
+
+    def __repr__(self) -> str:
+        return f"<KeyValueStore {self.label!r} in {self._storage.url}>"
+
+    # -- values -------------------------------------------------------------
+
+    async def get_value(self, key: str, default: Any = None) -> Any:
+        """The value under `key` (decoded by its content type), or `default`."""
+        record = await self.get_record(key)
+        if record is None:
+            return default
+        return self.decode(record)
+
+    def decode(self, record: StoredRecord) -> Any:
+        """Decode a record's bytes by its content type: JSON, text or bytes."""
+        if _is_json(record.content_type):
+            try:
+                return json.loads(record.value)
+            except ValueError as exc:
+                raise RecordCorruptError(
+                    f"the stored record is not valid JSON ({exc})", store=self.label, key=record.key
+                ) from exc
+        if record.content_type.startswith("text/"):
+            return record.value.decode("utf-8", errors="replace")
+        return record.value
+
+    async def set_value(self, key: str, value: Any, content_type: str | None = None) -> None:
+        """Store `value` under `key`, durably, replacing what was there."""
+        check_key(key, store=self.label)
+        try:
+            data, ctype = encode_value(value, content_type)
+        except pydantic_core.PydanticSerializationError as exc:
+            raise StorageError(
+                f"the value cannot be stored as JSON: {exc}", store=self.label, key=key
+            ) from exc
+        await self._storage.write(RecordWrite(self.id, key, data, ctype))
+
+    async def delete_value(self, key: str) -> None:
+        """Delete the record under `key` (and its history); nothing happens if absent."""
+        check_key(key, store=self.label)
+        await self._storage.delete(self.id, key)
+
+    async def record_exists(self, key: str) -> bool:
+        """Whether a record is stored under `key`."""
+        return await self.get_record(key) is not None
+
+    async def iterate_keys(self) -> AsyncIterator[RecordInfo]:
+        """Yield what is known of each record (key, size, type, version, time), by key."""
+        for info in await self._storage.list_records(self.id):
+            yield info
+
+    async def list_keys(self) -> list[RecordInfo]:
+        """Every record's key, size, content type, version and time, sorted by key."""
+        return await self._storage.list_records(self.id)
+
+    async def open_quarantine(self) -> KeyValueStore:
+        """The store where unusable records of this one are set aside (created when missing)."""
+        return await KeyValueStore.open(name=self.label + QUARANTINE_SUFFIX, storage=self._storage)
+
+    async def drop(self) -> None:
+        """Delete the store with every record in it."""
+        await self._storage.remove_store(self.id)
+
+    # -- whole records (used by RecoverableState and the CLI) ----------------
+
+    async def get_record(self, key: str, *, claim: bool = False) -> StoredRecord | None:
+        """The whole stored record under `key`; with `claim`, take ownership of it too."""
+        check_key(key, store=self.label)
+        return await self._storage.read(RecordRead(self.id, key, claim))
+
+    async def put_record(
+        self,
+        key: str,
+        value: bytes,
+        content_type: str,
+        *,
+        expected_version: int | None = None,
+        keep_history: int = 0,
+    ) -> WriteOutcome:
+        """Write raw bytes, only if the stored version is `expected_version` (when given)."""
+        check_key(key, store=self.label)
+        return await self._storage.write(
+            RecordWrite(self.id, key, value, content_type, expected_version, keep_history)
+        )
+
+    async def delete_record(self, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete the record if its version is `expected_version` (when given)."""
+        check_key(key, store=self.label)
+        return await self._storage.delete(self.id, key, expected_version)
+
+    async def get_history(self, key: str) -> list[StoredRecord]:
+        """The kept snapshots of `key`, newest first."""
+        check_key(key, store=self.label)
+        return await self._storage.read_history(self.id, key)
+
+    def prepare_put(
+        self,
+        key: str,
+        value: bytes,
+        content_type: str,
+        *,
+        expected_version: int | None = None,
+        keep_history: int = 0,
+    ) -> RecordWrite:
+        """Describe a raw write for `put_together` (the key is taken as already checked)."""
+        return RecordWrite(self.id, key, value, content_type, expected_version, keep_history)
+
+    @staticmethod
+    async def put_together(
+        puts: Sequence[tuple[KeyValueStore, RecordWrite]],
+    ) -> list[WriteOutcome]:
+        """Apply many prepared writes, across stores, as few batches as there are backends."""
+        outcomes: list[WriteOutcome | None] = [None] * len(puts)
+        by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
+        for i, (kvs, _) in enumerate(puts):
+            by_backend.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
+        for storage, indexes in by_backend.values():
+            results = await storage.write_many([puts[i][1] for i in indexes])
+            for i, outcome in zip(indexes, results, strict=True):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    @staticmethod
+    async def get_together(
+        gets: Sequence[tuple[KeyValueStore, str, bool]],
+    ) -> list[StoredRecord | None]:
+        """Read many `(store, key, claim)` records, across stores, in as few batches as backends."""
+        found: list[StoredRecord | None] = [None] * len(gets)
+        by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
+        for i, (kvs, key, _) in enumerate(gets):
+            check_key(key, store=kvs.label)
+            by_backend.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
+        for storage, indexes in by_backend.values():
+            reads = [RecordRead(gets[i][0].id, gets[i][1], gets[i][2]) for i in indexes]
+            for i, record in zip(indexes, await storage.read_many(reads), strict=True):
+                found[i] = record
+        return found

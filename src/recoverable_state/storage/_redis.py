@@ -1,0 +1,484 @@
+"""Redis backend (`redis://host:port/db`): every batch is one atomic Lua script call.
+
+redis-py's asyncio client does not run on trio, so the sync client runs in anyio
+worker threads over a blocking connection pool of `pool_size` connections.
+
+Layout (all under the `rs:` prefix; a store id is 32 hex digits):
+
+- `rs:stores`          hash: store id -> `=<name>` (or `-` for an unnamed store)
+- `rs:names`           hash: store name -> store id
+- `rs:k:<id>`          sorted set of the store's keys, all scored 0 (lexical order)
+- `rs:r:<id>:<key>`    hash {value, content_type, version, updated_at}; the time
+                       is in integer microseconds since the epoch
+- `rs:h:<id>:<key>`    list of kept snapshots, newest first, each packed as
+                       `<version> <updated_at> <len(content_type)> <content_type><value>`
+- `rs:batch:<uuid>`    the outcome of a mutating script call, kept for a short
+                       while (see retries below)
+
+Each `write_batch` is one EVALSHA: the script checks every store, then applies
+each write's compare-and-set in order, trims history, and returns the outcomes.
+Redis runs a script atomically, so a reader sees each record whole, and a
+`read_batch` with claims bumps versions in the same atomic step as the read.
+Store creation by name is one script too (check-then-set inside Redis), so two
+processes opening the same name get the same id. Keys are built inside the
+scripts for listings and drops, so Redis Cluster is not supported.
+
+Durability: a write returns once Redis has acknowledged it. Whether that reply
+means "on disk" is the server's `appendonly`/`appendfsync` setting: with
+`appendfsync always` it does; with the common `everysec`, a power loss may
+lose the last second, while a crash of the Redis process alone loses nothing.
+
+Retries: a connection error or timeout retries the call with exponential
+backoff (50 ms doubling to 1 s) for at most `retry_timeout` seconds, then
+raises StorageUnavailableError naming the server and the store. A connection
+may drop after Redis ran a script but before its reply arrived, so every
+mutating call carries a unique batch id: the script stores its outcome under
+`rs:batch:<id>` (expiring after the retry budget plus a minute) and a retried
+call finds it and returns the first outcome instead of writing again. A write
+is thus applied at most once, and reports what really happened. A retried
+claim that had already run returns the records without claiming them twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import anyio
+import anyio.to_thread
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from .._errors import StorageError, StorageUnavailableError, StoreNotFoundError
+from ._backend import (
+    RecordInfo,
+    RecordRead,
+    RecordWrite,
+    StorageBackend,
+    StoredRecord,
+    StoreInfo,
+    WriteOutcome,
+)
+
+T = TypeVar("T")
+
+_PREFIX = "rs:"
+_STORES = _PREFIX + "stores"
+_NAMES = _PREFIX + "names"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Every mutating script takes the batch marker as KEYS[1] and its lifetime in ms
+# as ARGV[1]; a marker already set means this very call ran before.
+_REPLAY = """
+local done = redis.call('GET', KEYS[1])
+if done then return cjson.decode(done) end
+"""
+
+_REMEMBER = """
+redis.call('SET', KEYS[1], cjson.encode(out), 'PX', ARGV[1])
+return out
+"""
+
+# KEYS: marker, rs:stores, then per write: record, history, index.
+# ARGV: ttl, now, then per write: store id, key, expected ('' = any), keep, content type, value.
+# Returns {0, i} when the store of write i is missing, else {1, applied, version, ...}.
+_WRITE = (
+    _REPLAY
+    + """
+local now = ARGV[2]
+local n = (#KEYS - 2) / 3
+for i = 1, n do
+  local store = ARGV[3 + (i - 1) * 6]
+  if redis.call('HEXISTS', KEYS[2], store) == 0 then return {0, i} end
+end
+local out = {1}
+for i = 1, n do
+  local a = 3 + (i - 1) * 6
+  local rec, hist, idx = KEYS[3 + (i - 1) * 3], KEYS[4 + (i - 1) * 3], KEYS[5 + (i - 1) * 3]
+  local key, expected, keep = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local ctype, value = ARGV[a + 4], ARGV[a + 5]
+  local stored = tonumber(redis.call('HGET', rec, 'version') or '0')
+  if expected ~= '' and tonumber(expected) ~= stored then
+    out[#out + 1] = 0
+    out[#out + 1] = stored
+  else
+    local version = stored + 1
+    redis.call('HSET', rec, 'value', value, 'content_type', ctype,
+               'version', version, 'updated_at', now)
+    redis.call('ZADD', idx, 0, key)
+    if keep > 0 then
+      redis.call('LPUSH', hist, version .. ' ' .. now .. ' ' .. #ctype .. ' ' .. ctype .. value)
+      redis.call('LTRIM', hist, 0, keep - 1)
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = version
+  end
+end
+"""
+    + _REMEMBER
+)
+
+# KEYS: marker, rs:stores, then one record key per read.
+# ARGV: ttl (0 when nothing is claimed: no marker), then per read: store id, claim ('1' or '0').
+# Returns {0, i} when the store of read i is missing, else {1, then per read:
+# found, value, content type, version, updated_at}. A replayed claim only reads.
+_READ = """
+local n = #KEYS - 2
+for i = 1, n do
+  if redis.call('HEXISTS', KEYS[2], ARGV[2 * i]) == 0 then return {0, i} end
+end
+local claim = ARGV[1] ~= '0' and redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+local out = {1}
+for i = 1, n do
+  local rec = KEYS[2 + i]
+  local found = redis.call('HMGET', rec, 'value', 'content_type', 'version', 'updated_at')
+  if found[1] then
+    local version = tonumber(found[3])
+    if claim and ARGV[2 * i + 1] == '1' then
+      version = redis.call('HINCRBY', rec, 'version', 1)
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = found[1]
+    out[#out + 1] = found[2]
+    out[#out + 1] = version
+    out[#out + 1] = found[4]
+  else
+    for _ = 1, 5 do out[#out + 1] = 0 end
+  end
+end
+return out
+"""
+
+# KEYS: marker, rs:stores, record, history, index. ARGV: ttl, store id, key, expected ('' = any).
+# Returns {0} when the store is missing, {1, deleted}.
+_DELETE = (
+    _REPLAY
+    + """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return {0} end
+local out = {1, 0}
+local stored = redis.call('HGET', KEYS[3], 'version')
+if stored and (ARGV[4] == '' or tonumber(ARGV[4]) == tonumber(stored)) then
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('ZREM', KEYS[5], ARGV[3])
+  out[2] = 1
+end
+"""
+    + _REMEMBER
+)
+
+# KEYS: rs:names, rs:stores. ARGV: name, new id. Returns the id the name maps to.
+_OPEN = """
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+if id then return id end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], '=' .. ARGV[1])
+return ARGV[2]
+"""
+
+# KEYS: rs:names, rs:stores, index. ARGV: store id, record prefix, history prefix.
+_DROP = """
+local name = redis.call('HGET', KEYS[2], ARGV[1])
+if not name then return 0 end
+local keys = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, key in ipairs(keys) do
+  redis.call('DEL', ARGV[2] .. key, ARGV[3] .. key)
+end
+redis.call('DEL', KEYS[3])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if string.sub(name, 1, 1) == '=' then
+  local named = string.sub(name, 2)
+  if redis.call('HGET', KEYS[1], named) == ARGV[1] then redis.call('HDEL', KEYS[1], named) end
+end
+return 1
+"""
+
+# KEYS: rs:stores, index. ARGV: store id, record prefix.
+# Returns {0} when the store is missing, else {1, then per key: key, size, type, version, time}.
+_LIST = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
+local out = {1}
+for _, key in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local rec = ARGV[2] .. key
+  local meta = redis.call('HMGET', rec, 'content_type', 'version', 'updated_at')
+  if meta[2] then
+    out[#out + 1] = key
+    out[#out + 1] = redis.call('HSTRLEN', rec, 'value')
+    out[#out + 1] = meta[1]
+    out[#out + 1] = tonumber(meta[2])
+    out[#out + 1] = meta[3]
+  end
+end
+return out
+"""
+
+_RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def redact_url(url: str) -> str:
+    """The URL without any password (in the user part or the query), for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{host}" if user else host
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _time(micros: bytes | int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(micros))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class RedisBackend(StorageBackend):
+    """Stores records in a Redis server; every batch is one atomic script call."""
+
+    def __init__(self, url: str, *, pool_size: int = 4, retry_timeout: float = 10.0) -> None:
+        super().__init__()
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self._dsn = url
+        self.url = redact_url(url)
+        self.pool_size = pool_size
+        self.retry_timeout = retry_timeout
+        self._lock = threading.Lock()
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Script] = {}
+        self._labels: dict[str, str] = {}
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _connect(self) -> redis.Redis:
+        """The client, built on first use (in a worker thread)."""
+        with self._lock:
+            if self._client is None:
+                pool = redis.BlockingConnectionPool.from_url(
+                    self._dsn,
+                    max_connections=self.pool_size,
+                    timeout=max(self.retry_timeout, 1.0),
+                    socket_connect_timeout=min(max(self.retry_timeout, 0.5), 5.0),
+                    socket_timeout=max(self.retry_timeout, 30.0),
+                    retry=Retry(NoBackoff(), 0),  # retries happen here, with our budget
+                    decode_responses=False,
+                )
+                client = redis.Redis(connection_pool=pool)
+                for name, source in (
+                    ("write", _WRITE),
+                    ("read", _READ),
+                    ("delete", _DELETE),
+                    ("open", _OPEN),
+                    ("drop", _DROP),
+                    ("list", _LIST),
+                ):
+                    self._scripts[name] = client.register_script(source)
+                self._client = client
+            return self._client
+
+    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        client = self._connect()
+        return self._scripts[name](keys=keys, args=args, client=client)
+
+    def _label(self, store_ids: Sequence[str] | set[str]) -> str:
+        labels = sorted({self._labels.get(s, s) for s in store_ids})
+        return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+
+    async def _run(self, store: str | None, call: Callable[[], T]) -> T:
+        """Run `call` in a worker thread, retrying connection errors within the budget."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(call)
+            except _RETRYABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailableError(
+                        f"Redis server {self.url} unreachable for {self.retry_timeout:g} s "
+                        f"({type(exc).__name__}: {exc})",
+                        store=store,
+                    ) from exc
+            except redis.exceptions.RedisError as exc:
+                raise StorageError(f"Redis server {self.url} failed: {exc}", store=store) from exc
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _marker(self) -> tuple[str, int]:
+        """A fresh batch marker key and how long (ms) it outlives the retry budget."""
+        return f"{_PREFIX}batch:{uuid.uuid4().hex}", int((self.retry_timeout + 60) * 1000)
+
+    @staticmethod
+    def _record_key(store_id: str, key: str) -> str:
+        return f"{_PREFIX}r:{store_id}:{key}"
+
+    @staticmethod
+    def _history_key(store_id: str, key: str) -> str:
+        return f"{_PREFIX}h:{store_id}:{key}"
+
+    @staticmethod
+    def _index_key(store_id: str) -> str:
+        return f"{_PREFIX}k:{store_id}"
+
+    # -- stores -------------------------------------------------------------
+
+    async def open_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
+        def find() -> StoreInfo:
+            client = self._connect()
+            if id is not None:
+                found = client.hget(_STORES, id)
+                if found is None:
+                    raise StoreNotFoundError(f"no store has this id in {self.url}", store=id)
+                raw = _text(found)
+                return StoreInfo(id, raw[1:] if raw.startswith("=") else None)
+            new_id = uuid.uuid4().hex
+            if name is None:
+                client.hset(_STORES, new_id, "-")
+                return StoreInfo(new_id, None)
+            return StoreInfo(_text(self._script("open", [_NAMES, _STORES], [name, new_id])), name)
+
+        info = await self._run(name if id is None else id, find)
+        self._labels[info.id] = info.label
+        return info
+
+    async def list_stores(self) -> list[StoreInfo]:
+        def rows() -> list[StoreInfo]:
+            found: dict[bytes, bytes] = self._connect().hgetall(_STORES)  # type: ignore[assignment]
+            return [
+                StoreInfo(_text(i), _text(n)[1:] if n.startswith(b"=") else None)
+                for i, n in found.items()
+            ]
+
+        stores = await self._run(None, rows)
+        return sorted(stores, key=lambda s: (s.name or "", s.id))
+
+    async def drop_store(self, store_id: str) -> None:
+        def drop() -> None:
+            self._script(
+                "drop",
+                [_NAMES, _STORES, self._index_key(store_id)],
+                [store_id, self._record_key(store_id, ""), self._history_key(store_id, "")],
+            )
+
+        await self._run(self._label([store_id]), drop)
+
+    # -- records ------------------------------------------------------------
+
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
+        marker, ttl = self._marker()
+        keys = [marker, _STORES] + [self._record_key(r.store_id, r.key) for r in reads]
+        args: list[Any] = [ttl if any(r.claim for r in reads) else 0]
+        for r in reads:
+            args += [r.store_id, "1" if r.claim else "0"]
+        label = self._label({r.store_id for r in reads})
+        reply = await self._run(label, lambda: self._script("read", keys, args))
+        if reply[0] == 0:
+            missing = reads[int(reply[1]) - 1].store_id
+            raise StoreNotFoundError("no such store (was it dropped?)", store=self._label([missing]))
+        found: list[StoredRecord | None] = []
+        for i, r in enumerate(reads):
+            present, value, ctype, version, updated = reply[1 + 5 * i : 6 + 5 * i]
+            if not present:
+                found.append(None)
+                continue
+            found.append(StoredRecord(r.key, value, _text(ctype), int(version), _time(updated)))
+        return found
+
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+        marker, ttl = self._marker()
+        now = time.time_ns() // 1000
+        keys = [marker, _STORES]
+        args: list[Any] = [ttl, now]
+        for w in writes:
+            keys += [
+                self._record_key(w.store_id, w.key),
+                self._history_key(w.store_id, w.key),
+                self._index_key(w.store_id),
+            ]
+            expected = "" if w.expected_version is None else w.expected_version
+            args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, w.value]
+        label = self._label({w.store_id for w in writes})
+        reply = await self._run(label, lambda: self._script("write", keys, args))
+        if reply[0] == 0:
+            missing = writes[int(reply[1]) - 1].store_id
+            raise StoreNotFoundError("no such store (was it dropped?)", store=self._label([missing]))
+        return [
+            WriteOutcome(applied=bool(reply[1 + 2 * i]), version=int(reply[2 + 2 * i]))
+            for i in range(len(writes))
+        ]
+
+    async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
+        marker, ttl = self._marker()
+        keys = [
+            marker,
+            _STORES,
+            self._record_key(store_id, key),
+            self._history_key(store_id, key),
+            self._index_key(store_id),
+        ]
+        expected = "" if expected_version is None else expected_version
+        args = [ttl, store_id, key, expected]
+        label = self._label([store_id])
+        reply = await self._run(label, lambda: self._script("delete", keys, args))
+        if reply[0] == 0:
+            raise StoreNotFoundError("no such store (was it dropped?)", store=label)
+        return bool(reply[1])
+
+    async def list_records(self, store_id: str) -> list[RecordInfo]:
+        label = self._label([store_id])
+        keys = [_STORES, self._index_key(store_id)]
+        args = [store_id, self._record_key(store_id, "")]
+        reply = await self._run(label, lambda: self._script("list", keys, args))
+        if reply[0] == 0:
+            raise StoreNotFoundError("no such store (was it dropped?)", store=label)
+        infos = [
+            RecordInfo(_text(k), int(size), _text(ctype), int(version), _time(updated))
+            for k, size, ctype, version, updated in (
+                reply[i : i + 5] for i in range(1, len(reply), 5)
+            )
+        ]
+        infos.sort(key=lambda info: info.key)  # byte order may differ for surrogates only
+        return infos
+
+    async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
+        label = self._label([store_id])
+
+        def history() -> tuple[bool, list[bytes]]:
+            client = self._connect()
+            with client.pipeline(transaction=True) as pipe:
+                pipe.hexists(_STORES, store_id)
+                pipe.lrange(self._history_key(store_id, key), 0, -1)
+                exists, entries = pipe.execute()
+            return bool(exists), list(entries)
+
+        exists, entries = await self._run(label, history)
+        if not exists:
+            raise StoreNotFoundError("no such store (was it dropped?)", store=label)
+        kept = []
+        for entry in entries:
+            version, updated, ctlen, rest = entry.split(b" ", 3)
+            size = int(ctlen)
+            kept.append(
+                StoredRecord(key, rest[size:], _text(rest[:size]), int(version), _time(updated))
+            )
+        return kept
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._lock:
+                if self._client is not None:
+                    self._client.close()
+                    self._client.connection_pool.disconnect()
+                    self._client = None
+
+        await anyio.to_thread.run_sync(close)
+

@@ -1,0 +1,291 @@
+"""SQLite backend, the default: one database file, WAL, synchronous=FULL, group commit."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import anyio.to_thread
+
+from .._errors import StorageError, StoreNotFoundError
+from ._backend import (
+    RecordInfo,
+    RecordRead,
+    RecordWrite,
+    StorageBackend,
+    StoredRecord,
+    StoreInfo,
+    WriteOutcome,
+)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stores (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE
+);
+CREATE TABLE IF NOT EXISTS records (
+    store_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (store_id, key)
+);
+CREATE TABLE IF NOT EXISTS history (
+    store_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (store_id, key, version)
+);
+"""
+
+_CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+class SQLiteBackend(StorageBackend):
+    """Stores records in one SQLite file; every batch is one durable transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+        def call() -> T:
+            with self._lock:
+                try:
+                    conn = self._connect()
+                    if not write:
+                        return fn(conn)
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = fn(conn)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                    return result
+                except sqlite3.Error as exc:
+                    raise StorageError(f"SQLite database {str(self.path)!r} failed: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(call)
+
+    # -- stores -------------------------------------------------------------
+
+    async def open_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
+        def find(conn: sqlite3.Connection) -> StoreInfo:
+            if id is not None:
+                row = conn.execute("SELECT id, name FROM stores WHERE id = ?", (id,)).fetchone()
+                if row is None:
+                    raise StoreNotFoundError(f"no store has this id in {self.url}", store=id)
+                return StoreInfo(row[0], row[1])
+            row = conn.execute("SELECT id, name FROM stores WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                new_id = uuid.uuid4().hex
+                conn.execute("INSERT INTO stores (id, name) VALUES (?, ?)", (new_id, name))
+                return StoreInfo(new_id, name)
+            return StoreInfo(row[0], row[1])
+
+        return await self._run(find, write=True)
+
+    async def list_stores(self) -> list[StoreInfo]:
+        def rows(conn: sqlite3.Connection) -> list[StoreInfo]:
+            cur = conn.execute("SELECT id, name FROM stores ORDER BY name, id")
+            return [StoreInfo(i, n) for i, n in cur]
+
+        return await self._run(rows)
+
+    async def drop_store(self, store_id: str) -> None:
+        def drop(conn: sqlite3.Connection) -> None:
+            for table in ("records", "history"):
+                conn.execute(f"DELETE FROM {table} WHERE store_id = ?", (store_id,))
+            conn.execute("DELETE FROM stores WHERE id = ?", (store_id,))
+
+        await self._run(drop, write=True)
+
+    # -- records ------------------------------------------------------------
+
+    @staticmethod
+    def _versions(conn: sqlite3.Connection, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The stored version of each (store_id, key) that exists."""
+        found: dict[tuple[str, str], int] = {}
+        for chunk in _chunks(pairs):
+            marks = ",".join("(?,?)" for _ in chunk)
+            params = [v for pair in chunk for v in pair]
+            cur = conn.execute(
+                f"SELECT store_id, key, version FROM records WHERE (store_id, key) IN ({marks})",
+                params,
+            )
+            for store_id, key, version in cur:
+                found[(store_id, key)] = version
+        return found
+
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
+        claims = any(r.claim for r in reads)
+
+        def read(conn: sqlite3.Connection) -> list[StoredRecord | None]:
+            self._require_stores(conn, {r.store_id for r in reads})
+            found: dict[tuple[str, str], StoredRecord] = {}
+            pairs = list(dict.fromkeys((r.store_id, r.key) for r in reads))
+            for chunk in _chunks(pairs):
+                marks = ",".join("(?,?)" for _ in chunk)
+                params = [v for pair in chunk for v in pair]
+                cur = conn.execute(
+                    "SELECT store_id, key, value, content_type, version, updated_at FROM records "
+                    f"WHERE (store_id, key) IN ({marks})",
+                    params,
+                )
+                for sid, key, value, ctype, version, updated in cur:
+                    found[(sid, key)] = StoredRecord(key, value, ctype, version, _ts(updated))
+            if claims:
+                claimed = [
+                    (r.store_id, r.key) for r in reads if r.claim and (r.store_id, r.key) in found
+                ]
+                conn.executemany(
+                    "UPDATE records SET version = version + 1 WHERE store_id = ? AND key = ?",
+                    claimed,
+                )
+                for pair in claimed:
+                    rec = found[pair]
+                    found[pair] = StoredRecord(
+                        rec.key, rec.value, rec.content_type, rec.version + 1, rec.updated_at
+                    )
+            return [found.get((r.store_id, r.key)) for r in reads]
+
+        return await self._run(read, write=claims)
+
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+        def write(conn: sqlite3.Connection) -> list[WriteOutcome]:
+            self._require_stores(conn, {w.store_id for w in writes})
+            stored = self._versions(conn, [(w.store_id, w.key) for w in writes])
+            now = time.time()
+            outcomes: list[WriteOutcome] = []
+            rows = []
+            history = []
+            for w in writes:
+                pair = (w.store_id, w.key)
+                current = stored.get(pair, 0)
+                if w.expected_version is not None and w.expected_version != current:
+                    outcomes.append(WriteOutcome(applied=False, version=current))
+                    continue
+                stored[pair] = current + 1  # a later write to the same key in this batch
+                row = (w.store_id, w.key, w.value, w.content_type, current + 1, now)
+                rows.append(row)
+                if w.keep_history > 0:
+                    history.append((row, w.keep_history))
+                outcomes.append(WriteOutcome(applied=True, version=current + 1))
+            conn.executemany(
+                "INSERT INTO records (store_id, key, value, content_type, version, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, key) DO UPDATE SET "
+                "value = excluded.value, content_type = excluded.content_type, "
+                "version = excluded.version, updated_at = excluded.updated_at",
+                rows,
+            )
+            if history:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO history "
+                    "(store_id, key, value, content_type, version, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [row for row, _ in history],
+                )
+                conn.executemany(
+                    "DELETE FROM history WHERE store_id = ? AND key = ? AND version <= ?",
+                    [(row[0], row[1], row[4] - keep) for row, keep in history],
+                )
+            return outcomes
+
+        return await self._run(write, write=True)
+
+    @staticmethod
+    def _require_stores(conn: sqlite3.Connection, store_ids: set[str]) -> None:
+        for store_id in store_ids:
+            if conn.execute("SELECT 1 FROM stores WHERE id = ?", (store_id,)).fetchone() is None:
+                raise StoreNotFoundError("no such store (was it dropped?)", store=store_id)
+
+    async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            if expected_version is None:
+                cur = conn.execute(
+                    "DELETE FROM records WHERE store_id = ? AND key = ?", (store_id, key)
+                )
+            else:
+                cur = conn.execute(
+                    "DELETE FROM records WHERE store_id = ? AND key = ? AND version = ?",
+                    (store_id, key, expected_version),
+                )
+            if cur.rowcount:
+                conn.execute("DELETE FROM history WHERE store_id = ? AND key = ?", (store_id, key))
+            return cur.rowcount > 0
+
+        return await self._run(delete, write=True)
+
+    async def list_records(self, store_id: str) -> list[RecordInfo]:
+        def listing(conn: sqlite3.Connection) -> list[RecordInfo]:
+            self._require_stores(conn, {store_id})
+            cur = conn.execute(
+                "SELECT key, length(value), content_type, version, updated_at FROM records "
+                "WHERE store_id = ? ORDER BY key",
+                (store_id,),
+            )
+            return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, v, u in cur]
+
+        return await self._run(listing)
+
+    async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
+        def history(conn: sqlite3.Connection) -> list[StoredRecord]:
+            self._require_stores(conn, {store_id})
+            cur = conn.execute(
+                "SELECT key, value, content_type, version, updated_at FROM history "
+                "WHERE store_id = ? AND key = ? ORDER BY version DESC",
+                (store_id, key),
+            )
+            return [StoredRecord(k, val, ct, v, _ts(u)) for k, val, ct, v, u in cur]
+
+        return await self._run(history)
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await anyio.to_thread.run_sync(close)

@@ -1,0 +1,64 @@
+"""Pick and build a storage backend from a storage URL."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from .._errors import StorageError
+from ._backend import StorageBackend
+
+
+def open_backend(url: str, *, pool_size: int | None = None) -> StorageBackend:
+    """Build the backend a storage URL names (no I/O happens until first use).
+
+    `sqlite:///relative/path.sqlite3`, `sqlite:////absolute/path.sqlite3`,
+    `file:///absolute/dir` (or `file://./relative/dir`), `memory://`,
+    `redis://host:port/db`, `postgresql://user@host:port/db`.
+    """
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "memory":
+        from ._memory import MemoryBackend
+
+        return MemoryBackend()
+    if scheme == "sqlite":
+        from ._sqlite import SQLiteBackend
+
+        if not url.lower().startswith("sqlite:///") or len(url) <= len("sqlite:///"):
+            raise StorageError(f"storage URL {url!r}: write sqlite:///relative/path or sqlite:////abs/path")
+        return SQLiteBackend(unquote(url[len("sqlite:///") :]))
+    if scheme == "file":
+        from ._filesystem import FileSystemBackend
+
+        parts = urlsplit(url)
+        path = unquote(parts.netloc + parts.path)
+        if not path:
+            raise StorageError(f"storage URL {url!r}: write file:///absolute/dir")
+        return FileSystemBackend(path)
+    if scheme in ("redis", "rediss"):
+        try:
+            from ._redis import RedisBackend
+        except ImportError as exc:
+            raise StorageError(
+                f"storage URL {_safe(url)!r} needs redis-py: pip install 'recoverable-state[redis]'"
+            ) from exc
+        return RedisBackend(url) if pool_size is None else RedisBackend(url, pool_size=pool_size)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from ._postgres import PostgresBackend
+        except ImportError as exc:
+            raise StorageError(
+                f"storage URL {_safe(url)!r} needs psycopg: pip install 'recoverable-state[postgres]'"
+            ) from exc
+        return PostgresBackend(url) if pool_size is None else PostgresBackend(url, pool_size=pool_size)
+    raise StorageError(
+        f"storage URL {_safe(url)!r} has an unknown scheme; use sqlite, file, memory, redis or postgresql"
+    )
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
