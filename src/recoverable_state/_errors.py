@@ -44,6 +44,10 @@ class RecordCorruptError(StorageError, ValueError):
     """A stored record cannot be read as the state model (not JSON, or fails validation)."""
 
 
+class SchemaVersionError(StorageError):
+    """A stored record's schema version is newer than the code's, or no migration leads on."""
+
+
 class StateAlreadyInUseError(RecoverableStateError, RuntimeError):
     """Another live RecoverableState in this process already owns this store and key."""
 

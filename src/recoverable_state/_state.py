@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
@@ -15,8 +16,9 @@ from pydantic import BaseModel, ValidationError
 
 from ._errors import RecordCorruptError, StateAlreadyInUseError, StateOwnershipLost
 from ._locator import service_locator
+from ._schema import Migration, check_migrations, content_type_for, migrate, model_schema_version
 from .events import Event, EventManager, EventPersistStateData, EventStateOwnershipLostData
-from .storage import JSON_CONTENT_TYPE, KeyValueStore, RecordWrite, StoredRecord, WriteOutcome, check_key
+from .storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome, check_key
 
 TStateModel = TypeVar("TStateModel", bound=BaseModel)
 
@@ -61,6 +63,8 @@ class RecoverableState(Generic[TStateModel]):
         persist_state_kvs_factory: Callable[[], Awaitable[KeyValueStore]] | None = None,
         event_manager: EventManager | None = None,
         history: int = 0,
+        migrations: Mapping[int, Migration] | None = None,
+        on_bad_record: Literal["raise", "quarantine"] = "raise",
     ) -> None:
         """Describe a state; nothing is read or registered until `initialize()`.
 
@@ -74,6 +78,12 @@ class RecoverableState(Generic[TStateModel]):
             persist_state_kvs_factory: an async callable returning the store to use.
             event_manager: the manager to listen on; the service locator's by default.
             history: keep this many snapshots of the record (0: keep none).
+            migrations: `{k: fn}` turning stored JSON of schema version k into k + 1;
+                the model declares its version as `schema_version: ClassVar[int]`.
+            on_bad_record: what `initialize()` does with a record that is not JSON
+                or does not validate (after migrations): "raise" a RecordCorruptError
+                (the record stays as it is), or "quarantine": copy it to the store's
+                quarantine store and start from the default state.
         """
         if persistence_enabled not in (True, False, "explicit_only"):
             raise ValueError(
@@ -87,6 +97,13 @@ class RecoverableState(Generic[TStateModel]):
             )
         if history < 0:
             raise ValueError("history must be 0 or more")
+        if on_bad_record not in ("raise", "quarantine"):
+            raise ValueError(f"on_bad_record must be 'raise' or 'quarantine', not {on_bad_record!r}")
+        self._schema_version = model_schema_version(type(default_state))
+        self._migrations = dict(migrations or {})
+        check_migrations(self._schema_version, self._migrations)
+        self._content_type = content_type_for(self._schema_version)
+        self._on_bad_record = on_bad_record
         self._default_state = default_state
         self._model = type(default_state)
         self._serializer = self._model.__pydantic_serializer__
@@ -190,7 +207,7 @@ class RecoverableState(Generic[TStateModel]):
                 raise
             for state, record in zip(loading, records, strict=True):
                 try:
-                    state._start_from(record)
+                    await state._start_from(record)
                 except Exception as exc:
                     state._release_owner()
                     errors.append(exc)
@@ -211,13 +228,43 @@ class RecoverableState(Generic[TStateModel]):
         _owners[owner_key] = self
         self._owner_key = owner_key
 
-    def _start_from(self, record: StoredRecord | None) -> None:
+    async def _start_from(self, record: StoredRecord | None) -> None:
         kvs = self._kvs
         assert kvs is not None
         if record is None:
             self._start(self._default_state.model_copy(deep=True), None)
             return
-        self._start(self._validate(kvs, record.value), record)
+        try:
+            data = migrate(
+                record.value,
+                record.content_type,
+                code_version=self._schema_version,
+                migrations=self._migrations,
+                store=kvs.label,
+                key=self._key,
+            )
+            value = self._validate(kvs, data)
+        except RecordCorruptError as exc:
+            if self._on_bad_record != "quarantine":
+                raise
+            await self._quarantine(kvs, record, exc)
+            self._start(self._default_state.model_copy(deep=True), record)
+            self._last_bytes = None  # the default replaces the bad record on the next persist
+            return
+        self._start(value, record)
+        if data is not record.value:
+            self._last_bytes = None  # migrated: written back at the next persist
+
+    async def _quarantine(self, kvs: KeyValueStore, record: StoredRecord, error: Exception) -> None:
+        quarantine = await kvs.open_quarantine()
+        stamp = datetime.now(UTC).isoformat(timespec="microseconds")
+        await quarantine.put_record(f"{self._key}@{stamp}", record.value, record.content_type)
+        self._log.warning(
+            "%s; the record was copied to store %r, key %r, and the state starts from its default",
+            error,
+            quarantine.label,
+            f"{self._key}@{stamp}",
+        )
 
     def _start(self, state: TStateModel, record: StoredRecord | None) -> None:
         self._state = state
@@ -258,7 +305,7 @@ class RecoverableState(Generic[TStateModel]):
             outcome = await kvs.put_record(
                 self._key,
                 data,
-                JSON_CONTENT_TYPE,
+                self._content_type,
                 expected_version=self._version,
                 keep_history=self._history,
             )
@@ -308,7 +355,7 @@ class RecoverableState(Generic[TStateModel]):
                         kvs.prepare_put(
                             state._key,
                             data,
-                            JSON_CONTENT_TYPE,
+                            state._content_type,
                             expected_version=state._version,
                             keep_history=state._history,
                         ),
