@@ -144,18 +144,28 @@ class SQLiteBackend(StorageBackend):
     # -- records ------------------------------------------------------------
 
     @staticmethod
-    def _versions(conn: sqlite3.Connection, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    def _by_store(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+        keys: dict[str, list[str]] = {}
+        for store_id, key in dict.fromkeys(pairs):
+            keys.setdefault(store_id, []).append(key)
+        return keys
+
+    @classmethod
+    def _versions(
+        cls, conn: sqlite3.Connection, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
         """The stored version of each (store_id, key) that exists."""
         found: dict[tuple[str, str], int] = {}
-        for chunk in _chunks(pairs):
-            marks = ",".join("(?,?)" for _ in chunk)
-            params = [v for pair in chunk for v in pair]
-            cur = conn.execute(
-                f"SELECT store_id, key, version FROM records WHERE (store_id, key) IN ({marks})",
-                params,
-            )
-            for store_id, key, version in cur:
-                found[(store_id, key)] = version
+        # `store_id = ? AND key IN (...)` uses the primary key; a row-value IN scans the table.
+        for store_id, keys in cls._by_store(pairs).items():
+            for chunk in _chunks(keys):
+                cur = conn.execute(
+                    "SELECT key, version FROM records WHERE store_id = ? "
+                    f"AND key IN ({','.join('?' * len(chunk))})",
+                    (store_id, *chunk),
+                )
+                for key, version in cur:
+                    found[(store_id, key)] = version
         return found
 
     async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
@@ -164,17 +174,15 @@ class SQLiteBackend(StorageBackend):
         def read(conn: sqlite3.Connection) -> list[StoredRecord | None]:
             self._require_stores(conn, {r.store_id for r in reads})
             found: dict[tuple[str, str], StoredRecord] = {}
-            pairs = list(dict.fromkeys((r.store_id, r.key) for r in reads))
-            for chunk in _chunks(pairs):
-                marks = ",".join("(?,?)" for _ in chunk)
-                params = [v for pair in chunk for v in pair]
-                cur = conn.execute(
-                    "SELECT store_id, key, value, content_type, version, updated_at FROM records "
-                    f"WHERE (store_id, key) IN ({marks})",
-                    params,
-                )
-                for sid, key, value, ctype, version, updated in cur:
-                    found[(sid, key)] = StoredRecord(key, value, ctype, version, _ts(updated))
+            for store_id, keys in self._by_store([(r.store_id, r.key) for r in reads]).items():
+                for chunk in _chunks(keys):
+                    cur = conn.execute(
+                        "SELECT key, value, content_type, version, updated_at FROM records "
+                        f"WHERE store_id = ? AND key IN ({','.join('?' * len(chunk))})",
+                        (store_id, *chunk),
+                    )
+                    for key, value, ctype, version, updated in cur:
+                        found[(store_id, key)] = StoredRecord(key, value, ctype, version, _ts(updated))
             if claims:
                 claimed = [
                     (r.store_id, r.key) for r in reads if r.claim and (r.store_id, r.key) in found
