@@ -469,7 +469,7 @@ class _PersistGroup:
     _groups: weakref.WeakKeyDictionary[EventManager, _PersistGroup] = weakref.WeakKeyDictionary()
 
     def __init__(self, manager: EventManager) -> None:
-        self._manager = manager
+        self._manager = weakref.ref(manager)  # a strong one would keep the manager alive forever
         self._states: dict[RecoverableState[Any], None] = {}
 
     @classmethod
@@ -480,14 +480,16 @@ class _PersistGroup:
         return group
 
     def add(self, state: RecoverableState[Any]) -> None:
-        if not self._states:
-            self._manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
+        manager = self._manager()
+        if not self._states and manager is not None:
+            manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
         self._states[state] = None
 
     def discard(self, state: RecoverableState[Any]) -> None:
         self._states.pop(state, None)
-        if not self._states:
-            self._manager.off(event=Event.PERSIST_STATE, listener=self.persist_all)
+        manager = self._manager()
+        if not self._states and manager is not None:
+            manager.off(event=Event.PERSIST_STATE, listener=self.persist_all)
 
     async def persist_all(self, event_data: EventPersistStateData | None = None) -> None:
         """Persist every state of this manager that changed."""
