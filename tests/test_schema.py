@@ -77,7 +77,8 @@ async def test_a_record_newer_than_the_code_is_refused_and_kept() -> None:
     await kvs.put_record("job", b'{"total":5}', "application/json; schema-version=4")
     state = RecoverableState(default_state=V3(), persist_state_key="job", persistence_enabled=True,
                              migrations=MIGRATIONS, on_bad_record="quarantine")
-    with pytest.raises(SchemaVersionError, match=r"store 'default', key 'job'.*version 4, newer than the 3"):
+    expected = r"store 'default', key 'job'.*version 4, newer than the 3"
+    with pytest.raises(SchemaVersionError, match=expected):
         await state.initialize()
     record = await kvs.get_record("job")
     assert record is not None and record.value == b'{"total":5}'
@@ -110,7 +111,9 @@ def test_migrations_that_cannot_lead_to_the_model_version_are_refused() -> None:
         RecoverableState(default_state=V1(), persist_state_key="k", migrations={1: v1_to_v2})
 
 
-async def test_quarantine_keeps_the_bad_record_and_starts_from_default(caplog: pytest.LogCaptureFixture) -> None:
+async def test_quarantine_keeps_the_bad_record_and_starts_from_default(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     kvs = await KeyValueStore.open()
     await kvs.put_record("job", b'{"count": "lots"}', "application/json")
     async with EventManager():

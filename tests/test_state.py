@@ -51,7 +51,7 @@ async def persist_event(manager: EventManager) -> None:
 
 async def test_current_value_before_initialize_is_a_clear_error() -> None:
     state = make_state()
-    with pytest.raises(RuntimeError, match="not initialized.*initialize"):
+    with pytest.raises(RuntimeError, match=r"not initialized.*initialize"):
         _ = state.current_value
 
 
@@ -216,7 +216,8 @@ async def test_a_record_that_fails_validation_names_the_field() -> None:
     kvs = await KeyValueStore.open()
     await kvs.set_value("progress", {"done": "many", "seen": []})
     state = make_state()
-    with pytest.raises(RecordCorruptError, match=r"key 'progress'.*done: Input should be a valid integer"):
+    expected = r"key 'progress'.*done: Input should be a valid integer"
+    with pytest.raises(RecordCorruptError, match=expected):
         await state.initialize()
     assert await kvs.get_value("progress") == {"done": "many", "seen": []}
     # The record is free again for a fixed model or a reset.
@@ -360,5 +361,8 @@ def test_bad_arguments_are_refused() -> None:
         RecoverableState(default_state=Progress(), persist_state_key="k", persistence_enabled="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at most one"):
         RecoverableState(
-            default_state=Progress(), persist_state_key="k", persist_state_kvs_name="a", persist_state_kvs_id="b"
+            default_state=Progress(),
+            persist_state_key="k",
+            persist_state_kvs_name="a",
+            persist_state_kvs_id="b",
         )

@@ -192,7 +192,8 @@ async def test_emitting_migrating_also_persists_as_migrating() -> None:
     seen: list[Any] = []
     async with EventManager() as manager:
         manager.on(event=Event.PERSIST_STATE, listener=seen.append)
-        manager.emit(event=Event.MIGRATING, event_data=EventMigratingData(time_remaining=timedelta(seconds=5)))
+        notice = EventMigratingData(time_remaining=timedelta(seconds=5))
+        manager.emit(event=Event.MIGRATING, event_data=notice)
         await manager.wait_for_all_listeners_to_complete()
         assert seen == [EventPersistStateData(is_migrating=True)]
         manager.off(event=Event.PERSIST_STATE)

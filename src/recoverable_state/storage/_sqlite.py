@@ -234,9 +234,12 @@ class SQLiteBackend(StorageBackend):
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [row for row, _ in history],
                 )
+                # Trim by count, not by version: a claim bumps the version without a snapshot.
                 conn.executemany(
-                    "DELETE FROM history WHERE store_id = ? AND key = ? AND version <= ?",
-                    [(row[0], row[1], row[4] - keep) for row, keep in history],
+                    "DELETE FROM history WHERE store_id = ? AND key = ? AND version NOT IN "
+                    "(SELECT version FROM history WHERE store_id = ? AND key = ? "
+                    "ORDER BY version DESC LIMIT ?)",
+                    [(row[0], row[1], row[0], row[1], keep) for row, keep in history],
                 )
             return outcomes
 
