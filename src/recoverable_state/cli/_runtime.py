@@ -1,0 +1,129 @@
+"""How every command runs: the global options, the storage it opens, one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import NoReturn, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import typer
+
+from .._errors import RecoverableStateError, StoreNotFoundError
+from ..storage import KeyValueStore, SQLiteBackend, StorageBackend, StoredRecord, open_backend
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The global options every command runs with."""
+
+    storage_url: str
+    timeout: float
+    debug: bool
+
+
+class CommandError(Exception):
+    """A failure the user can act on (an unknown key, a bad input line): one line, no traceback."""
+
+
+@runtime_checkable
+class _RetriesServer(Protocol):
+    retry_timeout: float
+
+
+def run(ctx: typer.Context, body: Callable[[StorageBackend], Awaitable[T]], *, creates: bool = False) -> T:
+    """Run `body` on the storage the options name, close it, and turn any failure into one line.
+
+    Without `creates`, a SQLite database that does not exist is an error rather
+    than a new empty file: reading commands never leave files behind.
+    """
+    with reported_errors(ctx):
+        return anyio.run(_with_storage, options_of(ctx), body, creates)
+
+
+@contextlib.contextmanager
+def reported_errors(ctx: typer.Context) -> Iterator[None]:
+    """Turn any failure inside into one line on stderr and exit 1 (see `fail`)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, BrokenPipeError):  # the last: see `main`
+        raise
+    except Exception as exc:
+        fail(exc, debug=options_of(ctx).debug)
+
+
+def options_of(ctx: typer.Context) -> Options:
+    """The global options, set by the app's callback before any command runs."""
+    options = ctx.find_object(Options)
+    assert options is not None, "the app callback sets the options"
+    return options
+
+
+async def _with_storage(options: Options, body: Callable[[StorageBackend], Awaitable[T]], creates: bool) -> T:
+    storage = open_backend(options.storage_url)
+    if isinstance(storage, _RetriesServer):
+        # Redis and PostgreSQL retry an unreachable server this long before giving up.
+        storage.retry_timeout = options.timeout
+    try:
+        if not creates and isinstance(storage, SQLiteBackend) and not storage.path.exists():
+            raise CommandError(
+                f"there is no SQLite database at {str(storage.path)!r}: check --storage-url "
+                "or RECOVERABLE_STATE_STORAGE_URL (relative paths start at the working directory)"
+            )
+        return await body(storage)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await storage.aclose()
+
+
+def fail(exc: BaseException, *, debug: bool) -> NoReturn:
+    """Print `exc` as one line on stderr (after its traceback with --debug) and exit 1."""
+    if debug:
+        traceback.print_exception(exc)
+    typer.echo(f"error: {describe(exc)}", err=True)
+    raise typer.Exit(1)
+
+
+def describe(exc: BaseException) -> str:
+    """One line saying what went wrong; what the library raises is already phrased for users."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = " ".join(str(exc).split())  # server errors can span lines
+    if isinstance(exc, RecoverableStateError | CommandError | OSError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text} (unexpected; run with --debug for the traceback)"
+
+
+async def find_store(storage: StorageBackend, name: str) -> KeyValueStore:
+    """The store with this name (or id), which must exist: a typo must not create a new store."""
+    stores = await storage.list_stores()
+    found = next((s for s in stores if s.name == name), None) or next(
+        (s for s in stores if s.id == name), None
+    )
+    if found is None:
+        names = ", ".join(repr(s.label) for s in stores[:10]) + (", ..." if len(stores) > 10 else "")
+        raise StoreNotFoundError(
+            f"no such store in {storage.url} (stores there: {names or 'none'})", store=name
+        )
+    return KeyValueStore(found, storage)
+
+
+async def require_record(kvs: KeyValueStore, key: str) -> StoredRecord:
+    """The record under `key`, which must exist."""
+    record = await kvs.get_record(key)
+    if record is None:
+        raise CommandError(f"no record under key {key!r} in store {kvs.label!r}")
+    return record
+
+
+async def confirm(question: str, *, yes: bool) -> None:
+    """Ask before changing data (unless `yes`); a no exits 1 with nothing changed."""
+    if yes:
+        return
+    if not await anyio.to_thread.run_sync(lambda: typer.confirm(question, err=True)):
+        typer.echo("nothing changed", err=True)
+        raise typer.Exit(1)
