@@ -17,6 +17,7 @@ from ._errors import (
     StoreNotFoundError,
 )
 from ._locator import ServiceLocator, service_locator
+from ._runner import run
 from ._state import RecoverableState
 from .events import (
     Event,
@@ -56,5 +57,6 @@ __all__ = [
     "StorageUnavailableError",
     "StoreNotFoundError",
     "open_backend",
+    "run",
     "service_locator",
 ]

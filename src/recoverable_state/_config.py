@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,13 @@ def _seconds(value: Any) -> Any:
 
 Seconds = Annotated[timedelta, BeforeValidator(_seconds)]
 """A duration given as a timedelta, a number of seconds, or an ISO 8601 duration."""
+
+
+def _blank_is_none(value: Any) -> Any:
+    """An empty (or all-blank) environment variable means "not set"."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
 
 
 class Configuration(BaseSettings):
@@ -47,3 +54,13 @@ class Configuration(BaseSettings):
 
     storage_retry_timeout: Seconds = timedelta(seconds=10)
     """How long a Redis or PostgreSQL backend retries an unreachable server before failing."""
+
+    preemption_notice_url: Annotated[str | None, BeforeValidator(_blank_is_none)] = None
+    """Poll this cloud metadata URL for a preemption notice (off when unset): `aws`, `gcp`,
+    or a URL such as `http://169.254.169.254/latest/meta-data/spot/instance-action`."""
+
+    preemption_notice_kind: Literal["auto", "aws", "gcp"] = "auto"
+    """The metadata service behind `preemption_notice_url`; `auto` tells it from the URL."""
+
+    preemption_poll_interval: Seconds = Field(default=timedelta(seconds=5), gt=timedelta(0))
+    """How often the preemption notice URL is polled."""

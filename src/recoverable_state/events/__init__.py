@@ -1,6 +1,12 @@
 """Events: the EventManager, the events it emits and their payloads."""
 
 from ._manager import EventManager, Listener, ShutdownSignalReceived
+from ._preemption import (
+    AWS_SPOT_NOTICE_URL,
+    GCP_PREEMPTED_URL,
+    PreemptionNotice,
+    PreemptionNoticePoller,
+)
 from ._types import (
     Event,
     EventAbortingData,
@@ -13,6 +19,8 @@ from ._types import (
 )
 
 __all__ = [
+    "AWS_SPOT_NOTICE_URL",
+    "GCP_PREEMPTED_URL",
     "Event",
     "EventAbortingData",
     "EventData",
@@ -23,5 +31,7 @@ __all__ = [
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
     "Listener",
+    "PreemptionNotice",
+    "PreemptionNoticePoller",
     "ShutdownSignalReceived",
 ]

@@ -7,10 +7,11 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
 import anyio.to_thread
@@ -27,12 +28,88 @@ from ._types import (
     EventSystemInfoData,
 )
 
+if TYPE_CHECKING:
+    from ._preemption import PreemptionNotice, PreemptionNoticePoller
+
 logger = logging.getLogger("recoverable_state")
 
 Listener = Callable[..., Any]
 """A sync or async callable taking the event data, or nothing."""
 
 OnSignal = Literal["exit", "raise", "return"]
+
+PreemptionNoticeKind = Literal["auto", "aws", "gcp"]
+
+_EXIT_GRACE = 2.0
+"""Seconds the watchdog allows past the shutdown timeout, and past the end of the main thread."""
+
+
+def _hard_exit(code: int, message: str, *args: object) -> None:
+    """Log `message` and end the process now, without unwinding.
+
+    The message is logged from a helper thread given half a second: a log
+    handler stuck on a full pipe (held by a thread that hangs) must not stop
+    the exit, which is all that matters here.
+    """
+    logging_thread = threading.Thread(target=logger.error, args=(message, *args), daemon=True)
+    logging_thread.start()
+    logging_thread.join(0.5)
+    os._exit(code)
+
+
+class _ExitWatchdog:
+    """Ends the process when shutting down after a signal hangs past its deadline.
+
+    Until the manager has persisted, it fires at `deadline` (a time.monotonic()
+    value) plus `grace`. Once the manager has persisted and raised SystemExit, it
+    waits for the main thread to end and then gives the interpreter `grace` seconds
+    to exit: a thread that cannot be cancelled (a sync listener stuck in a call)
+    would otherwise keep the process alive for good, as Python waits for such
+    threads. A main thread still running past the deadline caught the SystemExit;
+    the watchdog then stands down.
+    """
+
+    def __init__(self, code: int, deadline: float, grace: float = _EXIT_GRACE) -> None:
+        self._code = code
+        self._deadline = deadline
+        self._grace = grace
+        self._persisted = threading.Event()
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._watch, name="recoverable-state-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def persisted(self) -> None:
+        """The manager is done; from now on only a stuck interpreter exit is ended."""
+        self._persisted.set()
+
+    def cancel(self) -> None:
+        """The process goes on (no exit follows): stand down."""
+        self._cancelled = True
+        self._persisted.set()
+
+    def _watch(self) -> None:
+        if not self._persisted.wait(max(self._deadline - time.monotonic(), 0.0) + self._grace):
+            _hard_exit(
+                self._code, "shutdown did not finish in time; ending the process now (exit %d)", self._code
+            )
+        if self._cancelled:
+            return
+        # SystemExit is on its way; if the main thread is still running well past the
+        # deadline, someone caught it and the process goes on: stand down then.
+        main = threading.main_thread()
+        main.join(max(self._deadline + self._grace - time.monotonic(), self._grace))
+        if main.is_alive():
+            return
+        time.sleep(self._grace)
+        _hard_exit(
+            self._code,
+            "the process did not end %.0f s after its main thread (a thread still runs); "
+            "ending it now (exit %d)",
+            self._grace,
+            self._code,
+        )
 
 
 class ShutdownSignalReceived(RecoverableStateError):
@@ -107,7 +184,16 @@ class EventManager:
     the body of the `async with` block, persists with `is_migrating=True`, and
     then, by `on_signal`: ends the process with 128 + the signal number
     (`"exit"`, the default), raises ShutdownSignalReceived (`"raise"`), or lets the
-    block end normally (`"return"`). A second SIGINT ends the process at once.
+    block end normally (`"return"`). The whole shutdown is bounded by
+    `close_timeout`, counted from the signal. A second SIGINT ends the process at
+    once; a second SIGTERM is ignored. With `"exit"`, a watchdog thread ends the
+    process if anything (a stuck thread, say) keeps it alive past the timeout.
+
+    With a preemption notice URL (`preemption_notice_url`, or
+    RECOVERABLE_STATE_PREEMPTION_NOTICE_URL), the manager polls the cloud's
+    metadata service and, on the first notice, emits MIGRATING once (with the
+    time remaining when the notice tells it), which persists every state with
+    `is_migrating=True`. The body goes on: the platform's SIGTERM ends it.
     """
 
     def __init__(
@@ -118,6 +204,9 @@ class EventManager:
         handle_signals: bool = False,
         on_signal: OnSignal = "exit",
         system_info_interval: timedelta | None = None,
+        preemption_notice_url: str | None = None,
+        preemption_notice_kind: PreemptionNoticeKind | None = None,
+        preemption_poll_interval: timedelta | None = None,
     ) -> None:
         """Make a manager; intervals and timeouts default to the configuration.
 
@@ -130,6 +219,13 @@ class EventManager:
             on_signal: what leaving the manager does after a signal: "exit",
                 "raise" or "return".
             system_info_interval: emit SYSTEM_INFO this often (None: never).
+            preemption_notice_url: poll this metadata URL for a preemption notice;
+                `"aws"` and `"gcp"` stand for the clouds' well-known URLs, `""` turns
+                polling off (RECOVERABLE_STATE_PREEMPTION_NOTICE_URL, off by default).
+            preemption_notice_kind: `"aws"`, `"gcp"`, or `"auto"` to tell it from the
+                URL (RECOVERABLE_STATE_PREEMPTION_NOTICE_KIND).
+            preemption_poll_interval: how often to poll
+                (RECOVERABLE_STATE_PREEMPTION_POLL_INTERVAL, 5 s by default).
         """
         from .._locator import service_locator
 
@@ -139,6 +235,16 @@ class EventManager:
         self._handle_signals = handle_signals
         self._on_signal: OnSignal = on_signal
         self._system_info_interval = system_info_interval
+        url = config.preemption_notice_url if preemption_notice_url is None else preemption_notice_url
+        self._preemption: PreemptionNoticePoller | None = None
+        if url:
+            from ._preemption import PreemptionNoticePoller
+
+            kind = config.preemption_notice_kind if preemption_notice_kind is None else preemption_notice_kind
+            interval = preemption_poll_interval
+            if interval is None:
+                interval = config.preemption_poll_interval
+            self._preemption = PreemptionNoticePoller(url, kind=kind, interval=interval)
         self._emitter = _TaskGroupEmitter(self._spawn)
         self._listeners: dict[tuple[Event, Listener], _Listener] = {}
         self._depth = 0
@@ -148,7 +254,8 @@ class EventManager:
         self._running: dict[anyio.CancelScope, _Listener] = {}
         self._idle: anyio.Event | None = None
         self._signal: int | None = None
-        self._watchdog: threading.Timer | None = None
+        self._signal_deadline: float | None = None  # time.monotonic() by which shutdown must be done
+        self._watchdog: _ExitWatchdog | None = None
 
     # -- state ---------------------------------------------------------------
 
@@ -166,6 +273,11 @@ class EventManager:
     def close_timeout(self) -> timedelta:
         """How long the last persist on leaving (or on a signal) may take."""
         return self._close_timeout
+
+    @property
+    def preemption_notice_url(self) -> str | None:
+        """The metadata URL polled for a preemption notice, or None when not polling."""
+        return self._preemption.url if self._preemption is not None else None
 
     @property
     def received_signal(self) -> int | None:
@@ -287,11 +399,29 @@ class EventManager:
         if self._depth > 1:
             return self
         self._signal = None
+        self._signal_deadline = None
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        self._sources_scope = anyio.CancelScope()
-        await task_group.start(self._run_sources, self._sources_scope)
+        try:
+            self._sources_scope = anyio.CancelScope()
+            await task_group.start(self._run_sources, self._sources_scope)
+            if self._handle_signals:
+                # Outside the sources' scope: signals stay handled during the last persist
+                # (a second SIGINT ends the process, a second SIGTERM is ignored), until
+                # the task group closes.
+                await task_group.start(watch_signals, self._on_shutdown_signal)
+        except BaseException as exc:
+            self._task_group = None
+            self._depth -= 1
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
+            if self._handle_signals and threading.current_thread() is not threading.main_thread():
+                raise RuntimeError(
+                    "EventManager(handle_signals=True) must be entered in the main thread, "
+                    "where signals are delivered"
+                ) from exc
+            raise
         self._body_scope = anyio.CancelScope()
         self._body_scope.__enter__()
         return self
@@ -304,8 +434,8 @@ class EventManager:
                 await sources.start(tick, self._persist_state_interval, self._persist_on_timer)
                 if self._system_info_interval is not None:
                     await sources.start(tick, self._system_info_interval, self._emit_system_info)
-                if self._handle_signals:
-                    await sources.start(watch_signals, self._on_shutdown_signal)
+                if self._preemption is not None:
+                    await sources.start(self._preemption.watch, self._on_preemption_notice)
                 task_status.started()
 
     def _persist_on_timer(self) -> None:
@@ -314,21 +444,31 @@ class EventManager:
     def _emit_system_info(self) -> None:
         self._emit(Event.SYSTEM_INFO, EventSystemInfoData(info=system_info()))
 
+    def _on_preemption_notice(self, notice: PreemptionNotice) -> None:
+        if self._task_group is None:
+            return
+        remaining = (
+            f"{notice.time_remaining.total_seconds():.0f} s left"
+            if notice.time_remaining is not None
+            else "time left unknown"
+        )
+        logger.warning("preemption notice from %s (%s): persisting every state", notice.kind, remaining)
+        self.emit(event=Event.MIGRATING, event_data=EventMigratingData(time_remaining=notice.time_remaining))
+
     def _on_shutdown_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self._signal is not None:
             if signum == signal.SIGINT:
-                logger.warning("second SIGINT: exiting at once, without persisting")
-                os._exit(128 + signum)
+                _hard_exit(128 + signum, "second SIGINT: exiting at once, without persisting")
             logger.warning("%s received again; still persisting before exit", name)
             return
         self._signal = signum
         timeout = self._close_timeout
+        self._signal_deadline = time.monotonic() + timeout.total_seconds()
         logger.warning("%s received: persisting every state (at most %.1f s)", name, timeout.total_seconds())
         # A backstop: whatever hangs, the process is gone shortly after the timeout.
         if self._on_signal == "exit":
-            self._watchdog = threading.Timer(timeout.total_seconds() + 2.0, os._exit, (128 + signum,))
-            self._watchdog.daemon = True
+            self._watchdog = _ExitWatchdog(128 + signum, self._signal_deadline)
             self._watchdog.start()
         if signum == signal.SIGTERM:
             self._emit(Event.MIGRATING, EventMigratingData(time_remaining=timeout))
@@ -336,6 +476,13 @@ class EventManager:
             self._emit(Event.ABORTING, EventAbortingData())
         if self._body_scope is not None:
             self._body_scope.cancel()
+
+    def _time_left(self) -> timedelta:
+        """The last persist's time: the close timeout, or what is left of it since a signal."""
+        if self._signal_deadline is None:
+            return self._close_timeout
+        left = max(self._signal_deadline - time.monotonic(), 0.0)
+        return min(self._close_timeout, timedelta(seconds=left))
 
     async def __aexit__(
         self,
@@ -357,13 +504,17 @@ class EventManager:
                 if self._sources_scope is not None:
                     self._sources_scope.cancel()
                 self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=self._signal is not None))
-                await self.wait_for_all_listeners_to_complete(timeout=self._close_timeout)
+                await self.wait_for_all_listeners_to_complete(timeout=self._time_left())
         finally:
             task_group, self._task_group = self._task_group, None
-            task_group.cancel_scope.cancel()  # anything a listener left behind
+            task_group.cancel_scope.cancel()  # anything a listener left behind, the signal watcher
             await task_group.__aexit__(None, None, None)
             if self._watchdog is not None:
-                self._watchdog.cancel()
+                # With "exit" it stays on guard until the process is gone.
+                if self._signal is not None and self._on_signal == "exit":
+                    self._watchdog.persisted()
+                else:
+                    self._watchdog.cancel()
                 self._watchdog = None
         if self._signal is not None:
             signum = self._signal

@@ -1,7 +1,8 @@
 """Event sources: what tells the manager that something happened.
 
 Each source is a small coroutine the manager runs in its task group. Sources
-only call back; deciding what an occurrence means is the manager's job.
+only call back; deciding what an occurrence means is the manager's job. The
+preemption notice poller, which needs an HTTP client, is in _preemption.py.
 """
 
 from __future__ import annotations
