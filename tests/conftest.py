@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 def _fresh_services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts with default services that write under its own tmp_path."""
     monkeypatch.chdir(tmp_path)
-    for name in ("STORAGE_URL", "PERSIST_STATE_INTERVAL", "SHUTDOWN_TIMEOUT"):
-        monkeypatch.delenv(f"RECOVERABLE_STATE_{name}", raising=False)
+    for name in list(os.environ):
+        if name.startswith("RECOVERABLE_STATE_"):  # a developer's settings must not leak in
+            monkeypatch.delenv(name)
     service_locator.reset()
     yield
     service_locator.reset()

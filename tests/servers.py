@@ -22,8 +22,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 PG_BIN = Path(os.environ.get("RECOVERABLE_STATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 """Where `initdb` and `postgres` are (PostgreSQL 15 on Debian by default)."""
@@ -33,6 +34,9 @@ PG_DATABASE = "rs_test"
 
 class ServerUnavailable(RuntimeError):
     """A server binary is missing; the message says how to install it."""
+
+
+TServer = TypeVar("TServer", "RedisServer", "PostgresServer")
 
 
 def free_port() -> int:
@@ -69,6 +73,28 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 10.0)
         proc.wait(timeout=timeout)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 class RedisServer:
     """A `redis-server` with an append-only file in its own directory."""
 
@@ -99,6 +125,9 @@ class RedisServer:
                     "--bind", "127.0.0.1",
                     "--save", "",
                     "--appendonly", "yes",
+                    # Acknowledged means on disk: with "everysec" Redis may postpone
+                    # its AOF writes, and a killed server loses acknowledged writes.
+                    "--appendfsync", "everysec",
                     "--dir", str(self.directory),
                     "--daemonize", "no",
                     "--protected-mode", "no",
@@ -250,12 +279,58 @@ class PostgresServer:
                 conn.execute(f"CREATE DATABASE {PG_DATABASE}")
 
     def kill(self) -> None:
-        """SIGKILL the postmaster and its children at once, as a crash would."""
-        _stop(self.proc, signal.SIGKILL)
+        """SIGKILL the postmaster and all its children at once, as a crash of the host would.
+
+        PostgreSQL's children run in their own sessions, so killing the process group
+        alone would leave backends serving open connections for a moment.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = _children(self.proc.pid)
+        for pid in [self.proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def stop(self) -> None:
         """Shut the server down fast (SIGINT: abort transactions, checkpoint, exit)."""
         _stop(self.proc, signal.SIGINT, timeout=30.0)
+
+
+def start_or_skip(make: Callable[[], TServer]) -> TServer:
+    """Build and start a server in a test; skip it (fail under CI) when a binary is missing."""
+    import pytest
+
+    try:
+        server = make()
+    except ServerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (CI is set, so this is a failure, not a skip)")
+        pytest.skip(str(exc))
+    server.start()
+    return server
+
+
+def flush_redis(url: str) -> None:
+    """Empty a Redis database, so that a test starts from nothing."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def flush_postgres(url: str) -> None:
+    """Drop the PostgreSQL backend's tables, so that a test starts from nothing."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS recoverable_state CASCADE")
 
 
 @contextlib.contextmanager
@@ -305,10 +380,17 @@ def _directory(directory: Path | None, prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # Also when started in the background, where SIGINT may be ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     with running_servers() as (redis_url, postgres_url):
         print(f"RECOVERABLE_STATE_STORAGE_URL={redis_url}")
-        print(f"RECOVERABLE_STATE_STORAGE_URL={postgres_url}")
-        print("Ctrl-C stops both servers.")
+        print(f"RECOVERABLE_STATE_STORAGE_URL={postgres_url}", flush=True)
+        print("Ctrl-C (or SIGTERM) stops both servers.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()

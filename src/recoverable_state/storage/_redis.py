@@ -15,18 +15,22 @@ Layout (all under the `rs:` prefix; a store id is 32 hex digits):
 - `rs:batch:<uuid>`    the outcome of a mutating script call, kept for a short
                        while (see retries below)
 
-Each `write_batch` is one EVALSHA: the script checks every store, then applies
-each write's compare-and-set in order, trims history, and returns the outcomes.
-Redis runs a script atomically, so a reader sees each record whole, and a
-`read_batch` with claims bumps versions in the same atomic step as the read.
+Each `write_batch` is one EVALSHA (one per 64 MiB of values, as Redis blocks
+every other client while a script runs): the script checks every store, then
+applies each write's compare-and-set in order, trims history, and returns the
+outcomes. Redis runs a script atomically, so a reader sees each record whole,
+and a `read_batch` with claims bumps versions in the same atomic step as the read.
 Store creation by name is one script too (check-then-set inside Redis), so two
 processes opening the same name get the same id. Keys are built inside the
 scripts for listings and drops, so Redis Cluster is not supported.
 
 Durability: a write returns once Redis has acknowledged it. Whether that reply
-means "on disk" is the server's `appendonly`/`appendfsync` setting: with
-`appendfsync always` it does; with the common `everysec`, a power loss may
-lose the last second, while a crash of the Redis process alone loses nothing.
+means "on disk" is the server's setting: with `appendonly yes` and
+`appendfsync always` it does. With `appendfsync everysec` (the default) a crash
+may lose the last second or two of acknowledged writes, even a crash of the
+Redis process alone (Redis postpones writing its AOF while a background fsync
+is slow); without the AOF, a crash loses everything since the last RDB
+snapshot. Configure the server for the guarantee you need.
 
 Retries: a connection error or timeout retries the call with exponential
 backoff (50 ms doubling to 1 s) for at most `retry_timeout` seconds, then
@@ -219,6 +223,10 @@ end
 return out
 """
 
+_SCRIPT_BYTES = 64 * 1024 * 1024
+"""Values sent in one script call at most: Redis blocks other clients while a script runs,
+and refuses requests beyond its client query buffer limit (1 GB by default)."""
+
 _RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -302,7 +310,8 @@ class RedisBackend(StorageBackend):
             try:
                 return await anyio.to_thread.run_sync(call)
             except _RETRYABLE as exc:
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise StorageUnavailableError(
                         f"Redis server {self.url} unreachable for {self.retry_timeout:g} s "
                         f"({type(exc).__name__}: {exc})",
@@ -310,7 +319,7 @@ class RedisBackend(StorageBackend):
                     ) from exc
             except redis.exceptions.RedisError as exc:
                 raise StorageError(f"Redis server {self.url} failed: {exc}", store=store) from exc
-            await anyio.sleep(delay)
+            await anyio.sleep(min(delay, remaining))  # the last attempt comes at the deadline
             delay = min(delay * 2, 1.0)
 
     def _marker(self) -> tuple[str, int]:
@@ -394,6 +403,17 @@ class RedisBackend(StorageBackend):
         return found
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+        outcomes: list[WriteOutcome] = []
+        start, size = 0, 0
+        for end, w in enumerate(writes):
+            if end > start and size + len(w.value) > _SCRIPT_BYTES:
+                outcomes += await self._write_run(writes[start:end])
+                start, size = end, 0
+            size += len(w.value)
+        return outcomes + await self._write_run(writes[start:])
+
+    async def _write_run(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+        """Apply writes in one atomic script call."""
         marker, ttl = self._marker()
         now = time.time_ns() // 1000
         keys = [marker, _STORES]
@@ -405,7 +425,8 @@ class RedisBackend(StorageBackend):
                 self._index_key(w.store_id),
             ]
             expected = "" if w.expected_version is None else w.expected_version
-            args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, w.value]
+            value = w.value if isinstance(w.value, bytes) else bytes(w.value)
+            args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
         label = self._label({w.store_id for w in writes})
         reply = await self._run(label, lambda: self._script("write", keys, args))
         if reply[0] == 0:
