@@ -127,7 +127,7 @@ class RedisServer:
                     "--appendonly", "yes",
                     # Acknowledged means on disk: with "everysec" Redis may postpone
                     # its AOF writes, and a killed server loses acknowledged writes.
-                    "--appendfsync", "everysec",
+                    "--appendfsync", "always",
                     "--dir", str(self.directory),
                     "--daemonize", "no",
                     "--protected-mode", "no",
