@@ -54,7 +54,12 @@ class ServiceLocator:
         if self._storage is None:
             from .storage import open_backend
 
-            self._storage = open_backend(self.get_configuration().storage_url)
+            config = self.get_configuration()
+            self._storage = open_backend(
+                config.storage_url,
+                pool_size=config.storage_pool_size,
+                retry_timeout=config.storage_retry_timeout.total_seconds(),
+            )
         return self._storage
 
     def set_storage(self, storage: StorageBackend) -> None:

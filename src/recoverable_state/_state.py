@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 from pydantic import BaseModel, ValidationError
 
-from ._errors import RecordCorruptError, StateAlreadyInUseError, StateOwnershipLost
+from ._errors import RecordCorruptError, StateAlreadyInUseError, StateOwnershipLost, StorageError
 from ._locator import service_locator
 from ._schema import Migration, check_migrations, content_type_for, migrate, model_schema_version
 from .events import Event, EventManager, EventPersistStateData, EventStateOwnershipLostData
@@ -208,6 +208,8 @@ class RecoverableState(Generic[TStateModel]):
                 raise
             for state, record in zip(loading, records, strict=True):
                 try:
+                    if isinstance(record, StorageError):
+                        raise record
                     await state._start_from(record)
                 except Exception as exc:
                     state._release_owner()
@@ -322,10 +324,13 @@ class RecoverableState(Generic[TStateModel]):
         changed state is serialised in one pass and all of them are written in one
         batch. A state whose own `persist_state()` is running is persisted after
         it. States another process took over are logged and left unwritten.
+        Writes that failed on their own (their store was dropped) are logged and
+        raised together once every other state is settled.
         """
         held: list[tuple[RecoverableState[Any], bytes]] = []
         puts: list[tuple[KeyValueStore, RecordWrite]] = []
         busy: list[RecoverableState[Any]] = []
+        failed: list[StorageError] = []
         try:
             for n, state in enumerate(states, 1):
                 if n % 2000 == 0:
@@ -363,7 +368,11 @@ class RecoverableState(Generic[TStateModel]):
             if puts:
                 outcomes = await KeyValueStore.put_together(puts)
                 for (state, data), outcome in zip(held, outcomes, strict=True):
-                    state._settle(outcome, data)
+                    if isinstance(outcome, StorageError):
+                        state._log.error("state %r was not persisted: %s", state._key, outcome)
+                        failed.append(outcome)
+                    else:
+                        state._settle(outcome, data)
         finally:
             for state, _ in held:
                 assert state._gate is not None
@@ -372,6 +381,8 @@ class RecoverableState(Generic[TStateModel]):
             async with anyio.create_task_group() as tg:
                 for state in busy:
                     tg.start_soon(_persist_quietly, state)
+        if failed:
+            raise ExceptionGroup(f"{len(failed)} states were not persisted", failed)
 
     def _settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
         """Record a write's outcome; on a lost compare-and-set, give up the state."""

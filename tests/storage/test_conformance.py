@@ -193,14 +193,6 @@ async def test_same_name_opened_concurrently_is_one_store(shared_storage_url: st
 async def test_fresh_storage_first_used_by_several_instances_at_once(
     shared_storage_url: str, request: pytest.FixtureRequest
 ) -> None:
-    kind = shared_storage_url.split(":", 1)[0]
-    known_bug(
-        request,
-        kind,
-        strict=False,  # a race: it fails often, not always
-        sqlite="SQLiteBackend: concurrent first connections may fail 'database is locked' "
-        "(PRAGMA journal_mode=WAL / schema creation do not wait for the busy timeout)",
-    )
     instances = [open_backend(shared_storage_url) for _ in range(8)]
 
     async def first_use(i: int, storage: StorageBackend) -> None:
@@ -250,7 +242,6 @@ async def test_drop_store(backend: StorageBackend) -> None:
 async def test_unknown_store_id_in_record_operations(
     backend: StorageBackend, backend_kind: str, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(request, backend_kind, sqlite="SQLiteBackend.delete does not check the store exists")
     missing = uuid.uuid4().hex
     with pytest.raises(StoreNotFoundError):
         await backend.read(RecordRead(missing, "k"))
@@ -392,12 +383,6 @@ async def test_claims_and_writes_in_one_batch(
     backend: StorageBackend, backend_kind: str, request: pytest.FixtureRequest
 ) -> None:
     """A batch acts as its requests one after another: two claimants never share a version."""
-    known_bug(
-        request,
-        backend_kind,
-        sqlite="SQLiteBackend answers every read of a batch with the key's final version",
-        file="FileSystemBackend bumps a key claimed twice in one batch only once",
-    )
     kvs = await open_store(backend)
     await kvs.put_record("k", b"v1", BYTES)
     reads = await backend.read_batch(
@@ -541,9 +526,6 @@ async def test_history_counts_written_snapshots_not_versions(backend: StorageBac
 async def test_history_in_one_batch(
     backend: StorageBackend, backend_kind: str, request: pytest.FixtureRequest
 ) -> None:
-    known_bug(
-        request, backend_kind, file="FileSystemBackend keeps one snapshot per key and batch"
-    )
     kvs = await open_store(backend)
     await kvs.put_record("k", b"old", BYTES, keep_history=5)
     outcomes = await backend.write_batch(
@@ -640,12 +622,6 @@ async def test_random_batches_behave_like_the_memory_backend(
     With `cut`, the Redis and PostgreSQL backends split each batch into many script
     calls or statements (as they do past 64 MiB), which must change nothing.
     """
-    known_bug(
-        request,
-        backend_kind,
-        sqlite="SQLiteBackend: claims within a batch",
-        file="FileSystemBackend: claims and history within a batch",
-    )
     if cut:
         from recoverable_state.storage import _postgres, _redis
 
@@ -732,3 +708,25 @@ async def test_the_event_loop_stays_responsive(backend: StorageBackend) -> None:
         done.set()
     assert gaps
     assert max(gaps) < 0.3, f"the event loop stalled for {max(gaps):.3f} s"
+
+
+async def test_a_dropped_store_fails_only_its_own_requests_in_a_batch(backend: StorageBackend) -> None:
+    """A write to a store that is gone answers that write alone; the batch still lands."""
+    live = await open_store(backend, "live")
+    gone = await open_store(backend, "gone")
+    await gone.drop()
+    outcomes = await backend.write_many(
+        [
+            RecordWrite(live.id, "a", b"1", BYTES),
+            RecordWrite(gone.id, "b", b"2", BYTES),
+            RecordWrite(live.id, "c", b"3", BYTES),
+        ]
+    )
+    assert isinstance(outcomes[1], StoreNotFoundError)
+    assert outcomes[0] == WriteOutcome(applied=True, version=1)
+    assert outcomes[2] == WriteOutcome(applied=True, version=1)
+    assert await live.get_value("a") == b"1"
+    assert await live.get_value("c") == b"3"
+    reads = await backend.read_many([RecordRead(gone.id, "b"), RecordRead(live.id, "a")])
+    assert isinstance(reads[0], StoreNotFoundError)
+    assert reads[1] is not None and not isinstance(reads[1], Exception) and reads[1].value == b"1"

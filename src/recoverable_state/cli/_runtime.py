@@ -6,7 +6,7 @@ import contextlib
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn, Protocol, TypeVar, runtime_checkable
+from typing import NoReturn, TypeVar
 
 import anyio
 import typer
@@ -28,11 +28,6 @@ class Options:
 
 class CommandError(Exception):
     """A failure the user can act on (an unknown key, a bad input line): one line, no traceback."""
-
-
-@runtime_checkable
-class _RetriesServer(Protocol):
-    retry_timeout: float
 
 
 def run(ctx: typer.Context, body: Callable[[StorageBackend], Awaitable[T]], *, creates: bool = False) -> T:
@@ -64,10 +59,8 @@ def options_of(ctx: typer.Context) -> Options:
 
 
 async def _with_storage(options: Options, body: Callable[[StorageBackend], Awaitable[T]], creates: bool) -> T:
-    storage = open_backend(options.storage_url)
-    if isinstance(storage, _RetriesServer):
-        # Redis and PostgreSQL retry an unreachable server this long before giving up.
-        storage.retry_timeout = options.timeout
+    # Redis and PostgreSQL retry an unreachable server this long before giving up.
+    storage = open_backend(options.storage_url, retry_timeout=options.timeout)
     try:
         if not creates and isinstance(storage, SQLiteBackend) and not storage.path.exists():
             raise CommandError(

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from rich.progress import Progress
 
-from .._errors import InvalidKeyError
+from .._errors import InvalidKeyError, StorageError
 from ..storage import KeyValueStore, RecordInfo, RecordWrite, StorageBackend, StoredRecord, check_key
 from ._output import console, is_json
 from ._runtime import CommandError
@@ -148,7 +148,10 @@ async def export_stores(stores: Sequence[KeyValueStore], out: TextIO) -> int:
             for start in range(0, len(infos), CHUNK):
                 chunk = infos[start : start + CHUNK]
                 records = await KeyValueStore.get_together([(kvs, info.key, False) for info in chunk])
-                lines = [encode_line(kvs.label, r) + "\n" for r in records if r is not None]
+                for r in records:
+                    if isinstance(r, StorageError):
+                        raise r
+                lines = [encode_line(kvs.label, r) + "\n" for r in records if isinstance(r, StoredRecord)]
                 out.write("".join(lines))  # a record deleted since the listing is skipped
                 written += len(lines)
                 advance(len(chunk))

@@ -24,10 +24,10 @@ from ._url import open_backend
 __all__ = [
     "DEFAULT_STORE_NAME",
     "JSON_CONTENT_TYPE",
-    "KeyValueStore",
-    "MemoryBackend",
     "QUARANTINE_SUFFIX",
     "SCHEMA_VERSION_PARAM",
+    "KeyValueStore",
+    "MemoryBackend",
     "RecordInfo",
     "RecordRead",
     "RecordWrite",

@@ -20,6 +20,9 @@ Their contract:
 - A record is never torn: a reader, or a process restarted after SIGKILL, sees
   either the whole previous snapshot or the whole new one.
 - Blocking drivers run in anyio worker threads; nothing blocks the event loop.
+- A request that fails on its own (its store was dropped) may be answered with
+  a StorageError in its place, so the rest of the batch still goes through;
+  an error that concerns the whole batch (the server is down) is raised.
 
 Records are named tuples: a batch of 10,000 writes builds them 10,000 times, and a
 frozen dataclass costs about ten times as much to build.
@@ -38,6 +41,7 @@ from typing import NamedTuple
 
 import anyio
 
+from .._errors import StorageError
 from ._batching import GroupCommitter
 
 DEFAULT_STORE_NAME = "default"
@@ -111,11 +115,12 @@ class StorageBackend(ABC):
     """Where the data lives, for messages (never holds a password)."""
 
     def __init__(self) -> None:
-        self._writes: GroupCommitter[RecordWrite, WriteOutcome] = GroupCommitter(
-            self.write_batch, max_batch=self.max_batch
+        # Late-bound, so that a subclass or a test wrapping write_batch is honoured.
+        self._writes: GroupCommitter[RecordWrite, WriteOutcome | StorageError] = GroupCommitter(
+            lambda writes: self.write_batch(writes), max_batch=self.max_batch
         )
-        self._reads: GroupCommitter[RecordRead, StoredRecord | None] = GroupCommitter(
-            self.read_batch, max_batch=self.max_batch
+        self._reads: GroupCommitter[RecordRead, StoredRecord | StorageError | None] = GroupCommitter(
+            lambda reads: self.read_batch(reads), max_batch=self.max_batch
         )
         self._known_stores: dict[tuple[str, str], StoreInfo] = {}
         self._opening: dict[tuple[str, str], anyio.Event] = {}
@@ -125,18 +130,24 @@ class StorageBackend(ABC):
 
     async def write(self, write: RecordWrite) -> WriteOutcome:
         """Write one record, batched with every write that arrives together."""
-        return await self._writes.submit(write)
+        outcome = await self._writes.submit(write)
+        if isinstance(outcome, StorageError):
+            raise outcome
+        return outcome
 
     async def read(self, read: RecordRead) -> StoredRecord | None:
         """Read one record, batched with every read that arrives together."""
-        return await self._reads.submit(read)
+        record = await self._reads.submit(read)
+        if isinstance(record, StorageError):
+            raise record
+        return record
 
-    async def write_many(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome]:
-        """Write many records in one batch (with whatever else arrives together)."""
+    async def write_many(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome | StorageError]:
+        """Write many records in one batch; a write that failed alone is answered with its error."""
         return await self._writes.submit_many(writes)
 
-    async def read_many(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | None]:
-        """Read many records in one batch (with whatever else arrives together)."""
+    async def read_many(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
+        """Read many records in one batch; a read that failed alone is answered with its error."""
         return await self._reads.submit_many(reads)
 
     async def find_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
@@ -179,11 +190,13 @@ class StorageBackend(ABC):
         """Delete a store with all its records and history."""
 
     @abstractmethod
-    async def read_batch(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | None]:
+    async def read_batch(
+        self, reads: Sequence[RecordRead]
+    ) -> Sequence[StoredRecord | StorageError | None]:
         """Read each record (None when absent), claiming those asked to be claimed."""
 
     @abstractmethod
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome]:
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome | StorageError]:
         """Apply each write, durably and together; see the module docstring."""
 
     @abstractmethod

@@ -5,6 +5,10 @@ concurrent callers can queue behind it, then hands the whole queue to the
 backend in one call. Callers arriving meanwhile queue for the next batch, whose
 leader is woken when the current one ends (the writer queue of LevelDB).
 A caller may submit many items at once; they travel in one batch.
+
+The flush may answer an item with an exception instead of a result (a write to
+a store that is gone): that caller alone gets it, the rest of the batch stands.
+An exception raised by the flush itself fails every caller of the batch.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class GroupCommitter(Generic[TItem, TResult]):
 
     async def submit_many(self, items: Sequence[TItem]) -> Sequence[TResult]:
         """Flush `items` in one batch (with whatever arrives together); return their results.
+
+        A result may be an exception instance: the error of that item alone.
 
         Cancellation while the items are still queued withdraws them; once their
         batch is in flight (or this caller leads one) the call sees it through,

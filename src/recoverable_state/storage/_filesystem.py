@@ -227,49 +227,62 @@ class FileSystemBackend(StorageBackend):
 
     # -- records ------------------------------------------------------------
 
-    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
-        def read() -> list[StoredRecord | None]:
-            by_store: dict[str, list[int]] = {}
-            for i, r in enumerate(reads):
-                by_store.setdefault(r.store_id, []).append(i)
-            out: list[StoredRecord | None] = [None] * len(reads)
-            for store_id, indexes in by_store.items():
-                directory = self._store_dir(store_id)
-                claims = [i for i in indexes if reads[i].claim]
-                with self._locked(directory) if claims else contextlib.nullcontext():
+    @staticmethod
+    def _group(store_ids: Sequence[str]) -> dict[str, list[int]]:
+        """Request indexes by store."""
+        by_store: dict[str, list[int]] = {}
+        for i, store_id in enumerate(store_ids):
+            by_store.setdefault(store_id, []).append(i)
+        return by_store
+
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
+        def read() -> list[StoredRecord | StorageError | None]:
+            out: list[StoredRecord | StorageError | None] = [None] * len(reads)
+            for store_id, indexes in self._group([r.store_id for r in reads]).items():
+                try:
+                    directory = self._store_dir(store_id)
+                except StoreNotFoundError as exc:
                     for i in indexes:
-                        out[i] = self._read_file(directory / encode_key(reads[i].key), store_id)
-                    claimed = []
-                    for i in claims:
-                        rec = out[i]
-                        if rec is not None:
-                            rec = StoredRecord(
-                                rec.key, rec.value, rec.content_type, rec.version + 1, rec.updated_at
+                        out[i] = exc
+                    continue
+                claims = any(reads[i].claim for i in indexes)
+                with self._locked(directory) if claims else contextlib.nullcontext():
+                    current: dict[str, StoredRecord | None] = {}
+                    claimed: set[str] = set()
+                    for i in indexes:
+                        key = reads[i].key
+                        if key not in current:
+                            current[key] = self._read_file(directory / encode_key(key), store_id)
+                        rec = current[key]
+                        if rec is not None and reads[i].claim:  # one after another, as asked
+                            rec = current[key] = rec._replace(version=rec.version + 1)
+                            claimed.add(key)
+                        out[i] = rec
+                    if claims:
+                        changed = [r for k, r in current.items() if r is not None and k in claimed]
+
+                        def rewrite(rec: StoredRecord, directory: Path = directory) -> None:
+                            data = _pack(
+                                rec.key, rec.value, rec.content_type, rec.version, rec.updated_at.timestamp()
                             )
-                            out[i] = rec
-                            claimed.append(rec)
+                            _write_atomically(directory / encode_key(rec.key), data)
 
-                    def rewrite(rec: StoredRecord, directory: Path = directory) -> None:
-                        data = _pack(
-                            rec.key, rec.value, rec.content_type, rec.version, rec.updated_at.timestamp()
-                        )
-                        _write_atomically(directory / encode_key(rec.key), data)
-
-                    self._map(rewrite, claimed)
-                    if claimed:
+                        self._map(rewrite, changed)
                         _fsync_dir(directory)
             return out
 
         return await self._run(read)
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
-        def write() -> list[WriteOutcome]:
-            outcomes: list[WriteOutcome | None] = [None] * len(writes)
-            by_store: dict[str, list[int]] = {}
-            for i, w in enumerate(writes):
-                by_store.setdefault(w.store_id, []).append(i)
-            for store_id, indexes in by_store.items():
-                directory = self._store_dir(store_id)
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
+        def write() -> list[WriteOutcome | StorageError]:
+            outcomes: list[WriteOutcome | StorageError | None] = [None] * len(writes)
+            for store_id, indexes in self._group([w.store_id for w in writes]).items():
+                try:
+                    directory = self._store_dir(store_id)
+                except StoreNotFoundError as exc:
+                    for i in indexes:
+                        outcomes[i] = exc
+                    continue
                 with self._locked(directory):
                     self._write_store(directory, store_id, writes, indexes, outcomes)
             return [o for o in outcomes if o is not None]
@@ -282,11 +295,12 @@ class FileSystemBackend(StorageBackend):
         store_id: str,
         writes: Sequence[RecordWrite],
         indexes: list[int],
-        outcomes: list[WriteOutcome | None],
+        outcomes: list[WriteOutcome | StorageError | None],
     ) -> None:
         now = time.time()
         stored: dict[str, int] = {}
-        last: dict[str, tuple[bytes, RecordWrite]] = {}  # the final content of each file
+        last: dict[str, bytes] = {}  # the final content of each record file
+        snapshots: dict[str, list[tuple[int, bytes, int]]] = {}  # key: (version, data, keep)
         for i in indexes:
             w = writes[i]
             if w.key not in stored:
@@ -296,23 +310,32 @@ class FileSystemBackend(StorageBackend):
                 outcomes[i] = WriteOutcome(applied=False, version=current)
                 continue
             stored[w.key] = current + 1
-            last[w.key] = (_pack(w.key, w.value, w.content_type, current + 1, now), w)
+            data = _pack(w.key, w.value, w.content_type, current + 1, now)
+            last[w.key] = data
+            if w.keep_history > 0:
+                snapshots.setdefault(w.key, []).append((current + 1, data, w.keep_history))
             outcomes[i] = WriteOutcome(applied=True, version=current + 1)
 
-        def put(item: tuple[bytes, RecordWrite]) -> None:
-            data, w = item
-            name = encode_key(w.key)
-            _write_atomically(directory / name, data)
-            if w.keep_history > 0:
+        def put(key: str) -> None:
+            name = encode_key(key)
+            _write_atomically(directory / name, last[key])
+            new = snapshots.get(key)
+            if new:
                 hdir = directory / _HISTORY / name
                 hdir.mkdir(parents=True, exist_ok=True)
-                version = stored[w.key]
-                _write_atomically(hdir / f"{version:020d}{_SUFFIX}", data)
-                for old in sorted(hdir.iterdir())[: -w.keep_history]:
-                    old.unlink(missing_ok=True)
+                existing = sorted(int(p.stem) for p in hdir.glob(f"*{_SUFFIX}"))
+                # Keep and trim one write after another, as the writes were asked for.
+                survivors = list(existing)
+                for version, _, keep in new:
+                    survivors = [*survivors, version][-keep:]
+                for version, data, _ in new:
+                    if version in survivors:
+                        _write_atomically(hdir / f"{version:020d}{_SUFFIX}", data)
+                for version in set(existing) - set(survivors):
+                    (hdir / f"{version:020d}{_SUFFIX}").unlink(missing_ok=True)
                 _fsync_dir(hdir)
 
-        self._map(put, list(last.values()))
+        self._map(put, list(last))
         _fsync_dir(directory)
 
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:

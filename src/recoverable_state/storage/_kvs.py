@@ -51,6 +51,12 @@ def check_key(key: object, *, store: str | None) -> str:
         )
     if _CONTROL.search(key):
         raise InvalidKeyError("a key must not hold control characters (NUL among them)", store=store, key=key)
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(
+            "a key must be valid Unicode text (it holds a lone surrogate)", store=store, key=repr(key)
+        ) from None
     return key
 
 
@@ -238,9 +244,12 @@ class KeyValueStore:
     @staticmethod
     async def put_together(
         puts: Sequence[tuple[KeyValueStore, RecordWrite]],
-    ) -> list[WriteOutcome]:
-        """Apply many prepared writes, across stores, as few batches as there are backends."""
-        outcomes: list[WriteOutcome | None] = [None] * len(puts)
+    ) -> list[WriteOutcome | StorageError]:
+        """Apply many prepared writes, across stores, in as few batches as there are backends.
+
+        A write that failed on its own is answered with its error in its place.
+        """
+        outcomes: list[WriteOutcome | StorageError | None] = [None] * len(puts)
         by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
         for i, (kvs, _) in enumerate(puts):
             by_backend.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
@@ -253,9 +262,12 @@ class KeyValueStore:
     @staticmethod
     async def get_together(
         gets: Sequence[tuple[KeyValueStore, str, bool]],
-    ) -> list[StoredRecord | None]:
-        """Read many `(store, key, claim)` records, across stores, in as few batches as backends."""
-        found: list[StoredRecord | None] = [None] * len(gets)
+    ) -> list[StoredRecord | StorageError | None]:
+        """Read many `(store, key, claim)` records, in as few batches as there are backends.
+
+        A read that failed on its own is answered with its error in its place.
+        """
+        found: list[StoredRecord | StorageError | None] = [None] * len(gets)
         by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
         for i, (kvs, key, _) in enumerate(gets):
             check_key(key, store=kvs.label)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import anyio.lowlevel
 
-from .._errors import StoreNotFoundError
+from .._errors import StorageError, StoreNotFoundError
 from ._backend import (
     RecordInfo,
     RecordRead,
@@ -61,11 +61,15 @@ class MemoryBackend(StorageBackend):
         for hkey in [k for k in self._history if k[0] == store_id]:
             del self._history[hkey]
 
-    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         await anyio.lowlevel.checkpoint()
-        found: list[StoredRecord | None] = []
+        found: list[StoredRecord | StorageError | None] = []
         for r in reads:
-            records = self._store(r.store_id)
+            try:
+                records = self._store(r.store_id)
+            except StoreNotFoundError as exc:
+                found.append(exc)
+                continue
             rec = records.get(r.key)
             if rec is not None and r.claim:
                 rec = StoredRecord(rec.key, rec.value, rec.content_type, rec.version + 1, rec.updated_at)
@@ -73,12 +77,16 @@ class MemoryBackend(StorageBackend):
             found.append(rec)
         return found
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         await anyio.lowlevel.checkpoint()
-        outcomes = []
+        outcomes: list[WriteOutcome | StorageError] = []
         now = datetime.now(UTC)
         for w in writes:
-            records = self._store(w.store_id)
+            try:
+                records = self._store(w.store_id)
+            except StoreNotFoundError as exc:
+                outcomes.append(exc)
+                continue
             old = records.get(w.key)
             stored = old.version if old is not None else 0
             if w.expected_version is not None and w.expected_version != stored:

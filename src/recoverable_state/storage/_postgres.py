@@ -452,15 +452,23 @@ class PostgresBackend(StorageBackend):
         labels = sorted({self._labels.get(s, s) for s in store_ids})
         return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
 
+    def _missing_stores(
+        self, conn: psycopg.Connection[Any], store_ids: set[str], found: psycopg.Cursor[Any] | None = None
+    ) -> dict[str, StorageError]:
+        """An error for each of these stores that does not exist (`found`: a pending check)."""
+        if found is None:
+            found = conn.execute(_FIND_STORES, (list(store_ids),))
+        missing = store_ids - {row[0] for row in found}
+        return {
+            s: StoreNotFoundError("no such store (was it dropped?)", store=self._label([s])) for s in missing
+        }
+
     def _require_stores(
         self, conn: psycopg.Connection[Any], store_ids: set[str], found: psycopg.Cursor[Any] | None = None
     ) -> None:
         """Raise StoreNotFoundError unless every store exists (`found`: a pending check)."""
-        if found is None:
-            found = conn.execute(_FIND_STORES, (list(store_ids),))
-        missing = store_ids - {row[0] for row in found}
-        if missing:
-            raise StoreNotFoundError("no such store (was it dropped?)", store=self._label(missing))
+        for error in self._missing_stores(conn, store_ids, found).values():
+            raise error
 
     # -- stores -------------------------------------------------------------
 
@@ -505,22 +513,25 @@ class PostgresBackend(StorageBackend):
 
     # -- records ------------------------------------------------------------
 
-    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         claims = any(r.claim for r in reads)
         store_ids = {r.store_id for r in reads}
         pairs = list(dict.fromkeys((r.store_id, _hash(r.key)) for r in reads))
 
-        def read(conn: psycopg.Connection[Any]) -> list[StoredRecord | None]:
+        def read(conn: psycopg.Connection[Any]) -> list[StoredRecord | StorageError | None]:
             query = _READ_ROWS + (" FOR UPDATE" if claims else "")
             params = ([p[0] for p in pairs], [p[1] for p in pairs])
             stores = conn.execute(_CHECK_STORES if claims else _FIND_STORES, (list(store_ids),))
             cur = conn.cursor(binary=True)
             cur.execute(query, params)
-            self._require_stores(conn, store_ids, stores)
+            missing = self._missing_stores(conn, store_ids, stores)
             rows = {(s, bytes(h)): (v, t, ver, at) for s, h, v, t, ver, at in cur}
             versions = {pair: row[2] for pair, row in rows.items()}
-            found: list[StoredRecord | None] = []
+            found: list[StoredRecord | StorageError | None] = []
             for r, pair in zip(reads, ((r.store_id, _hash(r.key)) for r in reads), strict=True):
+                if r.store_id in missing:
+                    found.append(missing[r.store_id])
+                    continue
                 row = rows.get(pair)
                 if row is None:
                     found.append(None)
@@ -542,16 +553,16 @@ class PostgresBackend(StorageBackend):
 
         return await self._run(self._label(store_ids), read, mutating=claims)
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         store_ids = {w.store_id for w in writes}
         hashes = [_hash(w.key) for w in writes]
         pairs = list(dict.fromkeys(zip((w.store_id for w in writes), hashes, strict=True)))
         now = datetime.now(UTC)
 
-        def write(conn: psycopg.Connection[Any]) -> list[WriteOutcome]:
+        def write(conn: psycopg.Connection[Any]) -> list[WriteOutcome | StorageError]:
             stores = conn.execute(_CHECK_STORES, (list(store_ids),))
             cur = conn.execute(_LOCK_ROWS, ([p[0] for p in pairs], [p[1] for p in pairs]))
-            self._require_stores(conn, store_ids, stores)
+            missing = self._missing_stores(conn, store_ids, stores)
             existing = {(s, bytes(h)): v for s, h, v in cur}
             stored = dict(existing)
             final: dict[tuple[str, bytes], RecordWrite] = {}
@@ -559,8 +570,11 @@ class PostgresBackend(StorageBackend):
             # the snapshots kept before this batch survive (None: all of them).
             snapshots: dict[tuple[str, bytes], list[tuple[int, RecordWrite]]] = {}
             survivors: dict[tuple[str, bytes], int | None] = {}
-            outcomes: list[WriteOutcome] = []
+            outcomes: list[WriteOutcome | StorageError] = []
             for w, h in zip(writes, hashes, strict=True):
+                if w.store_id in missing:  # that write alone fails; the batch goes on
+                    outcomes.append(missing[w.store_id])
+                    continue
                 pair = (w.store_id, h)
                 current = stored.get(pair, 0)
                 if w.expected_version is not None and w.expected_version != current:

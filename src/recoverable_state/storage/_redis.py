@@ -93,18 +93,23 @@ return out
 
 # KEYS: marker, rs:stores, then per write: record, history, index.
 # ARGV: ttl, now, then per write: store id, key, expected ('' = any), keep, content type, value.
-# Returns {0, i} when the store of write i is missing, else {1, applied, version, ...}.
+# Returns {1, then per write: applied (1, 0, or -1 when its store is missing), version}.
 _WRITE = (
     _REPLAY
     + """
 local now = ARGV[2]
 local n = (#KEYS - 2) / 3
+local gone = {}
 for i = 1, n do
   local store = ARGV[3 + (i - 1) * 6]
-  if redis.call('HEXISTS', KEYS[2], store) == 0 then return {0, i} end
+  if redis.call('HEXISTS', KEYS[2], store) == 0 then gone[i] = true end
 end
 local out = {1}
 for i = 1, n do
+ if gone[i] then
+  out[#out + 1] = -1
+  out[#out + 1] = 0
+ else
   local a = 3 + (i - 1) * 6
   local rec, hist, idx = KEYS[3 + (i - 1) * 3], KEYS[4 + (i - 1) * 3], KEYS[5 + (i - 1) * 3]
   local key, expected, keep = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
@@ -125,6 +130,7 @@ for i = 1, n do
     out[#out + 1] = 1
     out[#out + 1] = version
   end
+ end
 end
 """
     + _REMEMBER
@@ -132,19 +138,23 @@ end
 
 # KEYS: marker, rs:stores, then one record key per read.
 # ARGV: ttl (0 when nothing is claimed: no marker), then per read: store id, claim ('1' or '0').
-# Returns {0, i} when the store of read i is missing, else {1, then per read:
-# found, value, content type, version, updated_at}. A replayed claim only reads.
+# Returns {1, then per read: found (1, 0, or -1 when its store is missing), value,
+# content type, version, updated_at}. A replayed claim only reads.
 _READ = """
 local n = #KEYS - 2
+local gone = {}
 for i = 1, n do
-  if redis.call('HEXISTS', KEYS[2], ARGV[2 * i]) == 0 then return {0, i} end
+  if redis.call('HEXISTS', KEYS[2], ARGV[2 * i]) == 0 then gone[i] = true end
 end
 local claim = ARGV[1] ~= '0' and redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
 local out = {1}
 for i = 1, n do
   local rec = KEYS[2 + i]
   local found = redis.call('HMGET', rec, 'value', 'content_type', 'version', 'updated_at')
-  if found[1] then
+  if gone[i] then
+    out[#out + 1] = -1
+    for _ = 1, 4 do out[#out + 1] = 0 end
+  elseif found[1] then
     local version = tonumber(found[3])
     if claim and ARGV[2 * i + 1] == '1' then
       version = redis.call('HINCRBY', rec, 'version', 1)
@@ -382,7 +392,7 @@ class RedisBackend(StorageBackend):
 
     # -- records ------------------------------------------------------------
 
-    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         marker, ttl = self._marker()
         keys = [marker, _STORES] + [self._record_key(r.store_id, r.key) for r in reads]
         args: list[Any] = [ttl if any(r.claim for r in reads) else 0]
@@ -390,20 +400,20 @@ class RedisBackend(StorageBackend):
             args += [r.store_id, "1" if r.claim else "0"]
         label = self._label({r.store_id for r in reads})
         reply = await self._run(label, lambda: self._script("read", keys, args))
-        if reply[0] == 0:
-            missing = reads[int(reply[1]) - 1].store_id
-            raise StoreNotFoundError("no such store (was it dropped?)", store=self._label([missing]))
-        found: list[StoredRecord | None] = []
+        found: list[StoredRecord | StorageError | None] = []
         for i, r in enumerate(reads):
             present, value, ctype, version, updated = reply[1 + 5 * i : 6 + 5 * i]
+            if present == -1:  # that read alone fails; the batch goes on
+                found.append(self._gone(r.store_id))
+                continue
             if not present:
                 found.append(None)
                 continue
             found.append(StoredRecord(r.key, value, _text(ctype), int(version), _time(updated)))
         return found
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
-        outcomes: list[WriteOutcome] = []
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
+        outcomes: list[WriteOutcome | StorageError] = []
         start, size = 0, 0
         for end, w in enumerate(writes):
             if end > start and size + len(w.value) > _SCRIPT_BYTES:
@@ -412,7 +422,7 @@ class RedisBackend(StorageBackend):
             size += len(w.value)
         return outcomes + await self._write_run(writes[start:])
 
-    async def _write_run(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
+    async def _write_run(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         """Apply writes in one atomic script call."""
         marker, ttl = self._marker()
         now = time.time_ns() // 1000
@@ -429,13 +439,15 @@ class RedisBackend(StorageBackend):
             args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
         label = self._label({w.store_id for w in writes})
         reply = await self._run(label, lambda: self._script("write", keys, args))
-        if reply[0] == 0:
-            missing = writes[int(reply[1]) - 1].store_id
-            raise StoreNotFoundError("no such store (was it dropped?)", store=self._label([missing]))
         return [
-            WriteOutcome(applied=bool(reply[1 + 2 * i]), version=int(reply[2 + 2 * i]))
-            for i in range(len(writes))
+            self._gone(w.store_id)  # that write alone fails; the batch goes on
+            if reply[1 + 2 * i] == -1
+            else WriteOutcome(applied=bool(reply[1 + 2 * i]), version=int(reply[2 + 2 * i]))
+            for i, w in enumerate(writes)
         ]
+
+    def _gone(self, store_id: str) -> StorageError:
+        return StoreNotFoundError("no such store (was it dropped?)", store=self._label([store_id]))
 
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
         marker, ttl = self._marker()

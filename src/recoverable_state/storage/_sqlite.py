@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS history (
 );
 """
 
+_BUSY_SECONDS = 30.0  # how long a writer waits for another process's transaction
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
 
 
@@ -79,12 +80,25 @@ class SQLiteBackend(StorageBackend):
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_SECONDS
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.executescript(_SCHEMA)
+            try:
+                # Switching to WAL and creating the schema can meet SQLITE_BUSY without the busy
+                # handler being consulted (several processes opening a new file at once): retry.
+                deadline = time.monotonic() + _BUSY_SECONDS
+                while True:
+                    try:
+                        conn.execute("PRAGMA journal_mode=WAL")
+                        conn.execute("PRAGMA synchronous=FULL")
+                        conn.executescript(_SCHEMA)
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.01)
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
         return self._conn
 
@@ -168,13 +182,14 @@ class SQLiteBackend(StorageBackend):
                     found[(store_id, key)] = version
         return found
 
-    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | None]:
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         claims = any(r.claim for r in reads)
 
-        def read(conn: sqlite3.Connection) -> list[StoredRecord | None]:
-            self._require_stores(conn, {r.store_id for r in reads})
+        def read(conn: sqlite3.Connection) -> list[StoredRecord | StorageError | None]:
+            missing = self._missing_stores(conn, {r.store_id for r in reads})
             found: dict[tuple[str, str], StoredRecord] = {}
-            for store_id, keys in self._by_store([(r.store_id, r.key) for r in reads]).items():
+            pairs = [(r.store_id, r.key) for r in reads if r.store_id not in missing]
+            for store_id, keys in self._by_store(pairs).items():
                 for chunk in _chunks(keys):
                     cur = conn.execute(
                         "SELECT key, value, content_type, version, updated_at FROM records "
@@ -183,32 +198,40 @@ class SQLiteBackend(StorageBackend):
                     )
                     for key, value, ctype, version, updated in cur:
                         found[(store_id, key)] = StoredRecord(key, value, ctype, version, _ts(updated))
-            if claims:
-                claimed = [
-                    (r.store_id, r.key) for r in reads if r.claim and (r.store_id, r.key) in found
-                ]
+            # Requests act one after another: two claims of one key get two versions.
+            results: list[StoredRecord | StorageError | None] = []
+            claimed: dict[tuple[str, str], int] = {}
+            for r in reads:
+                if r.store_id in missing:
+                    results.append(missing[r.store_id])
+                    continue
+                pair = (r.store_id, r.key)
+                rec = found.get(pair)
+                if rec is not None and r.claim:
+                    rec = found[pair] = rec._replace(version=rec.version + 1)
+                    claimed[pair] = rec.version
+                results.append(rec)
+            if claimed:
                 conn.executemany(
-                    "UPDATE records SET version = version + 1 WHERE store_id = ? AND key = ?",
-                    claimed,
+                    "UPDATE records SET version = ? WHERE store_id = ? AND key = ?",
+                    [(v, sid, key) for (sid, key), v in claimed.items()],
                 )
-                for pair in claimed:
-                    rec = found[pair]
-                    found[pair] = StoredRecord(
-                        rec.key, rec.value, rec.content_type, rec.version + 1, rec.updated_at
-                    )
-            return [found.get((r.store_id, r.key)) for r in reads]
+            return results
 
         return await self._run(read, write=claims)
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome]:
-        def write(conn: sqlite3.Connection) -> list[WriteOutcome]:
-            self._require_stores(conn, {w.store_id for w in writes})
-            stored = self._versions(conn, [(w.store_id, w.key) for w in writes])
+    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
+        def write(conn: sqlite3.Connection) -> list[WriteOutcome | StorageError]:
+            missing = self._missing_stores(conn, {w.store_id for w in writes})
+            stored = self._versions(conn, [(w.store_id, w.key) for w in writes if w.store_id not in missing])
             now = time.time()
-            outcomes: list[WriteOutcome] = []
+            outcomes: list[WriteOutcome | StorageError] = []
             rows = []
             history = []
             for w in writes:
+                if w.store_id in missing:
+                    outcomes.append(missing[w.store_id])
+                    continue
                 pair = (w.store_id, w.key)
                 current = stored.get(pair, 0)
                 if w.expected_version is not None and w.expected_version != current:
@@ -227,32 +250,42 @@ class SQLiteBackend(StorageBackend):
                 "version = excluded.version, updated_at = excluded.updated_at",
                 rows,
             )
-            if history:
-                conn.executemany(
+            # Each snapshot is kept, then trimmed by count (a claim bumps the version without
+            # a snapshot), one write after another, as they were asked for.
+            for row, keep in history:
+                conn.execute(
                     "INSERT OR REPLACE INTO history "
                     "(store_id, key, value, content_type, version, updated_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    [row for row, _ in history],
+                    row,
                 )
-                # Trim by count, not by version: a claim bumps the version without a snapshot.
-                conn.executemany(
+                conn.execute(
                     "DELETE FROM history WHERE store_id = ? AND key = ? AND version NOT IN "
                     "(SELECT version FROM history WHERE store_id = ? AND key = ? "
                     "ORDER BY version DESC LIMIT ?)",
-                    [(row[0], row[1], row[0], row[1], keep) for row, keep in history],
+                    (row[0], row[1], row[0], row[1], keep),
                 )
             return outcomes
 
         return await self._run(write, write=True)
 
-    @staticmethod
-    def _require_stores(conn: sqlite3.Connection, store_ids: set[str]) -> None:
-        for store_id in store_ids:
-            if conn.execute("SELECT 1 FROM stores WHERE id = ?", (store_id,)).fetchone() is None:
-                raise StoreNotFoundError("no such store (was it dropped?)", store=store_id)
+    @classmethod
+    def _missing_stores(cls, conn: sqlite3.Connection, store_ids: set[str]) -> dict[str, StorageError]:
+        """An error for each of these stores that does not exist."""
+        return {
+            store_id: StoreNotFoundError("no such store (was it dropped?)", store=store_id)
+            for store_id in store_ids
+            if conn.execute("SELECT 1 FROM stores WHERE id = ?", (store_id,)).fetchone() is None
+        }
+
+    @classmethod
+    def _require_stores(cls, conn: sqlite3.Connection, store_ids: set[str]) -> None:
+        for error in cls._missing_stores(conn, store_ids).values():
+            raise error
 
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
+            self._require_stores(conn, {store_id})
             if expected_version is None:
                 cur = conn.execute(
                     "DELETE FROM records WHERE store_id = ? AND key = ?", (store_id, key)

@@ -8,13 +8,23 @@ from .._errors import StorageError
 from ._backend import StorageBackend
 
 
-def open_backend(url: str, *, pool_size: int | None = None) -> StorageBackend:
+def open_backend(
+    url: str, *, pool_size: int | None = None, retry_timeout: float | None = None
+) -> StorageBackend:
     """Build the backend a storage URL names (no I/O happens until first use).
 
     `sqlite:///relative/path.sqlite3`, `sqlite:////absolute/path.sqlite3`,
     `file:///absolute/dir` (or `file://./relative/dir`), `memory://`,
     `redis://host:port/db`, `postgresql://user@host:port/db`.
+
+    `pool_size` (connections) and `retry_timeout` (seconds an unreachable server
+    is retried) apply to Redis and PostgreSQL; None keeps the backend's default.
     """
+    server_options: dict[str, float] = {}
+    if pool_size is not None:
+        server_options["pool_size"] = pool_size
+    if retry_timeout is not None:
+        server_options["retry_timeout"] = retry_timeout
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "memory":
         from ._memory import MemoryBackend
@@ -41,7 +51,7 @@ def open_backend(url: str, *, pool_size: int | None = None) -> StorageBackend:
             raise StorageError(
                 f"storage URL {_safe(url)!r} needs redis-py: pip install 'recoverable-state[redis]'"
             ) from exc
-        return RedisBackend(url) if pool_size is None else RedisBackend(url, pool_size=pool_size)
+        return RedisBackend(url, **server_options)  # type: ignore[arg-type]
     if scheme in ("postgresql", "postgres"):
         try:
             from ._postgres import PostgresBackend
@@ -49,7 +59,7 @@ def open_backend(url: str, *, pool_size: int | None = None) -> StorageBackend:
             raise StorageError(
                 f"storage URL {_safe(url)!r} needs psycopg: pip install 'recoverable-state[postgres]'"
             ) from exc
-        return PostgresBackend(url) if pool_size is None else PostgresBackend(url, pool_size=pool_size)
+        return PostgresBackend(url, **server_options)  # type: ignore[arg-type]
     raise StorageError(
         f"storage URL {_safe(url)!r} has an unknown scheme; use sqlite, file, memory, redis or postgresql"
     )
