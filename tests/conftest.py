@@ -1,15 +1,26 @@
-"""Shared fixtures: every async test runs on asyncio and on trio."""
+"""Shared fixtures: every async test runs on asyncio and on trio; real servers on demand.
+
+The Redis and PostgreSQL servers start once per session, on first use, on free
+loopback ports. When a server binary is missing the tests that need it are
+skipped, or fail when the `CI` environment variable is set (CI runs every backend).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/servers.py
+
 from recoverable_state import Configuration, service_locator
 from recoverable_state.storage import MemoryBackend
+from servers import PostgresServer, RedisServer, start_or_skip
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -36,3 +47,44 @@ def memory_storage() -> MemoryBackend:
     service_locator.set_storage(backend)
     service_locator.set_configuration(Configuration(storage_url="memory://"))
     return backend
+
+
+@pytest.fixture(scope="session")
+def server_dir() -> Iterator[Path]:
+    """A directory the `postgres` user can reach (pytest's tmp dirs are private to root).
+
+    Set RECOVERABLE_STATE_TEST_SERVER_DIR to keep the servers' data and logs there.
+    """
+    kept = os.environ.get("RECOVERABLE_STATE_TEST_SERVER_DIR")
+    path = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="rs-test-servers-"))
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    yield path
+    if not kept:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(server_dir: Path) -> Iterator[RedisServer]:
+    server = start_or_skip(lambda: RedisServer(server_dir / "redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(server_dir: Path) -> Iterator[PostgresServer]:
+    server = start_or_skip(lambda: PostgresServer(server_dir / "postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """`redis://127.0.0.1:<port>/0` of the session's Redis server."""
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """`postgresql://postgres@127.0.0.1:<port>/rs_test` of the session's PostgreSQL server."""
+    return postgres_server.url

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/servers
 
 from cli_support import Cli, run_worker
 
-from servers import PostgresServer, RedisServer, flush_postgres, flush_redis, start_or_skip
+from servers import flush_postgres, flush_redis
 
 
 @pytest.fixture
@@ -42,37 +40,12 @@ def filled_url(filled_db: Path, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / filled_db.name}"
 
 
-# -- servers, when their binaries are there (skipped otherwise, failing under CI) --
-
-
-@pytest.fixture(scope="session")
-def cli_server_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="rs-cli-servers-"))
-    path.chmod(0o755)  # the postgres user must reach its data directory
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def cli_redis(cli_server_dir: Path) -> Iterator[RedisServer]:
-    server = start_or_skip(lambda: RedisServer(cli_server_dir / "redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def cli_postgres(cli_server_dir: Path) -> Iterator[PostgresServer]:
-    server = start_or_skip(lambda: PostgresServer(cli_server_dir / "postgres"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture(params=["file", "redis", "postgresql"])
 def other_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty storage of another kind than SQLite."""
     if request.param == "file":
         return f"file://{tmp_path}/files"
-    server = request.getfixturevalue("cli_redis" if request.param == "redis" else "cli_postgres")
+    server = request.getfixturevalue("redis_server" if request.param == "redis" else "postgres_server")
     url = str(server.url)
     (flush_redis if request.param == "redis" else flush_postgres)(url)
     return url
