@@ -1,0 +1,51 @@
+"""The examples a newcomer starts first do what their docstrings say."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from servers import flush_postgres, flush_redis
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_counter_worker_resumes_where_it_stopped(tmp_path: Path, loop: str) -> None:
+    script = str(EXAMPLES / "counter_worker.py")
+    first = run([script, "--items", "3", "--delay", "0.01", "--backend", loop], tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "starting from scratch" in first.stdout
+    second = run([script, "--items", "2", "--delay", "0.01", "--backend", loop], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resuming after item 3 (item-3)" in second.stdout
+    assert "done for now: 5 items in total" in second.stdout
+
+
+@pytest.mark.parametrize("server", ["redis_server", "postgres_server"])
+def test_migration_handover_keeps_the_successors_progress(
+    tmp_path: Path, server: str, request: pytest.FixtureRequest
+) -> None:
+    url = str(request.getfixturevalue(server).url)
+    (flush_redis if server == "redis_server" else flush_postgres)(url)
+    other_host = url.replace("127.0.0.1", "localhost")  # machine B reaches the same server by name
+    done = run(
+        [str(EXAMPLES / "migration_handover.py"), "--storage-url", url, "--storage-url-b", other_host],
+        tmp_path,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr
+    resumed = re.search(r"\[B\] starting at item (\d+) \(last saved by A\)", done.stdout)
+    assert resumed is not None and int(resumed.group(1)) > 0, done.stdout
+    assert "[A] 'handover-job' was taken over by another machine" in done.stdout
+    assert "[B] finished the job: 60 items" in done.stdout
