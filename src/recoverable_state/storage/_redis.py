@@ -16,7 +16,8 @@ Layout (all under the `rs:` prefix; a store id is 32 hex digits):
                        while (see retries below)
 
 Each `write_batch` is one EVALSHA (one per 64 MiB of values, as Redis blocks
-every other client while a script runs): the script checks every store, then
+every other client while a script runs): the script checks every store (a
+write to a dropped store is answered with an error for that write alone), then
 applies each write's compare-and-set in order, trims history, and returns the
 outcomes. Redis runs a script atomically, so a reader sees each record whole,
 and a `read_batch` with claims bumps versions in the same atomic step as the read.
