@@ -183,13 +183,19 @@ class RecoverableState(Generic[TStateModel]):
         errors: list[Exception] = []
         loading: list[RecoverableState[Any]] = []
         claimed: set[tuple[str, str, str]] = set()
+        stores: dict[tuple[str | None, str | None], KeyValueStore] = {}  # opened once per call
         for state in states:
             if state.is_initialized:
                 continue
             if not state._persistence_enabled:
                 state._start(state._default_state.model_copy(deep=True), None)
                 continue
+            by = (state._kvs_name, state._kvs_id)
+            if state._kvs is None and state._kvs_factory is None and by in stores:
+                state._kvs = stores[by]
             kvs = await state._open_kvs()
+            if state._kvs_factory is None:
+                stores.setdefault(by, kvs)
             try:
                 check_key(state._key, store=kvs.label)
                 state._take_owner(kvs, claimed)
@@ -528,11 +534,18 @@ class _PersistGroup:
         self._manager = weakref.ref(manager)  # a strong one would keep the manager alive forever
         self._states: dict[RecoverableState[Any], None] = {}
 
+    _last: tuple[weakref.ref[EventManager], _PersistGroup] | None = None
+
     @classmethod
     def of(cls, manager: EventManager) -> _PersistGroup:
+        """The group of a manager (the last one asked for is remembered: states come in crowds)."""
+        last = cls._last
+        if last is not None and last[0]() is manager:
+            return last[1]
         group = cls._groups.get(manager)
         if group is None:
             group = cls._groups[manager] = cls(manager)
+        cls._last = (group._manager, group)
         return group
 
     def add(self, state: RecoverableState[Any]) -> None:

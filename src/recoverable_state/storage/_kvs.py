@@ -10,6 +10,7 @@ from typing import Any
 import pydantic_core
 
 from .._errors import InvalidKeyError, RecordCorruptError, StorageError
+from .._locator import service_locator
 from ._backend import (
     DEFAULT_STORE_NAME,
     RecordInfo,
@@ -106,8 +107,6 @@ class KeyValueStore:
         if name is not None and id is not None:
             raise ValueError("open a store by name or by id, not both")
         if storage is None:
-            from .._locator import service_locator
-
             storage = service_locator.get_storage()
         if id is None:
             name = DEFAULT_STORE_NAME if name is None else name
