@@ -366,3 +366,15 @@ def test_bad_arguments_are_refused() -> None:
             persist_state_kvs_name="a",
             persist_state_kvs_id="b",
         )
+
+
+async def test_a_state_dropped_without_teardown_frees_its_record() -> None:
+    import gc
+
+    first = make_state(persistence_enabled="explicit_only")
+    await first.initialize()
+    del first
+    gc.collect()
+    second = make_state(persistence_enabled="explicit_only")
+    await second.initialize()
+    await second.teardown()

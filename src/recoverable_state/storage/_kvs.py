@@ -264,12 +264,13 @@ class KeyValueStore:
     ) -> list[StoredRecord | StorageError | None]:
         """Read many `(store, key, claim)` records, in as few batches as there are backends.
 
+        The keys are taken as checked (see `check_key`), as in `prepare_put`.
+
         A read that failed on its own is answered with its error in its place.
         """
         found: list[StoredRecord | StorageError | None] = [None] * len(gets)
         by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
-        for i, (kvs, key, _) in enumerate(gets):
-            check_key(key, store=kvs.label)
+        for i, (kvs, _, _) in enumerate(gets):
             by_backend.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
         for storage, indexes in by_backend.values():
             reads = [RecordRead(gets[i][0].id, gets[i][1], gets[i][2]) for i in indexes]
