@@ -1,0 +1,419 @@
+"""The measured cases of the persist benchmark: one repetition of the library or of its baseline.
+
+Each function sets up its own data on a fresh place, times only the section
+being compared, checks that the work really happened, and cleans up. Times are
+in seconds; the caller takes medians and ratios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import functools
+import gc
+import os
+import time
+import tracemalloc
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+from _bench_stores import Place, Store
+from pydantic import BaseModel
+
+from recoverable_state import (
+    Event,
+    EventManager,
+    EventPersistStateData,
+    KeyValueStore,
+    RecoverableState,
+    service_locator,
+)
+from recoverable_state.storage import JSON_CONTENT_TYPE
+
+NEVER = timedelta(hours=24)
+"""The timer interval of every manager here: only the benchmark emits PERSIST_STATE."""
+
+CLOSE_TIMEOUT = timedelta(minutes=10)
+
+SMALL_PAGES = 3  # about 600 bytes of JSON
+BIG_PAGES = 615  # about 50 KB of JSON
+
+
+class Page(BaseModel):
+    """A page a worker saw recently."""
+
+    url: str
+    status: int
+    depth: int
+
+
+class WorkerState(BaseModel):
+    """The state of one worker, as a crawler might keep it."""
+
+    worker_id: int
+    cursor: int = 0
+    processed: int = 0
+    failed: int = 0
+    last_url: str = ""
+    started_at: str = ""
+    tags: list[str] = []
+    retries: dict[str, int] = {}
+    recent: list[Page] = []
+
+
+_serializer = WorkerState.__pydantic_serializer__
+
+
+def make_model(i: int, big: bool = False) -> WorkerState:
+    """The model of state `i`; the same content for the library and its baseline."""
+    # One validation of plain data: much faster than building each Page on its own.
+    return WorkerState.model_validate(
+        {
+            "worker_id": i,
+            "cursor": i * 7,
+            "processed": i * 3,
+            "failed": i % 5,
+            "last_url": f"https://example.com/catalogue/item/{i}?page={i % 40}",
+            "started_at": "2025-01-01T00:00:00+00:00",
+            "tags": ["crawler", "eu-west", "priority-normal", f"shard-{i % 16}"],
+            "retries": {f"https://example.com/item/{i + k}": k for k in range(3)},
+            "recent": [
+                {"url": f"https://example.com/catalogue/item/{i}/page/{k}", "status": 200, "depth": k % 4}
+                for k in range(BIG_PAGES if big else SMALL_PAGES)
+            ],
+        }
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def payloads(n: int, big: bool = False) -> tuple[bytes, ...]:
+    """The stored bytes of states 0..n-1, built once per run (setup, never timed)."""
+    return tuple(dump(make_model(i, big)) for i in range(n))
+
+
+def load(data: bytes) -> WorkerState:
+    return WorkerState.model_validate_json(data)
+
+
+def dump(model: WorkerState) -> bytes:
+    """The bytes the library stores for `model`."""
+    return _serializer.to_json(model, by_alias=True)
+
+
+def key_of(i: int) -> str:
+    return f"state-{i:06d}"
+
+
+def changed_indexes(n: int, fraction: float) -> range:
+    """Which states change: all of them, or one in every 1/fraction."""
+    return range(0, n, max(1, round(1 / fraction)))
+
+
+def mutate(model: WorkerState, round_no: int) -> None:
+    model.processed += 1
+    model.cursor = round_no * 1_000_003 + model.worker_id
+
+
+@contextlib.contextmanager
+def stopwatch(out: list[float], *, sync_disk: bool = False, profile: Path | None = None) -> Iterator[None]:
+    """Append the seconds the block takes to `out`; dirty pages synced and garbage collected first."""
+    if sync_disk:
+        os.sync()  # writes left over from the setup must not land in the timed section
+    gc.collect()
+    profiler = cProfile.Profile() if profile is not None else None
+    if profiler is not None:
+        profiler.enable()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        out.append(time.perf_counter() - start)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+
+
+def _skip_fsync(fd: int) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def setup_without_fsync() -> Iterator[None]:
+    """Let setup writes (never timed) skip fsync: a file store's setup would otherwise take minutes.
+
+    Every timed section starts with `os.sync()`, so the data is on disk by then.
+    SQLite, Redis and PostgreSQL sync in C or on the server and are not affected.
+    """
+    real = os.fsync
+    os.fsync = _skip_fsync
+    try:
+        yield
+    finally:
+        os.fsync = real
+
+
+async def emit_persist(manager: EventManager) -> None:
+    """One PERSIST_STATE, returning once every listener is done (every write durable)."""
+    manager.emit(event=Event.PERSIST_STATE, event_data=EventPersistStateData(is_migrating=False))
+    await manager.wait_for_all_listeners_to_complete()
+
+
+def make_states(
+    n: int, place: Place, manager: EventManager, default: WorkerState
+) -> list[RecoverableState[WorkerState]]:
+    return [
+        RecoverableState(
+            default_state=default,
+            persist_state_key=key_of(i),
+            persistence_enabled=True,
+            persist_state_kvs_name=place.kvs_name,
+            event_manager=manager,
+        )
+        for i in range(n)
+    ]
+
+
+async def teardown_all(states: Sequence[RecoverableState[Any]]) -> None:
+    for state in states:
+        await state.teardown()
+
+
+async def check_stored(store: Store, place: Place, backend: Any, key: str, model: WorkerState) -> None:
+    """Fail unless `key` holds exactly `model` (so a benchmark never times work not done)."""
+    kvs = await KeyValueStore.open(name=place.kvs_name, storage=backend)
+    record = await kvs.get_record(key)
+    if record is None or record.value != dump(model):
+        raise AssertionError(f"{store.name}: record {key!r} does not hold the last persisted model")
+
+
+@contextlib.asynccontextmanager
+async def library_on(store: Store, place: Place) -> Any:
+    """A fresh backend on `place`, installed as the default storage, closed afterwards."""
+    backend = store.backend(place)
+    service_locator.reset()
+    service_locator.set_storage(backend)
+    try:
+        yield backend
+    finally:
+        try:
+            await backend.aclose()
+        finally:
+            service_locator.reset()
+
+
+async def populate_library(store: Store, place: Place, n: int, big: bool) -> None:
+    """Store the records of `n` states through the library, then close the backend."""
+    with setup_without_fsync():
+        async with library_on(store, place) as backend:
+            kvs = await KeyValueStore.open(name=place.kvs_name, storage=backend)
+            puts = [
+                (kvs, kvs.prepare_put(key_of(i), data, JSON_CONTENT_TYPE))
+                for i, data in enumerate(payloads(n, big))
+            ]
+            await KeyValueStore.put_together(puts)
+
+
+# -- persist ------------------------------------------------------------------
+
+
+async def library_persist(
+    store: Store,
+    n: int,
+    *,
+    big: bool,
+    fractions: Sequence[float],
+    profile: Sequence[Path | None] = (),
+) -> list[float]:
+    """Seconds per PERSIST_STATE with each fraction of the states changed, in order.
+
+    The states are loaded from stored records first (as after a restart), so
+    that the timed persists replace records as those of a running worker do.
+    """
+    place = store.new_place()
+    times: list[float] = []
+    try:
+        await populate_library(store, place, n, big)
+        async with (
+            library_on(store, place) as backend,
+            EventManager(persist_state_interval=NEVER, close_timeout=CLOSE_TIMEOUT) as manager,
+        ):
+            states = make_states(n, place, manager, WorkerState(worker_id=-1))
+            try:
+                with setup_without_fsync():  # loading claims (rewrites) every record
+                    await RecoverableState.initialize_many(states)
+                for round_no, fraction in enumerate(fractions, 1):
+                    indexes = changed_indexes(n, fraction)
+                    for i in indexes:
+                        mutate(states[i].current_value, round_no)
+                    prof = profile[round_no - 1] if len(profile) >= round_no else None
+                    with stopwatch(times, sync_disk=store.durable_on_disk, profile=prof):
+                        await emit_persist(manager)
+                    last = indexes[-1]
+                    await check_stored(store, place, backend, key_of(last), states[last].current_value)
+            finally:
+                await teardown_all(states)
+    finally:
+        await store.drop(place)
+    return times
+
+
+async def raw_persist(store: Store, n: int, *, big: bool, fractions: Sequence[float]) -> list[float]:
+    """The baseline of `library_persist`: serialise the changed models, write them in one batch."""
+    place = store.new_place()
+    raw = store.raw(place)
+    times: list[float] = []
+    try:
+        models = [load(data) for data in payloads(n, big)]
+        keys = [key_of(i) for i in range(n)]
+        await raw.write([(keys[i], dump(models[i])) for i in range(n)], durable=False)
+        for round_no, fraction in enumerate(fractions, 1):
+            indexes = changed_indexes(n, fraction)
+            for i in indexes:
+                mutate(models[i], round_no)
+            with stopwatch(times, sync_disk=store.durable_on_disk):
+                await raw.write([(keys[i], _serializer.to_json(models[i], by_alias=True)) for i in indexes])
+    finally:
+        try:
+            await raw.close()
+        finally:
+            await store.drop(place)
+    return times
+
+
+# -- initialize ---------------------------------------------------------------
+
+
+async def library_initialize(store: Store, n: int, *, big: bool, profile: Path | None = None) -> float:
+    """Seconds for `initialize_many` over `n` stored states, on a backend opened afresh."""
+    place = store.new_place()
+    times: list[float] = []
+    try:
+        await populate_library(store, place, n, big)
+        async with (
+            library_on(store, place),
+            EventManager(persist_state_interval=NEVER, close_timeout=CLOSE_TIMEOUT) as manager,
+        ):
+            states = make_states(n, place, manager, WorkerState(worker_id=-1))
+            try:
+                with stopwatch(times, sync_disk=store.durable_on_disk, profile=profile):
+                    await RecoverableState.initialize_many(states)
+                if states[-1].current_value != load(payloads(n, big)[-1]):
+                    raise AssertionError(f"{store.name}: the last state did not load its stored model")
+            finally:
+                await teardown_all(states)
+    finally:
+        await store.drop(place)
+    return times[0]
+
+
+async def raw_initialize(store: Store, n: int, *, big: bool) -> float:
+    """The baseline of `library_initialize`: read all records, validate each."""
+    place = store.new_place()
+    times: list[float] = []
+    keys = [key_of(i) for i in range(n)]
+    try:
+        writer = store.raw(place)
+        try:
+            await writer.write(list(zip(keys, payloads(n, big), strict=True)), durable=False)
+        finally:
+            await writer.close()
+        reader = store.raw(place)
+        try:
+            with stopwatch(times, sync_disk=store.durable_on_disk):
+                data = await reader.read_all(keys)
+                models = [WorkerState.model_validate_json(d) for d in data]
+        finally:
+            await reader.close()
+        if models[-1] != load(payloads(n, big)[-1]):
+            raise AssertionError(f"{store.name}: the raw read did not return the stored model")
+    finally:
+        await store.drop(place)
+    return times[0]
+
+
+# -- emit overhead ------------------------------------------------------------
+
+
+def _noop_listener() -> Any:
+    # A new function object per call: the manager ignores a listener registered twice.
+    async def listener(event_data: object) -> None:
+        return None
+
+    return listener
+
+
+async def library_emit(n: int, *, profile: Path | None = None) -> float:
+    """Seconds for one PERSIST_STATE to reach `n` no-op listeners and for all to finish."""
+    times: list[float] = []
+    service_locator.reset()
+    try:
+        async with EventManager(persist_state_interval=NEVER, close_timeout=CLOSE_TIMEOUT) as manager:
+            for listener in [_noop_listener() for _ in range(n)]:
+                manager.on(event=Event.PERSIST_STATE, listener=listener)
+            with stopwatch(times, profile=profile):
+                await emit_persist(manager)
+            manager.off(event=Event.PERSIST_STATE)
+    finally:
+        service_locator.reset()
+    return times[0]
+
+
+async def _noop() -> None:
+    return None
+
+
+async def raw_spawn(n: int) -> float:
+    """The baseline of `library_emit`: `n` no-op tasks in an anyio task group."""
+    times: list[float] = []
+    with stopwatch(times):
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(_noop)
+    return times[0]
+
+
+# -- memory -------------------------------------------------------------------
+
+
+async def memory_per_state(store: Store, n: int) -> tuple[float, float]:
+    """(bytes per initialized state beyond its model, bytes per model), by tracemalloc.
+
+    First the `n` models alone are validated from the stored bytes; then `n`
+    states are initialized from the same records. The difference, per state, is
+    what a RecoverableState costs on top of the model it holds.
+    """
+    place = store.new_place()
+    try:
+        await populate_library(store, place, n, False)
+        async with (
+            library_on(store, place) as backend,
+            EventManager(persist_state_interval=NEVER, close_timeout=CLOSE_TIMEOUT) as manager,
+        ):
+            kvs = await KeyValueStore.open(name=place.kvs_name, storage=backend)
+            records = await KeyValueStore.get_together([(kvs, key_of(i), False) for i in range(n)])
+            data = [r.value for r in records if r is not None]
+            del records
+            default = WorkerState(worker_id=-1)
+            tracemalloc.start()
+            try:
+                gc.collect()
+                base = tracemalloc.get_traced_memory()[0]
+                models = [WorkerState.model_validate_json(d) for d in data]
+                gc.collect()
+                models_only = tracemalloc.get_traced_memory()[0] - base
+                del models
+                gc.collect()
+                base = tracemalloc.get_traced_memory()[0]
+                states = make_states(n, place, manager, default)
+                await RecoverableState.initialize_many(states)
+                gc.collect()
+                with_states = tracemalloc.get_traced_memory()[0] - base
+            finally:
+                tracemalloc.stop()
+            await teardown_all(states)
+    finally:
+        await store.drop(place)
+    return (with_states - models_only) / n, models_only / n
