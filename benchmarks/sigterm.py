@@ -169,17 +169,29 @@ def ms(figures: list[float]) -> str:
     return f"{median:8.0f} ({min(figures) * 1000:.0f}-{max(figures) * 1000:.0f})"
 
 
-def parent(sizes: list[int], repeat: int) -> None:
+def parent(sizes: list[int], repeat: int, json_path: Path | None = None) -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {repeat} runs each; median (min-max) ms")
     header = f"{'loop':8} {'states':>7} | {'SIGTERM -> exit':>22} | {'empty worker':>20} | {'raw SQLite':>14}"
     print(header)
     print("-" * len(header))
+    rows: list[dict[str, object]] = []
     for backend in BACKENDS:
         empty = measure(sigterm_to_exit, repeat, 0, backend)
         for n in sizes:
             figures = measure(sigterm_to_exit, repeat, n, backend)
             raw = measure(raw_sqlite_write, repeat, n)
             print(f"{backend:8} {n:>7,} | {ms(figures):>22} | {ms(empty):>20} | {ms(raw):>14}", flush=True)
+            rows.append(
+                {
+                    "loop": backend,
+                    "n": n,
+                    "sigterm_exit_time_ms": statistics.median(figures) * 1000,
+                    "raw_sqlite_time_ms": statistics.median(raw) * 1000,
+                    "empty_worker_ms": statistics.median(empty) * 1000,
+                }
+            )
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
@@ -190,8 +202,9 @@ if __name__ == "__main__":
     parser.add_argument("--states", type=int, nargs="+", default=[500, 10_000], help="state counts")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure")
     parser.add_argument("--smoke", action="store_true", help="50 states, one run: a quick check")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file as JSON")
     args = parser.parse_args()
     if args.smoke:
-        parent([50], 1)
+        parent([50], 1, args.json)
     else:
-        parent(args.states, args.repeat)
+        parent(args.states, args.repeat, args.json)

@@ -245,7 +245,7 @@ class RecoverableState(Generic[TStateModel]):
             self._start(self._default_state.model_copy(deep=True), None)
             return
         try:
-            data = migrate(
+            data = record.value if record.content_type == self._content_type else migrate(
                 record.value,
                 record.content_type,
                 code_version=self._schema_version,
@@ -485,7 +485,7 @@ class _WriteGate:
 
     def __init__(self) -> None:
         self._busy = False
-        self._waiting: collections.deque[anyio.Event] = collections.deque()
+        self._waiting: collections.deque[anyio.Event] | None = None  # made when first contended
 
     def try_enter(self) -> bool:
         """Enter if no write is in flight; never waits."""
@@ -498,6 +498,8 @@ class _WriteGate:
         if self.try_enter():
             return
         turn = anyio.Event()
+        if self._waiting is None:
+            self._waiting = collections.deque()
         self._waiting.append(turn)
         try:
             await turn.wait()

@@ -90,6 +90,7 @@ class KeyValueStore:
     def __init__(self, info: StoreInfo, storage: StorageBackend) -> None:
         self._info = info
         self._storage = storage
+        self._label = info.label
 
     @classmethod
     async def open(
@@ -132,7 +133,7 @@ class KeyValueStore:
     @property
     def label(self) -> str:
         """How messages name the store: its name, or its id."""
-        return self._info.label
+        return self._label
 
     def __repr__(self) -> str:
         return f"<KeyValueStore {self.label!r} in {self._storage.url}>"

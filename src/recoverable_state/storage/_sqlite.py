@@ -187,7 +187,7 @@ class SQLiteBackend(StorageBackend):
 
         def read(conn: sqlite3.Connection) -> list[StoredRecord | StorageError | None]:
             missing = self._missing_stores(conn, {r.store_id for r in reads})
-            found: dict[tuple[str, str], StoredRecord] = {}
+            rows: dict[tuple[str, str], tuple[bytes, str, int, float]] = {}
             pairs = [(r.store_id, r.key) for r in reads if r.store_id not in missing]
             for store_id, keys in self._by_store(pairs).items():
                 for chunk in _chunks(keys):
@@ -197,7 +197,7 @@ class SQLiteBackend(StorageBackend):
                         (store_id, *chunk),
                     )
                     for key, value, ctype, version, updated in cur:
-                        found[(store_id, key)] = StoredRecord(key, value, ctype, version, _ts(updated))
+                        rows[(store_id, key)] = (value, ctype, version, updated)
             # Requests act one after another: two claims of one key get two versions.
             results: list[StoredRecord | StorageError | None] = []
             bumps: dict[tuple[str, str], int] = {}
@@ -206,11 +206,15 @@ class SQLiteBackend(StorageBackend):
                     results.append(missing[r.store_id])
                     continue
                 pair = (r.store_id, r.key)
-                rec = found.get(pair)
-                if rec is not None and r.claim:
-                    rec = found[pair] = rec._replace(version=rec.version + 1)
-                    bumps[pair] = bumps.get(pair, 0) + 1
-                results.append(rec)
+                row = rows.get(pair)
+                if row is None:
+                    results.append(None)
+                    continue
+                bumped = bumps.get(pair, 0)
+                if r.claim:
+                    bumped = bumps[pair] = bumped + 1
+                value, ctype, version, updated = row
+                results.append(StoredRecord(r.key, value, ctype, version + bumped, _ts(updated)))
             self._bump_versions(conn, bumps)
             return results
 
