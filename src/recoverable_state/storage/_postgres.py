@@ -64,7 +64,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -72,16 +71,16 @@ import psycopg
 import psycopg.errors
 from psycopg.pq import TransactionStatus
 
-from .._errors import StorageError, StorageUnavailableError, StoreNotFoundError
+from .._errors import StorageError, StoreNotFoundError
 from ._backend import (
     RecordInfo,
     RecordRead,
     RecordWrite,
-    StorageBackend,
     StoredRecord,
     StoreInfo,
     WriteOutcome,
 )
+from ._server import ServerBackend
 
 T = TypeVar("T")
 
@@ -183,18 +182,6 @@ WITH upd AS (
 SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins),
        (SELECT count(*) FROM cut), (SELECT count(*) FROM hist)
 """
-
-
-def redact_url(url: str) -> str:
-    """The URL without any password (in the user part or the query), for messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
-    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 _STATEMENT_BYTES = 64 * 1024 * 1024
@@ -310,21 +297,16 @@ class _Pool:
             conn.close()
 
 
-class PostgresBackend(StorageBackend):
+class PostgresBackend(ServerBackend):
     """Stores records in PostgreSQL; every batch is one transaction."""
 
+    server_name = "PostgreSQL server"
+
     def __init__(self, url: str, *, pool_size: int = 4, retry_timeout: float = 10.0) -> None:
-        super().__init__()
-        if pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
-        self._dsn = url
-        self.url = redact_url(url)
-        self.pool_size = pool_size
-        self.retry_timeout = retry_timeout
+        super().__init__(url, pool_size=pool_size, retry_timeout=retry_timeout)
         self._lock = threading.Lock()
         self._pool: _Pool | None = None
         self._schema_ready = False
-        self._labels: dict[str, str] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -427,30 +409,13 @@ class PostgresBackend(StorageBackend):
     ) -> T:
         """Run `body` as one transaction in a worker thread, retried within the budget."""
         deadline = time.monotonic() + self.retry_timeout
-        delay = 0.05
         txn = _Transaction(body, mutating)
-        while True:
-            try:
-                result: T = await anyio.to_thread.run_sync(self._attempt, txn, deadline)
-                return result
-            except _Unavailable as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StorageUnavailableError(
-                        f"PostgreSQL server {self.url} unreachable for {self.retry_timeout:g} s "
-                        f"({exc})",
-                        store=store,
-                    ) from exc
-            except psycopg.Error as exc:
-                raise StorageError(
-                    f"PostgreSQL server {self.url} failed: {exc}", store=store
-                ) from exc
-            await anyio.sleep(min(delay, remaining))  # the last attempt comes at the deadline
-            delay = min(delay * 2, 1.0)
 
-    def _label(self, store_ids: Sequence[str] | set[str]) -> str:
-        labels = sorted({self._labels.get(s, s) for s in store_ids})
-        return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        async def attempt() -> T:
+            result: T = await anyio.to_thread.run_sync(self._attempt, txn, deadline)
+            return result
+
+        return await self._retrying(store, attempt, unreachable=(_Unavailable,), failed=(psycopg.Error,))
 
     def _missing_stores(
         self, conn: psycopg.Connection[Any], store_ids: set[str], found: psycopg.Cursor[Any] | None = None

@@ -52,7 +52,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -62,16 +61,16 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .._errors import StorageError, StorageUnavailableError, StoreNotFoundError
+from .._errors import StorageError, StoreNotFoundError
 from ._backend import (
     RecordInfo,
     RecordRead,
     RecordWrite,
-    StorageBackend,
     StoredRecord,
     StoreInfo,
     WriteOutcome,
 )
+from ._server import ServerBackend
 
 T = TypeVar("T")
 
@@ -241,18 +240,6 @@ and refuses requests beyond its client query buffer limit (1 GB by default)."""
 _RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
-def redact_url(url: str) -> str:
-    """The URL without any password (in the user part or the query), for messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
-    return parts._replace(netloc=netloc, query=query).geturl()
-
-
 def _time(micros: bytes | int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(micros))
 
@@ -261,21 +248,16 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-class RedisBackend(StorageBackend):
+class RedisBackend(ServerBackend):
     """Stores records in a Redis server; every batch is one atomic script call."""
 
+    server_name = "Redis server"
+
     def __init__(self, url: str, *, pool_size: int = 4, retry_timeout: float = 10.0) -> None:
-        super().__init__()
-        if pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
-        self._dsn = url
-        self.url = redact_url(url)
-        self.pool_size = pool_size
-        self.retry_timeout = retry_timeout
+        super().__init__(url, pool_size=pool_size, retry_timeout=retry_timeout)
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
-        self._labels: dict[str, str] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -309,29 +291,14 @@ class RedisBackend(StorageBackend):
         client = self._connect()
         return self._scripts[name](keys=keys, args=args, client=client)
 
-    def _label(self, store_ids: Sequence[str] | set[str]) -> str:
-        labels = sorted({self._labels.get(s, s) for s in store_ids})
-        return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
-
     async def _run(self, store: str | None, call: Callable[[], T]) -> T:
         """Run `call` in a worker thread, retrying connection errors within the budget."""
-        deadline = time.monotonic() + self.retry_timeout
-        delay = 0.05
-        while True:
-            try:
-                return await anyio.to_thread.run_sync(call)
-            except _RETRYABLE as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StorageUnavailableError(
-                        f"Redis server {self.url} unreachable for {self.retry_timeout:g} s "
-                        f"({type(exc).__name__}: {exc})",
-                        store=store,
-                    ) from exc
-            except redis.exceptions.RedisError as exc:
-                raise StorageError(f"Redis server {self.url} failed: {exc}", store=store) from exc
-            await anyio.sleep(min(delay, remaining))  # the last attempt comes at the deadline
-            delay = min(delay * 2, 1.0)
+        return await self._retrying(
+            store,
+            lambda: anyio.to_thread.run_sync(call),
+            unreachable=_RETRYABLE,
+            failed=(redis.exceptions.RedisError,),
+        )
 
     def _marker(self) -> tuple[str, int]:
         """A fresh batch marker key and how long (ms) it outlives the retry budget."""

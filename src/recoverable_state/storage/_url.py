@@ -6,6 +6,7 @@ from urllib.parse import unquote, urlsplit
 
 from .._errors import StorageError
 from ._backend import StorageBackend
+from ._server import redact_url
 
 
 def open_backend(
@@ -49,7 +50,7 @@ def open_backend(
             from ._redis import RedisBackend
         except ImportError as exc:
             raise StorageError(
-                f"storage URL {_safe(url)!r} needs redis-py: pip install 'recoverable-state[redis]'"
+                f"storage URL {redact_url(url)!r} needs redis-py: pip install 'recoverable-state[redis]'"
             ) from exc
         return RedisBackend(url, **server_options)  # type: ignore[arg-type]
     if scheme in ("postgresql", "postgres"):
@@ -57,18 +58,10 @@ def open_backend(
             from ._postgres import PostgresBackend
         except ImportError as exc:
             raise StorageError(
-                f"storage URL {_safe(url)!r} needs psycopg: pip install 'recoverable-state[postgres]'"
+                f"storage URL {redact_url(url)!r} needs psycopg: pip install 'recoverable-state[postgres]'"
             ) from exc
         return PostgresBackend(url, **server_options)  # type: ignore[arg-type]
     raise StorageError(
-        f"storage URL {_safe(url)!r} has an unknown scheme; use sqlite, file, memory, redis or postgresql"
+        f"storage URL {redact_url(url)!r} has an unknown scheme; "
+        "use sqlite, file, memory, redis or postgresql"
     )
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
