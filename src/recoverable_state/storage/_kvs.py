@@ -249,15 +249,11 @@ class KeyValueStore:
 
         A write that failed on its own is answered with its error in its place.
         """
-        outcomes: list[WriteOutcome | StorageError | None] = [None] * len(puts)
-        by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
-        for i, (kvs, _) in enumerate(puts):
-            by_backend.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
-        for storage, indexes in by_backend.values():
+        outcomes: dict[int, WriteOutcome | StorageError] = {}
+        for storage, indexes in _by_backend([kvs for kvs, _ in puts]):
             results = await storage.write_many([puts[i][1] for i in indexes])
-            for i, outcome in zip(indexes, results, strict=True):
-                outcomes[i] = outcome
-        return [o for o in outcomes if o is not None]
+            outcomes.update(zip(indexes, results, strict=True))
+        return [outcomes[i] for i in range(len(puts))]
 
     @staticmethod
     async def get_together(
@@ -270,11 +266,16 @@ class KeyValueStore:
         A read that failed on its own is answered with its error in its place.
         """
         found: list[StoredRecord | StorageError | None] = [None] * len(gets)
-        by_backend: dict[int, tuple[StorageBackend, list[int]]] = {}
-        for i, (kvs, _, _) in enumerate(gets):
-            by_backend.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
-        for storage, indexes in by_backend.values():
+        for storage, indexes in _by_backend([kvs for kvs, _, _ in gets]):
             reads = [RecordRead(gets[i][0].id, gets[i][1], gets[i][2]) for i in indexes]
             for i, record in zip(indexes, await storage.read_many(reads), strict=True):
                 found[i] = record
         return found
+
+
+def _by_backend(stores: Sequence[KeyValueStore]) -> list[tuple[StorageBackend, list[int]]]:
+    """The positions of `stores` grouped by the backend each store lives in."""
+    groups: dict[int, tuple[StorageBackend, list[int]]] = {}
+    for i, kvs in enumerate(stores):
+        groups.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
+    return list(groups.values())
