@@ -89,6 +89,24 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _parse_header(head: bytes, path: Path, store_id: str) -> tuple[str, str, int, datetime]:
+    """A record file's header line: key, content type, version, time; or RecordCorruptError."""
+    try:
+        if not head:
+            raise ValueError("no header line")
+        meta = json.loads(head)
+        return (
+            meta["key"],
+            meta["content_type"],
+            int(meta["version"]),
+            datetime.fromtimestamp(meta["updated_at"], UTC),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordCorruptError(
+            f"record file {str(path)!r} has no readable header ({exc})", store=store_id
+        ) from exc
+
+
 def _pack(key: str, value: bytes, content_type: str, version: int, updated_at: float) -> bytes:
     header = {"key": key, "content_type": content_type, "version": version, "updated_at": updated_at}
     return json.dumps(header, ensure_ascii=True).encode("ascii") + b"\n" + value
@@ -149,21 +167,8 @@ class FileSystemBackend(StorageBackend):
         except FileNotFoundError:
             return None
         head, sep, value = data.partition(b"\n")
-        try:
-            if not sep:
-                raise ValueError("no header line")
-            meta = json.loads(head)
-            return StoredRecord(
-                meta["key"],
-                value,
-                meta["content_type"],
-                int(meta["version"]),
-                datetime.fromtimestamp(meta["updated_at"], UTC),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RecordCorruptError(
-                f"record file {str(path)!r} has no readable header ({exc})", store=store_id
-            ) from exc
+        key, content_type, version, updated_at = _parse_header(head if sep else b"", path, store_id)
+        return StoredRecord(key, value, content_type, version, updated_at)
 
     def _stored_version(self, path: Path, store_id: str) -> int:
         try:
@@ -171,12 +176,7 @@ class FileSystemBackend(StorageBackend):
                 head = fh.readline()
         except FileNotFoundError:
             return 0
-        try:
-            return int(json.loads(head)["version"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RecordCorruptError(
-                f"record file {str(path)!r} has no readable header ({exc})", store=store_id
-            ) from exc
+        return _parse_header(head, path, store_id)[2]
 
     # -- stores -------------------------------------------------------------
 
@@ -365,21 +365,8 @@ class FileSystemBackend(StorageBackend):
                 with open(path, "rb") as fh:
                     head = fh.readline()
                     size = os.fstat(fh.fileno()).st_size - len(head)
-                try:
-                    meta = json.loads(head)
-                except ValueError as exc:
-                    raise RecordCorruptError(
-                        f"record file {str(path)!r} has no readable header", store=store_id
-                    ) from exc
-                infos.append(
-                    RecordInfo(
-                        meta["key"],
-                        size,
-                        meta["content_type"],
-                        int(meta["version"]),
-                        datetime.fromtimestamp(meta["updated_at"], UTC),
-                    )
-                )
+                key, content_type, version, updated_at = _parse_header(head, path, store_id)
+                infos.append(RecordInfo(key, size, content_type, version, updated_at))
             return sorted(infos, key=lambda r: r.key)
 
         return await self._run(listing)
