@@ -372,10 +372,7 @@ class EventManager:
     async def wait_for_all_listeners_to_complete(self, *, timeout: timedelta | None = None) -> None:
         """Wait until no listener runs; after `timeout`, cancel those still running and log them."""
         with anyio.move_on_after(timeout.total_seconds() if timeout is not None else None):
-            while self._running:
-                if self._idle is None:
-                    self._idle = anyio.Event()
-                await self._idle.wait()
+            await self._idle_listeners()
             return
         for scope, listener in list(self._running.items()):
             logger.error(
@@ -387,10 +384,14 @@ class EventManager:
             scope.cancel()
         # Give the cancelled listeners a moment to unwind; threads are abandoned.
         with anyio.move_on_after(1.0):
-            while self._running:
-                if self._idle is None:
-                    self._idle = anyio.Event()
-                await self._idle.wait()
+            await self._idle_listeners()
+
+    async def _idle_listeners(self) -> None:
+        """Return once no listener runs."""
+        while self._running:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
 
     # -- entering and leaving --------------------------------------------------
 
