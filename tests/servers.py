@@ -334,35 +334,24 @@ def flush_postgres(url: str) -> None:
 
 
 @contextlib.contextmanager
-def redis_server(directory: Path | None = None) -> Iterator[RedisServer]:
-    """A running Redis server, stopped (and its directory removed) on exit."""
-    with _directory(directory, "rs-redis-") as path:
-        server = RedisServer(path)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-
-
-@contextlib.contextmanager
-def postgres_server(directory: Path | None = None) -> Iterator[PostgresServer]:
-    """A running PostgreSQL server, stopped (and its directory removed) on exit."""
-    with _directory(directory, "rs-postgres-") as path:
-        server = PostgresServer(path)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+def _started(make: Callable[[Path], TServer], directory: Path) -> Iterator[TServer]:
+    """A running server made in `directory`, stopped on exit."""
+    server = make(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager
 def running_servers(directory: Path | None = None) -> Iterator[tuple[str, str]]:
     """Start Redis and PostgreSQL on free loopback ports; yield `(redis_url, postgres_url)`."""
-    with _directory(directory, "rs-servers-") as path, redis_server(
-        path / "redis"
-    ) as redis, postgres_server(path / "postgres") as postgres:
+    with (
+        _directory(directory, "rs-servers-") as path,
+        _started(RedisServer, path / "redis") as redis,
+        _started(PostgresServer, path / "postgres") as postgres,
+    ):
         yield redis.url, postgres.url
 
 
