@@ -607,7 +607,7 @@ async def test_concurrent_writes_arrive_in_few_batches(
 
 
 
-# -- against the memory backend as the model ---------------------------------------
+# -- against the planner (the memory backend applies it and nothing else) ----------
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
@@ -624,10 +624,9 @@ async def test_random_batches_behave_like_the_memory_backend(
     calls or statements (as they do past 64 MiB), which must change nothing.
     """
     if cut:
-        from recoverable_state.storage import _postgres, _redis
+        from recoverable_state.storage import _contract
 
-        monkeypatch.setattr(_redis, "_SCRIPT_BYTES", 3000)
-        monkeypatch.setattr(_postgres, "_STATEMENT_BYTES", 3000)
+        monkeypatch.setattr(_contract, "BATCH_BYTES", 3000)
     model = open_backend("memory://")
     kvs = await open_store(backend, "model")
     ref = await open_store(model, "model")

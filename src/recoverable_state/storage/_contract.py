@@ -160,8 +160,9 @@ def by_store(pairs: Iterator[Pair] | Sequence[Pair]) -> dict[str, list[str]]:
     return keys
 
 
-def split_by_size(items: Sequence[T], size: Callable[[T], int], limit: int = BATCH_BYTES) -> list[list[T]]:
-    """`items` in order, cut into runs whose sizes add up to at most `limit` (one item at least)."""
+def split_by_size(items: Sequence[T], size: Callable[[T], int]) -> list[list[T]]:
+    """`items` in order, cut into runs whose sizes add up to at most BATCH_BYTES (one item at least)."""
+    limit = BATCH_BYTES
     runs: list[list[T]] = [[]]
     total = 0
     for item in items:
