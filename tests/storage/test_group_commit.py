@@ -61,28 +61,57 @@ async def test_a_write_cancelled_while_queued_is_withdrawn() -> None:
     assert not await kvs.record_exists("withdrawn")
 
 
-async def test_a_write_cancelled_in_flight_is_seen_through_before_the_caller_leaves() -> None:
+async def test_a_leader_cancelled_in_flight_leaves_at_once_and_its_batch_is_cancelled() -> None:
+    """A hung backend never holds a cancelled caller: cancellation reaches the flush."""
     backend = GatedMemory()
     kvs = await KeyValueStore.open(storage=backend)
-    finished: list[str] = []
 
-    async def writer() -> None:
-        with anyio.CancelScope() as scope:
-            cancel_scopes.append(scope)
-            await kvs.put_record("in-flight", b"v", BYTES)
-        finished.append("cancelled" if scope.cancelled_caught else "done")
+    async def follower() -> None:
+        await kvs.put_record("joined", b"v", BYTES)
 
-    cancel_scopes: list[anyio.CancelScope] = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(writer)
+        with anyio.CancelScope() as scope:
+            tg.start_soon(kvs.put_record, "first", b"v", BYTES)  # leads the first batch
+            await backend.entered.wait()
+            tg.start_soon(follower)
+            await anyio.sleep(0.02)
+            backend.entered = anyio.Event()
+            scope.cancel()
+        tg.cancel_scope.cancel()  # the leader task: cancelled while its flush waits
+    assert not await kvs.record_exists("first")
+
+
+async def test_a_caller_in_someone_elses_batch_leaves_at_once_and_the_batch_lands() -> None:
+    backend = GatedMemory()
+    kvs = await KeyValueStore.open(storage=backend)
+    left: list[str] = []
+    release_first = anyio.Event()
+
+    async def joined() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await kvs.put_record("joined", b"v", BYTES)
+        left.append("cancelled" if scope.cancelled_caught else "done")
+
+    scopes: list[anyio.CancelScope] = []
+    backend.release = release_first
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kvs.put_record, "first", b"v", BYTES)
         await backend.entered.wait()
-        cancel_scopes[0].cancel()
+        tg.start_soon(kvs.put_record, "leader-2", b"v", BYTES)  # will lead the second batch
+        await anyio.sleep(0.01)
+        tg.start_soon(joined)  # travels in the second batch, led by another caller
+        await anyio.sleep(0.01)
+        gate = anyio.Event()
+        backend.release = gate
+        release_first.set()
+        while len(backend.batches) < 2:
+            await anyio.sleep(0.001)
+        scopes[0].cancel()
         await anyio.sleep(0.02)
-        assert finished == []  # the caller waits for the write it started
-        backend.release.set()
-    record = await kvs.get_record("in-flight")
-    assert record is not None and record.version == 1
-    assert len(finished) == 1  # it left only once the write it started was durable
+        assert left == ["cancelled"]
+        gate.set()
+    assert await kvs.record_exists("joined")  # the batch went on without its caller
 
 
 async def test_a_failing_batch_fails_every_write_in_it_and_the_next_batch_runs() -> None:

@@ -63,9 +63,11 @@ class GroupCommitter(Generic[TItem, TResult]):
 
         A result may be an exception instance: the error of that item alone.
 
-        Cancellation while the items are still queued withdraws them; once their
-        batch is in flight (or this caller leads one) the call sees it through,
-        shielded, so a caller never loses track of a write that did happen.
+        Cancellation never waits for a backend: a caller cancelled while its items
+        are queued withdraws them; one cancelled while its batch is in flight
+        leaves at once, its outcome unknown, and the batch goes on; a leader
+        cancelled while flushing cancels the flush, and every other caller of
+        that batch gets a StorageError saying its outcome is unknown.
         """
         if not items:
             return ()
@@ -73,33 +75,41 @@ class GroupCommitter(Generic[TItem, TResult]):
         self._queue.append(slot)
         if self._busy:
             try:
-                await slot.wake.wait()
+                await slot.wake.wait()  # woken when done, or made the leader
             except BaseException:
-                if not slot.lead and not slot.done and slot in self._queue:
-                    self._queue.remove(slot)
-                    raise
-                with anyio.CancelScope(shield=True):
-                    await self._see_through(slot)
+                self._withdraw(slot)
                 raise
         else:
             self._busy = True
             slot.lead = True
-        with anyio.CancelScope(shield=True):
-            await self._see_through(slot)
+        while not slot.done:
+            try:
+                await anyio.lowlevel.checkpoint()  # let concurrent callers join this batch
+            except BaseException:
+                self._withdraw(slot)
+                raise
+            slot.lead = False
+            await self._lead()
         if slot.error is not None:
             raise slot.error
         return slot.results
 
-    async def _see_through(self, slot: _Slot[TItem, TResult]) -> None:
-        """Lead batches whenever this slot is made leader, until its own one is done."""
-        while not slot.done:
+    def _withdraw(self, slot: _Slot[TItem, TResult]) -> None:
+        """A cancelled caller's slot leaves the queue if no batch took it; its leadership passes on."""
+        if slot in self._queue:
+            self._queue.remove(slot)
             if slot.lead:
                 slot.lead = False
-                await anyio.lowlevel.checkpoint()  # let concurrent callers join this batch
-                await self._lead()
-            else:
-                slot.wake = anyio.Event()
-                await slot.wake.wait()
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Make the first queued caller lead the next batch, or mark the committer idle."""
+        if self._queue:
+            nxt = self._queue[0]
+            nxt.lead = True
+            nxt.wake.set()
+        else:
+            self._busy = False
 
     async def _lead(self) -> None:
         taken = 0
@@ -117,8 +127,9 @@ class GroupCommitter(Generic[TItem, TResult]):
             if len(results) != len(items):
                 raise RuntimeError("storage backend returned a result count unlike its batch")
         except BaseException as exc:  # every caller in this batch gets the error
+            error = exc if isinstance(exc, Exception) else _interrupted()
             for s in batch:
-                s.error = exc
+                s.error = error
                 s.done = True
                 s.wake.set()
             if not isinstance(exc, Exception):
@@ -132,12 +143,14 @@ class GroupCommitter(Generic[TItem, TResult]):
                 s.done = True
                 s.wake.set()
         finally:
-            if self._queue:
-                nxt = self._queue[0]
-                nxt.lead = True
-                nxt.wake.set()
-            else:
-                self._busy = False
+            self._hand_over()
+
+
+def _interrupted() -> StorageError:
+    return StorageError(
+        "the batch this request travelled in was cancelled while in flight: "
+        "it may or may not have been applied"
+    )
 
 
 class Batcher:

@@ -1,0 +1,172 @@
+"""The record contract's planner, checked against a plain model of a store.
+
+Random sequences of write batches (compare-and-set, history, missing stores),
+claims, deletes and records that fail to be stored are run twice: through the
+planner, applied as a backend applies it, and through a model that does one
+request after another. After every step the two stores must be equal, and
+every caller must have been told what the store holds.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from recoverable_state import StorageError, StoreNotFoundError
+from recoverable_state.storage import (
+    RecordRead,
+    RecordWrite,
+    StoredRecord,
+    WriteOutcome,
+    compare_and_set,
+    fail_records,
+    plan_reads,
+    plan_writes,
+)
+
+STORES = ["s1", "s2", "gone"]
+KEYS = ["a", "b", "c"]
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+Pair = tuple[str, str]
+
+write_strategy = st.builds(
+    lambda store, key, value, expected, keep: (store, key, value, expected, keep),
+    st.sampled_from(STORES),
+    st.sampled_from(KEYS),
+    st.binary(max_size=4),
+    st.one_of(st.none(), st.integers(0, 6)),
+    st.integers(0, 3),
+)
+
+
+class Model:
+    """A store that does one request after another, as the contract says."""
+
+    def __init__(self) -> None:
+        self.records: dict[Pair, tuple[int, bytes]] = {}
+        self.history: dict[Pair, list[tuple[int, bytes]]] = {}
+
+    def write(self, w: RecordWrite) -> WriteOutcome:
+        pair = (w.store_id, w.key)
+        stored = self.records.get(pair, (0, b""))[0]
+        if w.expected_version is not None and w.expected_version != stored:
+            return WriteOutcome(False, stored)
+        self.records[pair] = (stored + 1, w.value)
+        if w.keep_history > 0:
+            kept = self.history.setdefault(pair, [])
+            kept.insert(0, (stored + 1, w.value))
+            del kept[w.keep_history :]
+        return WriteOutcome(True, stored + 1)
+
+
+class PlannerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Model()
+        self.store = Model()  # what the planner's answers, applied, leave behind
+        self.missing = {"gone": StoreNotFoundError("no such store", store="gone")}
+
+    @rule(
+        batch=st.lists(write_strategy, min_size=1, max_size=8),
+        failing=st.sets(st.tuples(st.sampled_from(STORES[:2]), st.sampled_from(KEYS)), max_size=2),
+    )
+    def write_batch(self, batch: list[tuple[str, str, bytes, int | None, int]], failing: set[Pair]) -> None:
+        writes = [RecordWrite(s, k, v, "t", e, h) for s, k, v, e, h in batch]
+        stored = {pair: version for pair, (version, _) in self.store.records.items()}
+        plan = plan_writes(writes, stored, self.missing)
+        failed = {pair: StorageError("disk full", key=pair[1]) for pair in failing if pair in plan.rows}
+        outcomes = fail_records(plan, failed)
+
+        # Apply the plan as a backend does, but not the records that failed.
+        for pair, (w, version) in plan.rows.items():
+            if pair in failed:
+                continue
+            assert (pair in plan.existing) == (pair in self.store.records)
+            self.store.records[pair] = (version, w.value)
+            change = plan.history.get(pair)
+            if change is not None:
+                old = self.store.history.get(pair, [])
+                kept = old if change.keep_old is None else old[: change.keep_old]
+                self.store.history[pair] = [(v, hw.value) for v, hw in change.added] + kept
+
+        # The model: one write after another; a record that failed keeps its old self.
+        before = {
+            pair: (self.model.records.get(pair), list(self.model.history.get(pair, []))) for pair in failed
+        }
+        for w, told in zip(writes, outcomes, strict=True):
+            if w.store_id in self.missing:
+                assert isinstance(told, StoreNotFoundError)
+                continue
+            want = self.model.write(w)
+            if (w.store_id, w.key) in failed and want.applied:
+                assert told is failed[(w.store_id, w.key)]
+            else:
+                assert told == want
+        for pair, (record, history) in before.items():
+            if record is None:
+                self.model.records.pop(pair, None)
+            else:
+                self.model.records[pair] = record
+            if history:
+                self.model.history[pair] = history
+            else:
+                self.model.history.pop(pair, None)
+
+    @rule(
+        reads=st.lists(
+            st.tuples(st.sampled_from(STORES), st.sampled_from(KEYS), st.booleans()), min_size=1, max_size=6
+        )
+    )
+    def read_batch(self, reads: list[tuple[str, str, bool]]) -> None:
+        requests = [RecordRead(s, k, c) for s, k, c in reads]
+        found = {
+            pair: StoredRecord(pair[1], value, "t", version, NOW)
+            for pair, (version, value) in self.store.records.items()
+        }
+        results, bumped = plan_reads(requests, found, self.missing)
+        for pair, version in bumped.items():
+            self.store.records[pair] = (version, self.store.records[pair][1])
+        for r, got in zip(requests, results, strict=True):
+            pair = (r.store_id, r.key)
+            if r.store_id in self.missing:
+                assert isinstance(got, StoreNotFoundError)
+                continue
+            record = self.model.records.get(pair)
+            if record is None:
+                assert got is None
+                continue
+            version = record[0] + 1 if r.claim else record[0]
+            self.model.records[pair] = (version, record[1])
+            assert isinstance(got, StoredRecord)
+            assert (got.version, got.value) == (version, record[1])
+
+    @rule(
+        store=st.sampled_from(STORES[:2]),
+        key=st.sampled_from(KEYS),
+        expected=st.one_of(st.none(), st.integers(0, 6)),
+    )
+    def delete(self, store: str, key: str, expected: int | None) -> None:
+        pair = (store, key)
+        stored = self.store.records.get(pair, (0, b""))[0]
+        deletes = stored > 0 and compare_and_set(expected, stored)
+        model_stored = self.model.records.get(pair, (0, b""))[0]
+        assert deletes == (model_stored > 0 and (expected is None or expected == model_stored))
+        if deletes:
+            for m in (self.store, self.model):
+                m.records.pop(pair, None)
+                m.history.pop(pair, None)
+
+    @invariant()
+    def the_store_holds_what_the_model_holds(self) -> None:
+        assert self.store.records == self.model.records
+        assert {p: h for p, h in self.store.history.items() if h} == {
+            p: h for p, h in self.model.history.items() if h
+        }
+
+
+TestPlanner = PlannerMachine.TestCase
+TestPlanner.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
