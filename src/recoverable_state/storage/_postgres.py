@@ -89,7 +89,6 @@ import anyio
 import anyio.to_thread
 import psycopg
 import psycopg.errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from .._errors import StorageError, StoreNotFoundError
@@ -286,6 +285,20 @@ def _millis(seconds: float) -> int:
     return max(math.ceil(seconds * 1000), 1)
 
 
+def _bound(conn: psycopg.Connection[Any], deadline: float) -> None:
+    """Bound the current transaction's lock waits and statements by `deadline`.
+
+    Set per transaction (not per session, which PgBouncer's transaction pooling
+    would not keep, and whose startup `options` it refuses). The lock timeout
+    comes first, for its clearer message.
+    """
+    left = deadline - time.monotonic()
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        (str(_millis(left)), str(_millis(left + 0.1))),
+    )
+
+
 def _shut_down(conn: psycopg.Connection[Any]) -> None:
     """Shut the connection's socket down, from any thread: its waiting user wakes with an error."""
     with contextlib.suppress(Exception):
@@ -331,13 +344,8 @@ class _Transaction:
 class _Pool:
     """At most `size` connections, opened on demand in the calling (worker) thread."""
 
-    def __init__(self, conninfo: str, size: int, budget: float) -> None:
-        # Every session starts bounded by the whole budget (the schema check runs
-        # before a transaction narrows it); the user's own `options` are kept.
-        params = conninfo_to_dict(conninfo)
-        limits = f"-c statement_timeout={_millis(budget)} -c lock_timeout={_millis(budget)}"
-        params["options"] = f"{params.get('options') or ''} {limits}".strip()
-        self._conninfo = make_conninfo("", **params)
+    def __init__(self, conninfo: str, size: int) -> None:
+        self._conninfo = conninfo
         self._idle: list[psycopg.Connection[Any]] = []
         self._size = size
         self._slots = threading.BoundedSemaphore(size)
@@ -394,13 +402,14 @@ class PostgresBackend(ServerBackend):
     def _get_pool(self) -> _Pool:
         with self._lock:
             if self._pool is None:
-                self._pool = _Pool(self._dsn, self.pool_size, self._wait)
+                self._pool = _Pool(self._dsn, self.pool_size)
             return self._pool
 
-    def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+    def _ensure_schema(self, conn: psycopg.Connection[Any], deadline: float) -> None:
         if self._schema_ready:
             return
         with conn.transaction():
+            _bound(conn, deadline)
             found = conn.execute("SELECT to_regclass(%s)", (f"{_SCHEMA}.history",)).fetchone()
             if found is None or found[0] is None:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
@@ -419,7 +428,7 @@ class PostgresBackend(ServerBackend):
         conn = pool.get(deadline)
         txn.conn = conn
         try:
-            self._ensure_schema(conn)
+            self._ensure_schema(conn, deadline)
             if txn.pending is not None:
                 committed, result = self._resolve(conn, txn.pending, deadline)
                 txn.pending = None
@@ -428,15 +437,7 @@ class PostgresBackend(ServerBackend):
             while True:
                 try:
                     with conn.pipeline():
-                        # What is left of the budget bounds this transaction's lock
-                        # waits and statements; the lock timeout comes first, for its
-                        # clearer message.
-                        left = deadline - time.monotonic()
-                        conn.execute(
-                            "SELECT set_config('lock_timeout', %s, true), "
-                            "set_config('statement_timeout', %s, true)",
-                            (str(_millis(left)), str(_millis(left + 0.1))),
-                        )
+                        _bound(conn, deadline)
                         xid = conn.execute("SELECT txid_current()") if txn.mutating else None
                         result = txn.body(conn)
                 except _Retry:
@@ -469,6 +470,7 @@ class PostgresBackend(ServerBackend):
         """Whether a transaction whose COMMIT outcome was lost did commit."""
         while True:
             try:
+                _bound(conn, deadline)
                 row = conn.execute("SELECT txid_status(%s)", (pending.xid,)).fetchone()
             except psycopg.errors.InvalidParameterValue:
                 # "in the future": the server restarted before that id reached its WAL.
