@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..storage import StoredRecord
-from ..storage._kvs import _is_json
+from ..storage import is_json_content_type as _is_json
 
 _PIPED_WIDTH = 10_000
 """Console width when stdout is not a terminal: piped tables are never cut short."""

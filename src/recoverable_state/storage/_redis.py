@@ -80,6 +80,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._contract import split_by_size
 from ._server import Failure, ServerBackend
 
 T = TypeVar("T")
@@ -243,10 +244,6 @@ end
 return out
 """
 
-_SCRIPT_BYTES = 64 * 1024 * 1024
-"""Values sent in one script call at most: Redis blocks other clients while a script runs,
-and refuses requests beyond its client query buffer limit (1 GB by default)."""
-
 _CONNECT_TIMEOUT = 5.0
 """Seconds one connection attempt may take at most (less when the budget is shorter)."""
 
@@ -404,13 +401,9 @@ class RedisBackend(ServerBackend):
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         outcomes: list[WriteOutcome | StorageError] = []
-        start, size = 0, 0
-        for end, w in enumerate(writes):
-            if end > start and size + len(w.value) > _SCRIPT_BYTES:
-                outcomes += await self._write_run(writes[start:end])
-                start, size = end, 0
-            size += len(w.value)
-        return outcomes + await self._write_run(writes[start:])
+        for run in split_by_size(writes, lambda w: len(w.value)):
+            outcomes += await self._write_run(run)
+        return outcomes
 
     async def _write_run(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         """Apply writes in one atomic script call."""
