@@ -31,6 +31,9 @@ PG_BIN = Path(os.environ.get("RECOVERABLE_STATE_PG_BIN", "/usr/lib/postgresql/15
 
 PG_DATABASE = "rs_test"
 
+REJECTED_ROLE = "rejected"
+"""A role that pg_hba.conf refuses, on a PostgresServer started with a password."""
+
 
 class ServerUnavailable(RuntimeError):
     """A server binary is missing; the message says how to install it."""
@@ -96,9 +99,12 @@ def _alive(pid: int) -> bool:
 
 
 class RedisServer:
-    """A `redis-server` with an append-only file in its own directory."""
+    """A `redis-server` with an append-only file in its own directory.
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    With `password`, the server requires it (`requirepass`) and `url` carries it.
+    """
+
+    def __init__(self, directory: Path, port: int | None = None, *, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServerUnavailable(
@@ -107,12 +113,14 @@ class RedisServer:
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the server (again, on the same port and data) and wait until it listens."""
@@ -131,6 +139,7 @@ class RedisServer:
                     "--dir", str(self.directory),
                     "--daemonize", "no",
                     "--protected-mode", "no",
+                    *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,7 +148,7 @@ class RedisServer:
         _wait_for_port(self.port, self.proc, "redis-server", timeout)
         # The port opens before the AOF is loaded; wait until commands are served.
         deadline = time.monotonic() + timeout
-        while self._ping() != b"+PONG":
+        while not self._ping().endswith(b"+PONG"):
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not answer PING")
             time.sleep(0.02)
@@ -147,8 +156,15 @@ class RedisServer:
     def _ping(self) -> bytes:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).strip()
+                auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                sock.sendall(auth + b"PING\r\n")
+                reply = b""
+                while reply.count(b"\r\n") < (2 if auth else 1):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.strip()
         except OSError:
             return b""
 
@@ -162,9 +178,14 @@ class RedisServer:
 
 
 class PostgresServer:
-    """A PostgreSQL 15 cluster in its own directory, trusting loopback connections."""
+    """A PostgreSQL 15 cluster in its own directory, trusting loopback connections.
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    With `password`, TCP connections need it instead (scram-sha-256; `url` carries
+    it), and pg_hba.conf refuses the role `rejected` outright (`REJECTED_ROLE`).
+    The Unix socket stays trusted, for the tests' own setup.
+    """
+
+    def __init__(self, directory: Path, port: int | None = None, *, password: str | None = None) -> None:
         for tool in ("initdb", "postgres"):
             if not (PG_BIN / tool).exists():
                 raise ServerUnavailable(
@@ -175,6 +196,7 @@ class PostgresServer:
         self.data = directory / "data"
         self.sockets = directory / "sockets"
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self._user: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -188,7 +210,7 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{PG_DATABASE}"
+        return self._dsn(PG_DATABASE)
 
     def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
         extra: dict[str, object] = {}
@@ -210,12 +232,18 @@ class PostgresServer:
         self._give_to_user(self.sockets)
         if (self.data / "PG_VERSION").exists():
             return
+        auth = ["--auth=trust"]
+        if self.password:
+            pwfile = self.directory / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            self._give_to_user(pwfile)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         proc = self._popen(
             [
                 str(PG_BIN / "initdb"),
                 "-D", str(self.data),
                 "-U", "postgres",
-                "--auth=trust",
+                *auth,
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
                 "--no-sync",
@@ -226,6 +254,11 @@ class PostgresServer:
         out, _ = proc.communicate(timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{out.decode(errors='replace')}")
+        if self.password:
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(
+                f"host all {REJECTED_ROLE} 127.0.0.1/32 reject\n" + hba.read_text()
+            )
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the server (again, on the same port and data) and wait until it serves."""
@@ -266,7 +299,8 @@ class PostgresServer:
                 time.sleep(0.05)
 
     def _dsn(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        auth = f"postgres:{self.password}" if self.password else "postgres"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
 
     def _create_database(self) -> None:
         import psycopg

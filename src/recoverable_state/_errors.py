@@ -37,7 +37,19 @@ class StoreNotFoundError(StorageError, LookupError):
 
 
 class StorageUnavailableError(StorageError, ConnectionError):
-    """The storage server could not be reached within the retry budget."""
+    """The storage server could not be reached, or did not answer, within the retry budget.
+
+    Worth trying again later: the server was down, silent, or busy (a lock held
+    by another connection) for the whole budget. The message says which.
+    """
+
+
+class StorageAuthenticationError(StorageError, PermissionError):
+    """The storage server refused the credentials (wrong password, unknown user, access rule).
+
+    Never retried: trying again with the same credentials cannot succeed. The
+    message names the server (without its password) and the store.
+    """
 
 
 class RecordCorruptError(StorageError, ValueError):

@@ -1,12 +1,17 @@
-"""Redis and PostgreSQL backends when their server dies: retries, budgets, and no lost writes.
+"""Redis and PostgreSQL backends when their server dies, goes silent or refuses us.
 
 These tests kill their own servers (SIGKILL, as a crash would) and start them
 again on the same port and data directory, so they use private servers, not
-the session's shared ones.
+the session's shared ones. A server that goes silent is played by a TCP port
+that accepts connections and never replies, or by a proxy that stops passing
+bytes on; a wrong password, by private servers that require one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,11 +20,13 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from recoverable_state import StorageUnavailableError
-from recoverable_state.storage import KeyValueStore, StorageBackend, WriteOutcome
+from recoverable_state import StorageAuthenticationError, StorageError, StorageUnavailableError
+from recoverable_state.storage import KeyValueStore, StorageBackend, WriteOutcome, open_backend
 from recoverable_state.storage._postgres import PostgresBackend
 from recoverable_state.storage._redis import RedisBackend
 from servers import (
+    PG_DATABASE,
+    REJECTED_ROLE,
     PostgresServer,
     RedisServer,
     flush_postgres,
@@ -309,3 +316,346 @@ async def check_applied_once(backend: StorageBackend, kvs: KeyValueStore | None 
     assert record is not None
     assert (record.value, record.version) == (b"v2", 2)
     assert [h.version for h in await kvs.get_history("k")] == [2, 1]
+
+
+# -- a server that takes connections and never answers --------------------------
+
+SECRET = "s3cret-Pw"
+"""The password of the private servers that require one."""
+
+SLACK = 3.0
+"""Seconds past a budget a failure may take on a loaded machine (the bug was 30 s, or forever)."""
+
+
+class BlackHole:
+    """A TCP port on 127.0.0.1 that accepts every connection and never sends a byte."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._listener.accept()
+                self.accepted.append(conn)  # held open, never read or answered
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+        for conn in self.accepted:
+            conn.close()
+
+
+class Proxy:
+    """Passes a loopback port through to a server until `silence()`, then passes nothing on.
+
+    A silenced connection stays open but its bytes go nowhere, as with a server
+    that hangs mid-session. `speak()` lets connections made afterwards through again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._silent = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self._silent.set()
+
+    def speak(self) -> None:
+        self._silent.clear()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self._target))
+                self._sockets += [client, upstream]
+                muted = threading.Event()  # this connection's, once the proxy fell silent
+                for src, dst in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(src, dst, muted), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, muted: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if self._silent.is_set():
+                    muted.set()
+                if not muted.is_set():
+                    dst.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole()
+    yield hole
+    hole.close()
+
+
+def _url(kind: str, port: int, user: str = "postgres", password: str | None = None) -> str:
+    auth = f":{password}@" if password else "@"
+    if kind == "redis":
+        return f"redis://{auth if password else ''}127.0.0.1:{port}/0"
+    return f"postgresql://{user}{auth}127.0.0.1:{port}/{PG_DATABASE}"
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+async def test_server_that_never_answers_fails_within_the_budget(
+    kind: str, black_hole: BlackHole
+) -> None:
+    backend = open_backend(_url(kind, black_hole.port, password=SECRET), retry_timeout=2)
+    try:
+        started = time.monotonic()
+        with anyio.fail_after(20), pytest.raises(StorageUnavailableError) as caught:
+            await KeyValueStore.open(name="silent", storage=backend)
+        elapsed = time.monotonic() - started
+    finally:
+        await backend.aclose()
+    assert elapsed < 2 + SLACK
+    assert black_hole.accepted  # it was reachable: it took the connection
+    message = str(caught.value)
+    assert "did not answer within 2 s" in message
+    assert "unreachable" not in message
+    assert f"127.0.0.1:{black_hole.port}" in message
+    assert caught.value.store == "silent"
+    assert SECRET not in message
+
+
+@pytest.fixture
+def proxied(server: Server) -> Iterator[tuple[Proxy, str]]:
+    """A proxy in front of the private server, and the URL that goes through it."""
+    proxy = Proxy(server.port)
+    kind = "redis" if isinstance(server, RedisServer) else "postgresql"
+    yield proxy, _url(kind, proxy.port)
+    proxy.close()
+
+
+async def test_server_silent_mid_session_fails_within_the_budget_and_frees_the_connection(
+    proxied: tuple[Proxy, str],
+) -> None:
+    """A connection that goes quiet after working: the call ends in time, the worker thread too.
+
+    With one pooled connection, the write after the silence can only succeed if
+    the thread stuck on the silent connection ended and gave its slot back.
+    """
+    proxy, url = proxied
+    backend = open_backend(url, retry_timeout=2, pool_size=1)
+    try:
+        kvs = await KeyValueStore.open(name="goes-quiet", storage=backend)
+        await kvs.put_record("k", b"v1", BYTES)
+
+        proxy.silence()
+        started = time.monotonic()
+        with anyio.fail_after(20), pytest.raises(StorageUnavailableError) as caught:
+            await kvs.put_record("k", b"v2", BYTES)
+        assert time.monotonic() - started < 2 + SLACK
+        assert "did not answer within 2 s" in str(caught.value)
+        assert caught.value.store == "goes-quiet"
+
+        proxy.speak()
+        with anyio.fail_after(20):
+            record = await kvs.get_record("k")
+            assert record is not None
+            outcome = await kvs.put_record("k", b"v3", BYTES, expected_version=record.version)
+        assert outcome.applied
+    finally:
+        await backend.aclose()
+
+
+async def test_cancelling_a_call_to_a_silent_postgres_frees_its_connection(
+    private_postgres: PostgresServer,
+) -> None:
+    """libpq waits for a reply forever: a cancelled call must still end its worker thread.
+
+    (A KeyValueStore sees an in-flight batch through, within the budget; the
+    backend call itself gives way to cancellation.)
+    """
+    if private_postgres.proc is None or private_postgres.proc.poll() is not None:
+        private_postgres.start()
+    flush_postgres(private_postgres.url)
+    proxy = Proxy(private_postgres.port)
+    backend = open_backend(_url("postgresql", proxy.port), retry_timeout=60, pool_size=1)
+    try:
+        kvs = await KeyValueStore.open(name="cancelled", storage=backend)
+        proxy.silence()
+        started = time.monotonic()
+        with anyio.move_on_after(0.5) as scope:
+            await backend.list_stores()
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 0.5 + SLACK
+
+        proxy.speak()
+        with anyio.fail_after(20):  # the only connection slot is free again
+            await kvs.put_record("k", b"written", BYTES)
+            assert await kvs.get_value("k") == b"written"
+    finally:
+        await backend.aclose()
+        proxy.close()
+
+
+# -- credentials the server refuses ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_with_password(server_dir: Path) -> Iterator[RedisServer]:
+    server = start_or_skip(lambda: RedisServer(server_dir / "auth-redis", password=SECRET))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_with_password(server_dir: Path) -> Iterator[PostgresServer]:
+    server = start_or_skip(lambda: PostgresServer(server_dir / "auth-postgres", password=SECRET))
+    yield server
+    server.stop()
+
+
+async def test_right_passwords_are_accepted(
+    redis_with_password: RedisServer, postgres_with_password: PostgresServer
+) -> None:
+    for url in (redis_with_password.url, postgres_with_password.url):
+        backend = open_backend(url, retry_timeout=5)
+        try:
+            kvs = await KeyValueStore.open(name="let-in", storage=backend)
+            await kvs.set_value("k", 1)
+            assert await kvs.get_value("k") == 1
+        finally:
+            await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "user", "password"),
+    [
+        ("redis", "", "wrong-pw"),
+        ("redis", "", None),
+        ("postgresql", "postgres", "wrong-pw"),
+        ("postgresql", "postgres", None),
+        ("postgresql", "nobody", SECRET),
+        ("postgresql", REJECTED_ROLE, SECRET),
+    ],
+    ids=["redis-wrong", "redis-none", "pg-wrong", "pg-none", "pg-no-such-user", "pg-hba-rejects"],
+)
+async def test_refused_credentials_fail_at_once_and_say_authentication(
+    kind: str, user: str, password: str | None, request: pytest.FixtureRequest
+) -> None:
+    server: Server = request.getfixturevalue(
+        "redis_with_password" if kind == "redis" else "postgres_with_password"
+    )
+    backend = open_backend(_url(kind, server.port, user, password), retry_timeout=30)
+    try:
+        started = time.monotonic()
+        with anyio.fail_after(15), pytest.raises(StorageAuthenticationError) as caught:
+            await KeyValueStore.open(name="locked-out", storage=backend)
+        assert time.monotonic() - started < SLACK  # no retries: the budget is 30 s
+    finally:
+        await backend.aclose()
+    message = str(caught.value)
+    assert "authentication failed" in message
+    assert "unreachable" not in message
+    assert f"127.0.0.1:{server.port}" in message
+    assert caught.value.store == "locked-out"
+    assert "wrong-pw" not in message
+    assert SECRET not in message
+    assert not isinstance(caught.value, StorageUnavailableError)  # not worth retrying
+
+
+async def test_missing_postgres_database_fails_at_once(postgres_url: str) -> None:
+    backend = open_backend(postgres_url.replace(PG_DATABASE, "no_such_db"), retry_timeout=30)
+    try:
+        started = time.monotonic()
+        with anyio.fail_after(15), pytest.raises(StorageError) as caught:
+            await KeyValueStore.open(name="nowhere", storage=backend)
+        assert time.monotonic() - started < SLACK
+    finally:
+        await backend.aclose()
+    assert 'database "no_such_db" does not exist' in str(caught.value)
+    assert not isinstance(caught.value, StorageUnavailableError | StorageAuthenticationError)
+
+
+# -- PostgreSQL waits on the server: locks and long statements ---------------------
+
+
+async def test_postgres_write_waiting_on_a_row_lock_ends_within_the_budget(
+    postgres_url: str,
+) -> None:
+    import psycopg
+
+    flush_postgres(postgres_url)
+    backend = open_backend(postgres_url, retry_timeout=1.5)
+    try:
+        kvs = await KeyValueStore.open(name="row-locked", storage=backend)
+        await kvs.put_record("k", b"v1", BYTES)
+        with psycopg.connect(postgres_url) as holder:
+            holder.execute("SELECT * FROM recoverable_state.records FOR UPDATE").fetchall()
+            started = time.monotonic()
+            with anyio.fail_after(20), pytest.raises(StorageUnavailableError) as caught:
+                await kvs.put_record("k", b"v2", BYTES)
+            assert time.monotonic() - started < 1.5 + SLACK
+            holder.rollback()
+        message = str(caught.value)
+        assert "lock held by another connection" in message
+        assert "did not finish within 1.5 s" in message
+        assert caught.value.store == "row-locked"
+
+        with anyio.fail_after(20):  # the lock is gone: the same backend writes again
+            record = await kvs.get_record("k")
+            assert record is not None
+            assert (record.value, record.version) == (b"v1", 1)  # the refused write left nothing
+            assert await kvs.put_record("k", b"v3", BYTES, expected_version=1) == WriteOutcome(True, 2)
+    finally:
+        await backend.aclose()
+
+
+async def test_postgres_statement_that_runs_too_long_is_cancelled_on_the_server(
+    postgres_url: str,
+) -> None:
+    import psycopg
+
+    flush_postgres(postgres_url)
+    backend = open_backend(postgres_url, retry_timeout=1.5)
+    try:
+        kvs = await KeyValueStore.open(name="slow-statements", storage=backend)
+        await kvs.put_record("k", b"v1", BYTES)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "CREATE FUNCTION recoverable_state.slow() RETURNS trigger AS "
+                "$$ BEGIN PERFORM pg_sleep(60); RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            admin.execute(
+                "CREATE TRIGGER slow BEFORE UPDATE ON recoverable_state.records "
+                "FOR EACH ROW EXECUTE FUNCTION recoverable_state.slow()"
+            )
+            started = time.monotonic()
+            with anyio.fail_after(20), pytest.raises(StorageUnavailableError) as caught:
+                await kvs.put_record("k", b"v2", BYTES)
+            assert time.monotonic() - started < 1.5 + SLACK
+            # The server ended the statement itself: nothing of ours still sleeps there.
+            sleeping = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE state = 'active' AND query LIKE '%%records%%' AND pid <> pg_backend_pid()"
+            ).fetchone()
+            assert sleeping == (0,)
+            admin.execute("DROP TRIGGER slow ON recoverable_state.records")
+        message = str(caught.value)
+        assert "statement" in message
+        assert "did not finish within 1.5 s" in message
+        assert caught.value.store == "slow-statements"
+        assert await kvs.get_value("k") == b"v1"
+    finally:
+        await backend.aclose()

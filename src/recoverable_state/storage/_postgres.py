@@ -40,10 +40,26 @@ loopback (SQLite: 0.15 s, Redis: 0.2 s).
 Durability: a batch returns once PostgreSQL has committed it (with the
 server's default `synchronous_commit=on`, flushed to its WAL).
 
-Retries: a lost connection, a server starting up or shutting down, or a
-deadlock/serialisation failure retries the operation with exponential backoff
-(50 ms doubling to 1 s) for at most `retry_timeout` seconds, then raises
-StorageUnavailableError naming the server and the store. A transaction that
+Budget: `retry_timeout` seconds bound every wait on the server (see
+`_server.py`): a free pooled connection (the pool's slot wait), connecting and
+logging in (`connect_timeout`: what is left of the budget, rounded up, and at
+least 2 s, as libpq wants), each transaction's statements (`statement_timeout`
+and `lock_timeout`, set at the start of each transaction to what is left of
+the budget, so a row lock held by another connection or a long statement ends
+on the server with a clear error and frees its locks), and the retries in
+between. libpq has no timeout for a reply that never comes, so a server that
+goes silent mid-transaction is handled by the caller: past the budget it
+shuts the connection's socket down, which ends the waiting worker thread.
+
+Retries: a refused or lost connection ("unreachable"), a server that took
+the connection but did not reply ("did not answer within N s"), a server
+starting up or shutting down, a lock timeout or a deadlock/serialisation
+failure ("did not finish within N s") retry the operation with exponential
+backoff (50 ms doubling to 1 s) within the budget, then raise
+StorageUnavailableError naming the server and the store. A wrong password, an
+unknown user, or a pg_hba.conf rule refusing the connection raise
+StorageAuthenticationError at once; a missing database or any other error the
+server answered with, StorageError at once. A transaction that
 failed before COMMIT was sent was rolled back by the server and is simply run
 again. If the connection drops while COMMIT is in flight the outcome is
 unknown: each transaction notes its id (`txid_current()`) and, on the next
@@ -56,7 +72,11 @@ once and reports what really happened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import re
+import socket
 import threading
 import time
 import uuid
@@ -81,7 +101,7 @@ from ._backend import (
     WriteOutcome,
 )
 from ._contract import plan_reads, plan_writes, split_by_size
-from ._server import ServerBackend
+from ._server import Failure, ServerBackend
 
 T = TypeVar("T")
 
@@ -199,24 +219,83 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _retryable(exc: psycopg.Error) -> bool:
-    """Whether a failure is about reaching the server (or a transient clash), not the request."""
-    if isinstance(exc, psycopg.errors.TransactionRollback):  # deadlock, serialisation
-        return True
+_REFUSED_LOGIN = re.compile(
+    r"authentication failed|no password supplied|pg_hba\.conf|role \".*\" does not exist"
+    r"|does not have CONNECT privilege|SCRAM|password",
+    re.IGNORECASE,
+)
+"""A failed connection whose text says the credentials were refused. libpq reports a
+failed login without a SQLSTATE, so its message (the server's, in English) is all there is."""
+
+_TRANSIENT_LOGIN = re.compile(
+    r"starting up|shutting down|in recovery|too many|connection slots|not yet accepting",
+    re.IGNORECASE,
+)
+"""A failed connection whose text says the server will take connections again soon."""
+
+
+def _failure(exc: psycopg.Error) -> Failure:
+    """What kind of failure a driver error is."""
+    if isinstance(exc, psycopg.errors.ConnectionTimeout):  # took the connection, no reply
+        return Failure.SILENT
+    if isinstance(
+        exc,
+        psycopg.errors.LockNotAvailable  # lock_timeout
+        | psycopg.errors.QueryCanceled  # statement_timeout
+        | psycopg.errors.TransactionRollback,  # deadlock, serialisation
+    ):
+        return Failure.BUSY
     if not isinstance(exc, psycopg.OperationalError):
-        return False
+        return Failure.FAILED
     state = exc.sqlstate
-    # No SQLSTATE: the client lost or never had a connection. 08: connection
-    # exceptions, 53: too many connections and the like, 57P: shutdown, startup.
-    return state is None or state[:2] in ("08", "53") or state.startswith("57P")
+    if state is None:  # the client lost, or never had, a connection
+        text = str(exc)
+        if _REFUSED_LOGIN.search(text):
+            return Failure.AUTHENTICATION
+        if "FATAL:" in text and not _TRANSIENT_LOGIN.search(text):
+            return Failure.FAILED  # the server answered: no such database, and the like
+        return Failure.UNREACHABLE
+    if state.startswith("28"):  # invalid authorization specification, invalid password
+        return Failure.AUTHENTICATION
+    # 08: connection exceptions, 53: too many connections and the like, 57P: shutdown, startup.
+    if state[:2] in ("08", "53") or state.startswith("57P"):
+        return Failure.UNREACHABLE
+    return Failure.FAILED
+
+
+def _millis(seconds: float) -> int:
+    """A server timeout setting in ms (never 0, which would mean "no limit")."""
+    return max(math.ceil(seconds * 1000), 1)
+
+
+def _bound(conn: psycopg.Connection[Any], deadline: float) -> None:
+    """Bound the current transaction's lock waits and statements by `deadline`.
+
+    Set per transaction (not per session, which PgBouncer's transaction pooling
+    would not keep, and whose startup `options` it refuses). The lock timeout
+    comes first, for its clearer message.
+    """
+    left = deadline - time.monotonic()
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        (str(_millis(left)), str(_millis(left + 0.1))),
+    )
+
+
+def _shut_down(conn: psycopg.Connection[Any]) -> None:
+    """Shut the connection's socket down, from any thread: its waiting user wakes with an error."""
+    with contextlib.suppress(Exception):
+        fd = conn.pgconn.socket
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:  # a duplicate fd
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Retry(Exception):
     """A concurrent insert beat this batch to a new key: roll back, run again at once."""
 
 
-class _Unavailable(Exception):
-    """The server cannot be used right now (wraps the cause); retried within the budget."""
+class _PoolBusy(Exception):
+    """Every pooled connection stayed in use until the deadline."""
 
 
 @dataclass
@@ -235,28 +314,38 @@ class _Transaction:
     body: Callable[[psycopg.Connection[Any]], Any]
     mutating: bool
     pending: _Pending | None = None
+    conn: psycopg.Connection[Any] | None = None
+    """The connection an attempt is using right now (to interrupt it)."""
+
+    def interrupt(self) -> None:
+        """Make the attempt in progress, if any, end at once (its connection is lost)."""
+        conn = self.conn
+        if conn is not None:
+            _shut_down(conn)
 
 
 class _Pool:
     """At most `size` connections, opened on demand in the calling (worker) thread."""
 
-    def __init__(self, conninfo: str, size: int, connect_timeout: float) -> None:
+    def __init__(self, conninfo: str, size: int) -> None:
         self._conninfo = conninfo
         self._idle: list[psycopg.Connection[Any]] = []
+        self._size = size
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
-        self._connect_timeout = max(2, round(connect_timeout))
 
-    def get(self, wait: float) -> psycopg.Connection[Any]:
+    def get(self, deadline: float) -> psycopg.Connection[Any]:
+        """A connection, waiting for a free slot and connecting by `deadline` at most."""
+        wait = max(deadline - time.monotonic(), 0.01)
         if not self._slots.acquire(timeout=wait):
-            raise _Unavailable(f"all connections stayed busy for {wait:g} s")
+            raise _PoolBusy(f"all {self._size} connections stayed in use")
         try:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None or conn.closed:
-                conn = psycopg.connect(
-                    self._conninfo, autocommit=False, connect_timeout=self._connect_timeout
-                )
+                # libpq counts whole seconds, at least 2; the caller stops waiting at the deadline.
+                left = math.ceil(max(deadline - time.monotonic(), 0))
+                conn = psycopg.connect(self._conninfo, autocommit=False, connect_timeout=max(left, 2))
             return conn
         except BaseException:
             self._slots.release()
@@ -296,13 +385,14 @@ class PostgresBackend(ServerBackend):
     def _get_pool(self) -> _Pool:
         with self._lock:
             if self._pool is None:
-                self._pool = _Pool(self._dsn, self.pool_size, min(self.retry_timeout, 10.0))
+                self._pool = _Pool(self._dsn, self.pool_size)
             return self._pool
 
-    def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+    def _ensure_schema(self, conn: psycopg.Connection[Any], deadline: float) -> None:
         if self._schema_ready:
             return
         with conn.transaction():
+            _bound(conn, deadline)
             found = conn.execute("SELECT to_regclass(%s)", (f"{_SCHEMA}.history",)).fetchone()
             if found is None or found[0] is None:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
@@ -318,12 +408,10 @@ class PostgresBackend(ServerBackend):
         fetches a result (so a body reads results by fetching, never `rowcount`).
         """
         pool = self._get_pool()
+        conn = pool.get(deadline)
+        txn.conn = conn
         try:
-            conn = pool.get(max(deadline - time.monotonic(), 0.1))
-        except psycopg.Error as exc:
-            raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            self._ensure_schema(conn)
+            self._ensure_schema(conn, deadline)
             if txn.pending is not None:
                 committed, result = self._resolve(conn, txn.pending, deadline)
                 txn.pending = None
@@ -332,6 +420,7 @@ class PostgresBackend(ServerBackend):
             while True:
                 try:
                     with conn.pipeline():
+                        _bound(conn, deadline)
                         xid = conn.execute("SELECT txid_current()") if txn.mutating else None
                         result = txn.body(conn)
                 except _Retry:
@@ -344,18 +433,17 @@ class PostgresBackend(ServerBackend):
                 conn.commit()  # if this raises, txn.pending says what to ask next time
                 txn.pending = None
                 return result
-        except BaseException as exc:
+        except BaseException:
             if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
                 try:
                     conn.rollback()
                 except psycopg.Error:
                     conn.close()
-            if isinstance(exc, psycopg.Error) and _retryable(exc):
-                if conn.closed or conn.broken:
-                    pool.discard_idle()  # the server likely dropped those too
-                raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            if conn.closed or conn.broken:
+                pool.discard_idle()  # the server likely dropped those too
             raise
         finally:
+            txn.conn = None
             pool.put(conn)
 
     @staticmethod
@@ -365,6 +453,7 @@ class PostgresBackend(ServerBackend):
         """Whether a transaction whose COMMIT outcome was lost did commit."""
         while True:
             try:
+                _bound(conn, deadline)
                 row = conn.execute("SELECT txid_status(%s)", (pending.xid,)).fetchone()
             except psycopg.errors.InvalidParameterValue:
                 # "in the future": the server restarted before that id reached its WAL.
@@ -377,7 +466,7 @@ class PostgresBackend(ServerBackend):
             if status != "in progress":
                 return False, None
             if time.monotonic() > deadline:
-                raise _Unavailable(f"transaction {pending.xid} stayed in progress")
+                raise _PoolBusy(f"transaction {pending.xid} stayed in progress")
             # Its session lives on (the connection broke on our side only): end it.
             conn.execute("SELECT pg_terminate_backend(%s)", (pending.backend_pid,))
             conn.commit()
@@ -391,14 +480,29 @@ class PostgresBackend(ServerBackend):
         mutating: bool = True,
     ) -> T:
         """Run `body` as one transaction in a worker thread, retried within the budget."""
-        deadline = time.monotonic() + self.retry_timeout
         txn = _Transaction(body, mutating)
 
-        async def attempt() -> T:
-            result: T = await anyio.to_thread.run_sync(self._attempt, txn, deadline)
+        async def attempt(deadline: float) -> T:
+            result: T = await anyio.to_thread.run_sync(
+                self._attempt, txn, deadline, abandon_on_cancel=True
+            )
             return result
 
-        return await self._retrying(store, attempt, unreachable=(_Unavailable,), failed=(psycopg.Error,))
+        return await self._retrying(store, attempt, interrupt=txn.interrupt)
+
+    def _classify(self, exc: BaseException) -> Failure | None:
+        if isinstance(exc, _PoolBusy):
+            return Failure.BUSY
+        if isinstance(exc, psycopg.Error):
+            return _failure(exc)
+        return None
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return f"a lock held by another connection was not released ({exc})"
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return f"a statement ran out of time ({exc})"
+        return super()._describe(exc)
 
     def _missing_stores(
         self, conn: psycopg.Connection[Any], store_ids: set[str], found: psycopg.Cursor[Any] | None = None

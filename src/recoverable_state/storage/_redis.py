@@ -33,9 +33,19 @@ Redis process alone (Redis postpones writing its AOF while a background fsync
 is slow); without the AOF, a crash loses everything since the last RDB
 snapshot. Configure the server for the guarantee you need.
 
-Retries: a connection error or timeout retries the call with exponential
-backoff (50 ms doubling to 1 s) for at most `retry_timeout` seconds, then
-raises StorageUnavailableError naming the server and the store. A connection
+Budget: `retry_timeout` seconds bound every wait on the server (see
+`_server.py`): waiting for a free pooled connection (the pool's `timeout`),
+connecting (`socket_connect_timeout`, at most 5 s an attempt, so that a host
+that drops packets is tried again), every reply (`socket_timeout`, which also
+bounds a long script), and the retries in between. A worker thread the caller
+stopped waiting for ends by these socket timeouts.
+
+Retries: a refused or lost connection (reported as "unreachable") or a server
+that took the connection but sent no reply ("did not answer within N s") is
+retried with exponential backoff (50 ms doubling to 1 s) within the budget,
+then raises StorageUnavailableError naming the server and the store. A wrong
+password or user (WRONGPASS, NOAUTH) raises StorageAuthenticationError at
+once, and any other error reply StorageError at once. A connection
 may drop after Redis ran a script but before its reply arrived, so every
 mutating call carries a unique batch id: the script stores its outcome under
 `rs:batch:<id>` (expiring after the retry budget plus a minute) and a retried
@@ -71,7 +81,7 @@ from ._backend import (
     WriteOutcome,
 )
 from ._contract import split_by_size
-from ._server import ServerBackend
+from ._server import Failure, ServerBackend
 
 T = TypeVar("T")
 
@@ -234,7 +244,8 @@ end
 return out
 """
 
-_RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_CONNECT_TIMEOUT = 5.0
+"""Seconds one connection attempt may take at most (less when the budget is shorter)."""
 
 
 def _time(micros: bytes | int) -> datetime:
@@ -265,9 +276,9 @@ class RedisBackend(ServerBackend):
                 pool = redis.BlockingConnectionPool.from_url(
                     self._dsn,
                     max_connections=self.pool_size,
-                    timeout=max(self.retry_timeout, 1.0),
-                    socket_connect_timeout=min(max(self.retry_timeout, 0.5), 5.0),
-                    socket_timeout=max(self.retry_timeout, 30.0),
+                    timeout=self._wait,
+                    socket_connect_timeout=min(self._wait, _CONNECT_TIMEOUT),
+                    socket_timeout=self._wait,
                     retry=Retry(NoBackoff(), 0),  # retries happen here, with our budget
                     decode_responses=False,
                 )
@@ -289,13 +300,24 @@ class RedisBackend(ServerBackend):
         return self._scripts[name](keys=keys, args=args, client=client)
 
     async def _run(self, store: str | None, call: Callable[[], T]) -> T:
-        """Run `call` in a worker thread, retrying connection errors within the budget."""
+        """Run `call` in a worker thread, retrying connection errors within the budget.
+
+        The socket timeouts end the thread by themselves, so nothing interrupts it.
+        """
         return await self._retrying(
-            store,
-            lambda: anyio.to_thread.run_sync(call),
-            unreachable=_RETRYABLE,
-            failed=(redis.exceptions.RedisError,),
+            store, lambda deadline: anyio.to_thread.run_sync(call, abandon_on_cancel=True)
         )
+
+    def _classify(self, exc: BaseException) -> Failure | None:
+        if isinstance(exc, redis.exceptions.AuthenticationError):  # a ConnectionError too
+            return Failure.AUTHENTICATION
+        if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
+            return Failure.SILENT
+        if isinstance(exc, redis.exceptions.ConnectionError | OSError):
+            return Failure.UNREACHABLE
+        if isinstance(exc, redis.exceptions.RedisError):
+            return Failure.FAILED
+        return None
 
     def _marker(self) -> tuple[str, int]:
         """A fresh batch marker key and how long (ms) it outlives the retry budget."""

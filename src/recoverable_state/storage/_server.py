@@ -1,18 +1,43 @@
-"""What the Redis and PostgreSQL backends share: a redacted URL, store labels, bounded retries."""
+"""What the Redis and PostgreSQL backends share: a redacted URL, store labels, bounded retries.
+
+Budget: one `retry_timeout` (seconds, `RECOVERABLE_STATE_STORAGE_RETRY_TIMEOUT`,
+the CLI's `--timeout`) bounds each operation on the server from start to end:
+waiting for a pooled connection, connecting, every command's reply, locks held
+by other connections, and the retries in between. Each attempt runs in a worker
+thread whose driver timeouts are set from that budget, so the thread ends on
+its own; should it still be waiting `_GRACE` seconds past the budget, the
+caller stops waiting for it (the backend's `interrupt` closes its connection
+so that the thread ends too) and gets StorageUnavailableError at once. An
+outside cancellation interrupts the attempt in the same way.
+
+Failures are told apart: a server that refused or dropped the connection is
+"unreachable"; one that took the connection but never replied "did not
+answer"; one that was busy (a lock held elsewhere) "did not finish". All three
+are retried within the budget, then raise StorageUnavailableError. Rejected
+credentials raise StorageAuthenticationError at once, and any other error the
+server answered with raises StorageError at once.
+"""
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import anyio
 
-from .._errors import StorageError, StorageUnavailableError
+from .._errors import StorageAuthenticationError, StorageError, StorageUnavailableError
 from ._backend import StorageBackend
 
 T = TypeVar("T")
+
+_GRACE = 0.25
+"""Seconds past the budget an attempt may take to end on its own before the caller stops waiting."""
+
+_MIN_WAIT = 0.1
+"""The shortest driver timeout set (a zero timeout would mean "do not block" or "no limit")."""
 
 
 def redact_url(url: str) -> str:
@@ -27,6 +52,36 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=netloc, query=query).geturl()
 
 
+def _passwords(url: str) -> list[str]:
+    """The passwords a URL carries (user part and query), to scrub them from any text."""
+    parts = urlsplit(url)
+    found = [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        if ":" in userinfo:
+            secret = userinfo.split(":", 1)[1]
+            found += [secret, unquote(secret)]
+    return [p for p in found if p]
+
+
+class Failure(enum.Enum):
+    """What kind of failure an attempt met, which decides retrying and the message."""
+
+    UNREACHABLE = "unreachable"
+    """The connection was refused, reset or lost: retried."""
+    SILENT = "silent"
+    """The server took the connection but did not reply in time: retried."""
+    BUSY = "busy"
+    """The server answered too late: a lock held elsewhere, a statement timeout: retried."""
+    AUTHENTICATION = "authentication"
+    """The server refused the credentials: never retried."""
+    FAILED = "failed"
+    """The server answered with any other error: never retried."""
+
+
+_RETRIED = (Failure.UNREACHABLE, Failure.SILENT, Failure.BUSY)
+
+
 class ServerBackend(StorageBackend):
     """A backend on a server reached over the network, which may be down for a while."""
 
@@ -37,46 +92,91 @@ class ServerBackend(StorageBackend):
         super().__init__()
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        if not retry_timeout >= 0:
+            raise ValueError(f"retry_timeout must be a number of seconds >= 0, not {retry_timeout!r}")
         self._dsn = url
+        self._secrets = _passwords(url)
         self.url = redact_url(url)
         self.pool_size = pool_size
         """Connections kept at most (worker threads use one each)."""
-        self.retry_timeout = retry_timeout
-        """Seconds an unreachable server is retried before StorageUnavailableError."""
+        self.retry_timeout = float(retry_timeout)
+        """Seconds one operation may wait on the server in all (connecting, replies, locks
+        and retries) before StorageUnavailableError."""
         self._labels: dict[str, str] = {}
+
+    @property
+    def _wait(self) -> float:
+        """The retry budget as a driver timeout (never zero)."""
+        return max(self.retry_timeout, _MIN_WAIT)
 
     def _label(self, store_ids: Sequence[str] | set[str]) -> str:
         """How messages name these stores: by name where known, at most three of them."""
         labels = sorted({self._labels.get(s, s) for s in store_ids})
         return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
 
+    def _classify(self, exc: BaseException) -> Failure | None:
+        """What kind of failure `exc` is; None: not the server's (raised unchanged)."""
+        raise NotImplementedError
+
+    def _describe(self, exc: BaseException) -> str:
+        """`exc` for a message: its type and text."""
+        return f"{type(exc).__name__}: {exc}"
+
+    def _scrub(self, text: str) -> str:
+        """`text` with the URL's password replaced, should a driver ever echo it."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, kind: Failure, store: str | None, detail: str | None) -> StorageError:
+        """The library error for a failure of this kind (retried ones: after the budget)."""
+        budget = f"{self.retry_timeout:g} s"
+        what = {
+            Failure.UNREACHABLE: f"unreachable for {budget}",
+            Failure.SILENT: f"did not answer within {budget}",
+            Failure.BUSY: f"did not finish within {budget}",
+            Failure.AUTHENTICATION: "refused the credentials: authentication failed",
+            Failure.FAILED: "failed",
+        }[kind]
+        message = self._scrub(f"{self.server_name} {self.url} {what}" + (f" ({detail})" if detail else ""))
+        if kind is Failure.AUTHENTICATION:
+            return StorageAuthenticationError(message, store=store)
+        if kind is Failure.FAILED:
+            return StorageError(message, store=store)
+        return StorageUnavailableError(message, store=store)
+
     async def _retrying(
         self,
         store: str | None,
-        attempt: Callable[[], Awaitable[T]],
+        attempt: Callable[[float], Awaitable[T]],
         *,
-        unreachable: tuple[type[BaseException], ...],
-        failed: tuple[type[BaseException], ...],
+        interrupt: Callable[[], None] | None = None,
     ) -> T:
-        """Await `attempt()`, retrying `unreachable` errors with backoff within the budget.
+        """Await `attempt(deadline)`, retrying server failures with backoff within the budget.
 
-        The backoff starts at 50 ms and doubles to 1 s; the last attempt comes at the
-        deadline. `failed` errors (the server answered, with an error) are not retried.
+        `attempt` must run its worker thread with `abandon_on_cancel=True` and set its
+        driver timeouts to end by `deadline` (a `time.monotonic()` value). Past the
+        deadline plus `_GRACE`, or when cancelled from outside, the attempt is
+        abandoned and `interrupt()` (if given) makes its thread end. The backoff
+        starts at 50 ms and doubles to 1 s; the last attempt comes at the deadline.
         """
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.05
         while True:
-            try:
-                return await attempt()
-            except unreachable as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StorageUnavailableError(
-                        f"{self.server_name} {self.url} unreachable for {self.retry_timeout:g} s "
-                        f"({type(exc).__name__}: {exc})",
-                        store=store,
-                    ) from exc
-            except failed as exc:
-                raise StorageError(f"{self.server_name} {self.url} failed: {exc}", store=store) from exc
-            await anyio.sleep(min(delay, remaining))
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0) + _GRACE) as scope:
+                try:
+                    return await attempt(deadline)
+                except anyio.get_cancelled_exc_class():
+                    if interrupt is not None:
+                        interrupt()
+                    raise
+                except Exception as exc:
+                    kind = self._classify(exc)
+                    if kind is None:
+                        raise
+                    if kind not in _RETRIED or deadline - time.monotonic() <= 0:
+                        raise self._error(kind, store, self._describe(exc)) from exc
+            if scope.cancelled_caught:
+                raise self._error(Failure.SILENT, store, "no reply, the attempt was abandoned")
+            await anyio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
             delay = min(delay * 2, 1.0)

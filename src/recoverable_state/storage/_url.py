@@ -18,8 +18,10 @@ def open_backend(
     `file:///absolute/dir` (or `file://./relative/dir`), `memory://`,
     `redis://host:port/db`, `postgresql://user@host:port/db`.
 
-    `pool_size` (connections) and `retry_timeout` (seconds an unreachable server
-    is retried) apply to Redis and PostgreSQL; None keeps the backend's default.
+    `pool_size` (connections) and `retry_timeout` apply to Redis and PostgreSQL;
+    None keeps the backend's default. `retry_timeout` is the budget, in seconds,
+    of one operation on the server in all: connecting, every reply, locks held
+    by other connections, and the retries in between (the CLI's `--timeout`).
     """
     server_options: dict[str, float] = {}
     if pool_size is not None:
