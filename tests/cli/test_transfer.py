@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 def test_export_writes_one_json_line_per_record_and_nothing_else_to_stdout(cli: Cli, filled_url: str) -> None:
     done = cli("export", url=filled_url)
     assert done.returncode == 0
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    *lines, trailer = [json.loads(line) for line in done.stdout.splitlines()]
+    assert trailer == {"end": "recoverable-state export", "records": 6}
     by_key = {line["key"]: line for line in lines}
     assert sorted(by_key) == sorted([*STATES, "notes", "blob", "odd-json"])
     assert {line["store"] for line in lines} == {"default"}
@@ -24,7 +25,7 @@ def test_export_writes_one_json_line_per_record_and_nothing_else_to_stdout(cli: 
     assert by_key["notes"]["text"] == "line one\nline two — ünïcode\n"
     assert by_key["odd-json"]["text"].encode() == ODD_JSON  # not compact: its exact text
     assert base64.b64decode(by_key["blob"]["base64"]) == bytes(range(256)) + b"\xff\xfe"
-    assert done.stderr == "note: exported 6 records from 1 stores to stdout\n"  # no progress bar in a pipe
+    assert done.stderr == "note: exported 6 records from 1 store to stdout\n"  # no progress bar in a pipe
 
 
 def test_export_import_round_trip_is_byte_exact_into_another_backend(
@@ -56,6 +57,7 @@ def test_import_writes_large_files_in_batches(cli: Cli, tmp_path: Path) -> None:
         )
         for n in range(1234)
     ]
+    lines.append(json.dumps({"end": "recoverable-state export", "records": 1234}))
     (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     url = f"sqlite:///{tmp_path}/big.sqlite3"
     cli.ok("import", "big.jsonl", url=url)
