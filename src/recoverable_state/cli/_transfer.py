@@ -282,33 +282,63 @@ async def _write_page(opened: dict[str, KeyValueStore], page: list[Entry], repor
     ]
     where = f"lines {page[0].line}-{page[-1].line}" if len(page) > 1 else f"line {page[0].line}"
     try:
-        outcomes = await KeyValueStore.put_together(puts)
+        outcomes: Sequence[WriteOutcome | StorageError | bool] = await KeyValueStore.put_together(puts)
     except Exception as exc:
-        raise CommandError(
-            f"writing the records of store {kvs.label!r} on {where} failed ({_one_line(exc)}); "
-            f"none of them was written, nor any after them; {report.applied_text()}. "
-            "Importing the file again is safe: each record replaces its key"
-        ) from exc
+        # The batch failed as a whole; a store may still have applied part of it
+        # (one file per record): read the page back to say which records it holds.
+        outcomes = await _read_back(kvs, page, exc, where, report)
     failed = [(e, o) for e, o in zip(page, outcomes, strict=True) if not _landed(o)]
     if failed:
         entry, outcome = failed[0]
-        landed = len(page) - len(failed)
-        also = (
-            f"; {landed} other records of {where} were written"
+        landed = [e.line for e, o in zip(page, outcomes, strict=True) if _landed(o)]
+        not_written = _ranges([e.line for e, _ in failed])
+        account = (
+            f"of {where}, lines {_ranges(landed)} were written and {not_written} were not"
             if landed
-            else f"; no record of {where} was written"
+            else f"none of {where} was written"
         )
         raise CommandError(
-            f"line {entry.line}, key {entry.key!r} in store {kvs.label!r}: {_one_line(outcome)} "
-            f"({plural(len(failed), 'record')} of {where} failed{also}, none after them); "
-            f"{report.applied_text()}. Importing the file again is safe: each record replaces its key"
+            f"line {entry.line}, key {entry.key!r} in store {kvs.label!r}: {_one_line(outcome)}; "
+            f"{account}, nor any line after them; {report.applied_text()}. "
+            "Importing the file again is safe: each record replaces its key"
         )
     report.applied[kvs.label] += len(page)
     report.last_line = page[-1].line
 
 
-def _landed(outcome: WriteOutcome | StorageError) -> bool:
-    return isinstance(outcome, WriteOutcome) and outcome.applied
+async def _read_back(
+    kvs: KeyValueStore, page: list[Entry], error: Exception, where: str, report: ImportReport
+) -> list[StorageError | bool]:
+    """After a failed batch: for each entry, whether the store now holds it (else the batch's error)."""
+    failure = StorageError(_one_line(error))
+    try:
+        found = await KeyValueStore.get_together([(kvs, e.key, False) for e in page])
+    except Exception as exc:
+        raise CommandError(
+            f"writing the records of store {kvs.label!r} on {where} failed ({_one_line(error)}), and "
+            f"reading them back failed too ({_one_line(exc)}): whether they were written is unknown; "
+            f"none after them was; {report.applied_text()}. "
+            "Importing the file again is safe: each record replaces its key"
+        ) from error
+    return [
+        (isinstance(r, StoredRecord) and r.value == e.value and r.content_type == e.content_type) or failure
+        for e, r in zip(page, found, strict=True)
+    ]
+
+
+def _ranges(numbers: list[int]) -> str:
+    """`[4, 5, 6, 9]` as `4-6, 9`."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _landed(outcome: WriteOutcome | StorageError | bool) -> bool:
+    return outcome is True or (isinstance(outcome, WriteOutcome) and outcome.applied)
 
 
 def _one_line(what: object) -> str:
