@@ -67,10 +67,12 @@ def test_sigterm_worker_prints_whole_lines_in_order(
         text=True,
     )
     assert worker.stdout is not None
+    assert worker.stderr is not None
     assert worker.stdout.readline().startswith("pid ")
     os.kill(worker.pid, signum)
-    out, err = worker.communicate(timeout=60)
-    assert worker.returncode == code, err
+    # Read through the same text wrapper as readline did: communicate() would skip what it buffered.
+    out, err = worker.stdout.read(), worker.stderr.read()
+    assert worker.wait(timeout=60) == code, err
     lines = out.splitlines()
     shapes = (r"starting of crawl-\d", r"(migrating|aborting) \(.*\): saving every crawl", r"stopping at .*")
     assert all(any(re.fullmatch(shape, line) for shape in shapes) for line in lines), lines
