@@ -43,6 +43,9 @@ class StorageUnavailableError(StorageError, ConnectionError):
 class RecordCorruptError(StorageError, ValueError):
     """A stored record cannot be read as the state model (not JSON, or fails validation)."""
 
+    raw: bytes | None = None
+    """The unreadable bytes as the store holds them, when the store could not even parse them."""
+
 
 class SchemaVersionError(StorageError):
     """A stored record's schema version is newer than the code's, or no migration leads on."""

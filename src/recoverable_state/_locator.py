@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._config import Configuration
+from .storage import use_default_storage
 
 if TYPE_CHECKING:
     from .events import EventManager
@@ -75,3 +76,5 @@ class ServiceLocator:
 
 service_locator = ServiceLocator()
 """The process-wide service locator."""
+
+use_default_storage(service_locator.get_storage)

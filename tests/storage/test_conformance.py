@@ -26,6 +26,7 @@ from recoverable_state.storage import (
     RecordWrite,
     StorageBackend,
     WriteOutcome,
+    batcher_of,
     open_backend,
 )
 
@@ -244,9 +245,9 @@ async def test_unknown_store_id_in_record_operations(
 ) -> None:
     missing = uuid.uuid4().hex
     with pytest.raises(StoreNotFoundError):
-        await backend.read(RecordRead(missing, "k"))
+        await batcher_of(backend).read(RecordRead(missing, "k"))
     with pytest.raises(StoreNotFoundError):
-        await backend.write(RecordWrite(missing, "k", b"v", BYTES))
+        await batcher_of(backend).write(RecordWrite(missing, "k", b"v", BYTES))
     with pytest.raises(StoreNotFoundError):
         await backend.list_records(missing)
     with pytest.raises(StoreNotFoundError):
@@ -582,7 +583,7 @@ async def test_concurrent_writes_arrive_in_few_batches(
 
         async def write(i: int) -> None:
             value = f'{{"n": {i}, "pad": "{"x" * (i % 50)}"}}'.encode()
-            outcomes[i] = await backend.write(
+            outcomes[i] = await batcher_of(backend).write(
                 RecordWrite(kvs.id, f"state-{i:04d}", value, JSON_CONTENT_TYPE)
             )
 
@@ -606,7 +607,7 @@ async def test_concurrent_writes_arrive_in_few_batches(
 
 
 
-# -- against the memory backend as the model ---------------------------------------
+# -- against the planner (the memory backend applies it and nothing else) ----------
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
@@ -623,10 +624,9 @@ async def test_random_batches_behave_like_the_memory_backend(
     calls or statements (as they do past 64 MiB), which must change nothing.
     """
     if cut:
-        from recoverable_state.storage import _postgres, _redis
+        from recoverable_state.storage import _contract
 
-        monkeypatch.setattr(_redis, "_SCRIPT_BYTES", 3000)
-        monkeypatch.setattr(_postgres, "_STATEMENT_BYTES", 3000)
+        monkeypatch.setattr(_contract, "BATCH_BYTES", 3000)
     model = open_backend("memory://")
     kvs = await open_store(backend, "model")
     ref = await open_store(model, "model")
@@ -715,7 +715,7 @@ async def test_a_dropped_store_fails_only_its_own_requests_in_a_batch(backend: S
     live = await open_store(backend, "live")
     gone = await open_store(backend, "gone")
     await gone.drop()
-    outcomes = await backend.write_many(
+    outcomes = await batcher_of(backend).write_many(
         [
             RecordWrite(live.id, "a", b"1", BYTES),
             RecordWrite(gone.id, "b", b"2", BYTES),
@@ -727,6 +727,6 @@ async def test_a_dropped_store_fails_only_its_own_requests_in_a_batch(backend: S
     assert outcomes[2] == WriteOutcome(applied=True, version=1)
     assert await live.get_value("a") == b"1"
     assert await live.get_value("c") == b"3"
-    reads = await backend.read_many([RecordRead(gone.id, "b"), RecordRead(live.id, "a")])
+    reads = await batcher_of(backend).read_many([RecordRead(gone.id, "b"), RecordRead(live.id, "a")])
     assert isinstance(reads[0], StoreNotFoundError)
     assert reads[1] is not None and not isinstance(reads[1], Exception) and reads[1].value == b"1"

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..storage import StoredRecord
+from ..storage import StoredRecord, is_json_content_type
 
 _PIPED_WIDTH = 10_000
 """Console width when stdout is not a terminal: piped tables are never cut short."""
@@ -60,7 +60,7 @@ def print_json(data: Any) -> None:
 
 def is_json(content_type: str) -> bool:
     """Whether a content type says JSON (`application/json`, `...+json`, with parameters)."""
-    return content_type.split(";", 1)[0].strip().lower().endswith("json")  # as the library decodes
+    return is_json_content_type(content_type)  # the library's own rule, as it decodes records
 
 
 def print_record(record: StoredRecord, *, raw: bool = False) -> None:

@@ -10,12 +10,23 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._batching import Batcher, batcher_of
+from ._contract import (
+    HistoryPlan,
+    WritePlan,
+    compare_and_set,
+    fail_records,
+    plan_reads,
+    plan_writes,
+)
 from ._kvs import (
     JSON_CONTENT_TYPE,
     QUARANTINE_SUFFIX,
     SCHEMA_VERSION_PARAM,
     KeyValueStore,
     check_key,
+    is_json_content_type,
+    use_default_storage,
 )
 from ._memory import MemoryBackend
 from ._sqlite import SQLiteBackend
@@ -26,6 +37,8 @@ __all__ = [
     "JSON_CONTENT_TYPE",
     "QUARANTINE_SUFFIX",
     "SCHEMA_VERSION_PARAM",
+    "Batcher",
+    "HistoryPlan",
     "KeyValueStore",
     "MemoryBackend",
     "RecordInfo",
@@ -36,6 +49,14 @@ __all__ = [
     "StoreInfo",
     "StoredRecord",
     "WriteOutcome",
+    "WritePlan",
+    "batcher_of",
     "check_key",
+    "compare_and_set",
+    "fail_records",
+    "is_json_content_type",
     "open_backend",
+    "plan_reads",
+    "plan_writes",
+    "use_default_storage",
 ]

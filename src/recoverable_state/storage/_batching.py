@@ -1,4 +1,6 @@
-"""Group commit: requests that arrive together reach the backend as one batch.
+"""What every backend shares: group commit and the store cache, kept beside the backend.
+
+Group commit: requests that arrive together reach the backend as one batch.
 
 The first caller to find no batch in flight leads: it yields once so that
 concurrent callers can queue behind it, then hands the whole queue to the
@@ -18,6 +20,9 @@ from typing import Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
+
+from .._errors import StorageError
+from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOutcome
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")
@@ -133,3 +138,86 @@ class GroupCommitter(Generic[TItem, TResult]):
                 nxt.wake.set()
             else:
                 self._busy = False
+
+
+class Batcher:
+    """The shared machinery in front of one backend: group commit and the store cache.
+
+    Every caller of a backend (KeyValueStore, the CLI) goes through the one
+    batcher of that backend (`batcher_of`), so that writes and reads arriving
+    together travel together and thousands of states opening one store cost
+    one lookup.
+    """
+
+    def __init__(self, backend: StorageBackend) -> None:
+        self.backend = backend
+        # Late-bound, so that a subclass or a test wrapping write_batch is honoured.
+        self._writes: GroupCommitter[RecordWrite, WriteOutcome | StorageError] = GroupCommitter(
+            lambda writes: backend.write_batch(writes), max_batch=backend.max_batch
+        )
+        self._reads: GroupCommitter[RecordRead, StoredRecord | StorageError | None] = GroupCommitter(
+            lambda reads: backend.read_batch(reads), max_batch=backend.max_batch
+        )
+        self._known_stores: dict[tuple[str, str], StoreInfo] = {}
+        self._opening: dict[tuple[str, str], anyio.Event] = {}
+
+    async def write(self, write: RecordWrite) -> WriteOutcome:
+        """Write one record, batched with every write that arrives together."""
+        outcome = await self._writes.submit(write)
+        if isinstance(outcome, StorageError):
+            raise outcome
+        return outcome
+
+    async def read(self, read: RecordRead) -> StoredRecord | None:
+        """Read one record, batched with every read that arrives together."""
+        record = await self._reads.submit(read)
+        if isinstance(record, StorageError):
+            raise record
+        return record
+
+    async def write_many(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome | StorageError]:
+        """Write many records in one batch; a write that failed alone is answered with its error."""
+        return await self._writes.submit_many(writes)
+
+    async def read_many(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
+        """Read many records in one batch; a read that failed alone is answered with its error."""
+        return await self._reads.submit_many(reads)
+
+    async def find_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
+        """`open_store`, remembered; concurrent openers of one store wait for the first."""
+        key = ("id", id) if id is not None else ("name", name or "")
+        while (info := self._known_stores.get(key)) is None:
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            await opening.wait()
+        else:
+            return info
+        self._opening[key] = opening = anyio.Event()
+        try:
+            info = await self.backend.open_store(name=name, id=id)
+            self._known_stores[("id", info.id)] = info
+            if info.name is not None:
+                self._known_stores[("name", info.name)] = info
+            return info
+        finally:
+            del self._opening[key]
+            opening.set()
+
+    async def drop_store(self, store_id: str) -> None:
+        """Drop a store, and forget it was known."""
+        self.forget_store(store_id)
+        await self.backend.drop_store(store_id)
+
+    def forget_store(self, store_id: str) -> None:
+        """Forget a store's id and name (it was dropped)."""
+        for key in [k for k, v in self._known_stores.items() if v.id == store_id]:
+            del self._known_stores[key]
+
+
+def batcher_of(backend: StorageBackend) -> Batcher:
+    """The one batcher in front of `backend`, made on first use and kept on it."""
+    batcher: Batcher | None = backend.__dict__.get("_batcher")
+    if batcher is None:
+        batcher = backend.__dict__["_batcher"] = Batcher(backend)
+    return batcher

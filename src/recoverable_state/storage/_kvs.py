@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pydantic_core
 
 from .._errors import InvalidKeyError, RecordCorruptError, StorageError
-from .._locator import service_locator
 from ._backend import (
     DEFAULT_STORE_NAME,
     RecordInfo,
@@ -21,6 +20,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._batching import batcher_of
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
@@ -34,6 +34,15 @@ SCHEMA_VERSION_PARAM = "schema-version"
 
 MAX_KEY_LENGTH = 1024
 """The longest key, in characters, every backend accepts."""
+
+_default_storage: Callable[[], StorageBackend] | None = None
+
+
+def use_default_storage(provider: Callable[[], StorageBackend]) -> None:
+    """Where `KeyValueStore.open()` without `storage=` gets its backend (set by the service locator)."""
+    global _default_storage
+    _default_storage = provider
+
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -70,12 +79,13 @@ def encode_value(value: Any, content_type: str | None) -> tuple[bytes, str]:
     """Turn a value into stored bytes and a content type (JSON unless bytes or str)."""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value), content_type or BYTES_CONTENT_TYPE
-    if isinstance(value, str) and (content_type is None or not _is_json(content_type)):
+    if isinstance(value, str) and (content_type is None or not is_json_content_type(content_type)):
         return value.encode("utf-8"), content_type or TEXT_CONTENT_TYPE
     return pydantic_core.to_json(value), content_type or JSON_CONTENT_TYPE
 
 
-def _is_json(content_type: str) -> bool:
+def is_json_content_type(content_type: str) -> bool:
+    """Whether a content type is JSON (`application/json`, `...+json`, with any parameters)."""
     return content_type.split(";", 1)[0].strip().lower().endswith("json")
 
 
@@ -90,6 +100,7 @@ class KeyValueStore:
     def __init__(self, info: StoreInfo, storage: StorageBackend) -> None:
         self._info = info
         self._storage = storage
+        self._batcher = batcher_of(storage)
         self._label = info.label
 
     @classmethod
@@ -108,11 +119,13 @@ class KeyValueStore:
         if name is not None and id is not None:
             raise ValueError("open a store by name or by id, not both")
         if storage is None:
-            storage = service_locator.get_storage()
+            if _default_storage is None:
+                raise RuntimeError("no default storage: pass storage=, or import recoverable_state")
+            storage = _default_storage()
         if id is None:
             name = DEFAULT_STORE_NAME if name is None else name
             _check_name(name)
-        info = await storage.find_store(name=name, id=id)
+        info = await batcher_of(storage).find_store(name=name, id=id)
         return cls(info, storage)
 
     @property
@@ -149,7 +162,7 @@ class KeyValueStore:
 
     def decode(self, record: StoredRecord) -> Any:
         """Decode a record's bytes by its content type: JSON, text or bytes."""
-        if _is_json(record.content_type):
+        if is_json_content_type(record.content_type):
             try:
                 return json.loads(record.value)
             except ValueError as exc:
@@ -169,7 +182,7 @@ class KeyValueStore:
             raise StorageError(
                 f"the value cannot be stored as JSON: {exc}", store=self.label, key=key
             ) from exc
-        await self._storage.write(RecordWrite(self.id, key, data, ctype))
+        await self._batcher.write(RecordWrite(self.id, key, data, ctype))
 
     async def delete_value(self, key: str) -> None:
         """Delete the record under `key` (and its history); nothing happens if absent."""
@@ -195,14 +208,14 @@ class KeyValueStore:
 
     async def drop(self) -> None:
         """Delete the store with every record in it."""
-        await self._storage.remove_store(self.id)
+        await self._batcher.drop_store(self.id)
 
     # -- whole records (used by RecoverableState and the CLI) ----------------
 
     async def get_record(self, key: str, *, claim: bool = False) -> StoredRecord | None:
         """The whole stored record under `key`; with `claim`, take ownership of it too."""
         check_key(key, store=self.label)
-        return await self._storage.read(RecordRead(self.id, key, claim))
+        return await self._batcher.read(RecordRead(self.id, key, claim))
 
     async def put_record(
         self,
@@ -215,7 +228,7 @@ class KeyValueStore:
     ) -> WriteOutcome:
         """Write raw bytes, only if the stored version is `expected_version` (when given)."""
         check_key(key, store=self.label)
-        return await self._storage.write(
+        return await self._batcher.write(
             RecordWrite(self.id, key, value, content_type, expected_version, keep_history)
         )
 
@@ -251,7 +264,7 @@ class KeyValueStore:
         """
         outcomes: dict[int, WriteOutcome | StorageError] = {}
         for storage, indexes in _by_backend([kvs for kvs, _ in puts]):
-            results = await storage.write_many([puts[i][1] for i in indexes])
+            results = await batcher_of(storage).write_many([puts[i][1] for i in indexes])
             outcomes.update(zip(indexes, results, strict=True))
         return [outcomes[i] for i in range(len(puts))]
 
@@ -268,7 +281,7 @@ class KeyValueStore:
         found: list[StoredRecord | StorageError | None] = [None] * len(gets)
         for storage, indexes in _by_backend([kvs for kvs, _, _ in gets]):
             reads = [RecordRead(gets[i][0].id, gets[i][1], gets[i][2]) for i in indexes]
-            for i, record in zip(indexes, await storage.read_many(reads), strict=True):
+            for i, record in zip(indexes, await batcher_of(storage).read_many(reads), strict=True):
                 found[i] = record
         return found
 

@@ -18,6 +18,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._contract import compare_and_set, plan_reads, plan_writes
 
 
 class MemoryBackend(StorageBackend):
@@ -61,51 +62,49 @@ class MemoryBackend(StorageBackend):
         for hkey in [k for k in self._history if k[0] == store_id]:
             del self._history[hkey]
 
+    def _missing(self, store_ids: set[str]) -> dict[str, StorageError]:
+        return {
+            sid: StoreNotFoundError("no such store (was it dropped?)", store=sid)
+            for sid in store_ids
+            if sid not in self._records
+        }
+
     async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         await anyio.lowlevel.checkpoint()
-        found: list[StoredRecord | StorageError | None] = []
-        for r in reads:
-            try:
-                records = self._store(r.store_id)
-            except StoreNotFoundError as exc:
-                found.append(exc)
-                continue
-            rec = records.get(r.key)
-            if rec is not None and r.claim:
-                rec = StoredRecord(rec.key, rec.value, rec.content_type, rec.version + 1, rec.updated_at)
-                records[r.key] = rec
-            found.append(rec)
-        return found
+        missing = self._missing({r.store_id for r in reads})
+        found = {
+            (r.store_id, r.key): rec
+            for r in reads
+            if r.store_id not in missing and (rec := self._records[r.store_id].get(r.key)) is not None
+        }
+        results, bumped = plan_reads(reads, found, missing)
+        for (store_id, key), version in bumped.items():
+            self._records[store_id][key] = found[(store_id, key)]._replace(version=version)
+        return results
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         await anyio.lowlevel.checkpoint()
-        outcomes: list[WriteOutcome | StorageError] = []
+        missing = self._missing({w.store_id for w in writes})
+        stored = {
+            (w.store_id, w.key): rec.version
+            for w in writes
+            if w.store_id not in missing and (rec := self._records[w.store_id].get(w.key)) is not None
+        }
+        plan = plan_writes(writes, stored, missing)
         now = datetime.now(UTC)
-        for w in writes:
-            try:
-                records = self._store(w.store_id)
-            except StoreNotFoundError as exc:
-                outcomes.append(exc)
-                continue
-            old = records.get(w.key)
-            stored = old.version if old is not None else 0
-            if w.expected_version is not None and w.expected_version != stored:
-                outcomes.append(WriteOutcome(applied=False, version=stored))
-                continue
-            rec = StoredRecord(w.key, bytes(w.value), w.content_type, stored + 1, now)
-            records[w.key] = rec
-            if w.keep_history > 0:
-                kept = self._history.setdefault((w.store_id, w.key), [])
-                kept.insert(0, rec)
-                del kept[w.keep_history :]
-            outcomes.append(WriteOutcome(applied=True, version=rec.version))
-        return outcomes
+        for (store_id, key), (w, version) in plan.rows.items():
+            self._records[store_id][key] = StoredRecord(key, bytes(w.value), w.content_type, version, now)
+        for pair, change in plan.history.items():
+            kept = self._history.get(pair, [])
+            new = [StoredRecord(pair[1], bytes(w.value), w.content_type, v, now) for v, w in change.added]
+            self._history[pair] = new + (kept if change.keep_old is None else kept[: change.keep_old])
+        return plan.outcomes
 
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
         await anyio.lowlevel.checkpoint()
         records = self._store(store_id)
         old = records.get(key)
-        if old is None or (expected_version is not None and old.version != expected_version):
+        if old is None or not compare_and_set(expected_version, old.version):
             return False
         del records[key]
         self._history.pop((store_id, key), None)

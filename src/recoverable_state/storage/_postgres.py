@@ -80,6 +80,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._contract import plan_reads, plan_writes, split_by_size
 from ._server import ServerBackend
 
 T = TypeVar("T")
@@ -182,24 +183,6 @@ WITH upd AS (
 SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins),
        (SELECT count(*) FROM cut), (SELECT count(*) FROM hist)
 """
-
-
-_STATEMENT_BYTES = 64 * 1024 * 1024
-"""Values sent in one statement at most (an array parameter must stay under 1 GB)."""
-
-
-def _split(items: list[T], size: Callable[[T], int]) -> list[list[T]]:
-    """`items` in order, cut into runs whose sizes add up to at most `_STATEMENT_BYTES`."""
-    limit = _STATEMENT_BYTES
-    runs: list[list[T]] = [[]]
-    total = 0
-    for item in items:
-        if runs[-1] and total + size(item) > limit:
-            runs.append([])
-            total = 0
-        runs[-1].append(item)
-        total += size(item)
-    return runs
 
 
 def _zip_chunks(*parts: list[list[Any]]) -> list[tuple[list[Any], ...]]:
@@ -481,109 +464,75 @@ class PostgresBackend(ServerBackend):
     async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         claims = any(r.claim for r in reads)
         store_ids = {r.store_id for r in reads}
-        pairs = list(dict.fromkeys((r.store_id, _hash(r.key)) for r in reads))
+        places = {(r.store_id, _hash(r.key)): r.key for r in reads}
 
         def read(conn: psycopg.Connection[Any]) -> list[StoredRecord | StorageError | None]:
             query = _READ_ROWS + (" FOR UPDATE" if claims else "")
-            params = ([p[0] for p in pairs], [p[1] for p in pairs])
             stores = conn.execute(_CHECK_STORES if claims else _FIND_STORES, (list(store_ids),))
             cur = conn.cursor(binary=True)
-            cur.execute(query, params)
+            cur.execute(query, ([p[0] for p in places], [p[1] for p in places]))
             missing = self._missing_stores(conn, store_ids, stores)
-            rows = {(s, bytes(h)): (v, t, ver, at) for s, h, v, t, ver, at in cur}
-            versions = {pair: row[2] for pair, row in rows.items()}
-            found: list[StoredRecord | StorageError | None] = []
-            for r, pair in zip(reads, ((r.store_id, _hash(r.key)) for r in reads), strict=True):
-                if r.store_id in missing:
-                    found.append(missing[r.store_id])
-                    continue
-                row = rows.get(pair)
-                if row is None:
-                    found.append(None)
-                    continue
-                if r.claim:
-                    versions[pair] += 1
-                found.append(StoredRecord(r.key, bytes(row[0]), row[1], versions[pair], _utc(row[3])))
-            if claims:
-                bumped = [(pair, v) for pair, v in versions.items() if v != rows[pair][2]]
+            found = {}
+            for store_id, key_hash, value, ctype, version, at in cur:
+                key = places[(store_id, bytes(key_hash))]
+                found[(store_id, key)] = StoredRecord(key, bytes(value), ctype, version, _utc(at))
+            results, bumped = plan_reads(reads, found, missing)
+            if bumped:
                 conn.execute(
                     _CLAIM_ROWS,
                     (
-                        [p[0] for p, _ in bumped],
-                        [p[1] for p, _ in bumped],
-                        [v for _, v in bumped],
+                        [sid for sid, _ in bumped],
+                        [_hash(key) for _, key in bumped],
+                        list(bumped.values()),
                     ),
                 )
-            return found
+            return results
 
         return await self._run(self._label(store_ids), read, mutating=claims)
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         store_ids = {w.store_id for w in writes}
-        hashes = [_hash(w.key) for w in writes]
-        pairs = list(dict.fromkeys(zip((w.store_id for w in writes), hashes, strict=True)))
+        places = {(w.store_id, _hash(w.key)): w.key for w in writes}
         now = datetime.now(UTC)
 
         def write(conn: psycopg.Connection[Any]) -> list[WriteOutcome | StorageError]:
             stores = conn.execute(_CHECK_STORES, (list(store_ids),))
-            cur = conn.execute(_LOCK_ROWS, ([p[0] for p in pairs], [p[1] for p in pairs]))
+            cur = conn.execute(_LOCK_ROWS, ([p[0] for p in places], [p[1] for p in places]))
             missing = self._missing_stores(conn, store_ids, stores)
-            existing = {(s, bytes(h)): v for s, h, v in cur}
-            stored = dict(existing)
-            final: dict[tuple[str, bytes], RecordWrite] = {}
-            # Per key: snapshots to add to history (newest first), and how many of
-            # the snapshots kept before this batch survive (None: all of them).
-            snapshots: dict[tuple[str, bytes], list[tuple[int, RecordWrite]]] = {}
-            survivors: dict[tuple[str, bytes], int | None] = {}
-            outcomes: list[WriteOutcome | StorageError] = []
-            for w, h in zip(writes, hashes, strict=True):
-                if w.store_id in missing:  # that write alone fails; the batch goes on
-                    outcomes.append(missing[w.store_id])
-                    continue
-                pair = (w.store_id, h)
-                current = stored.get(pair, 0)
-                if w.expected_version is not None and w.expected_version != current:
-                    outcomes.append(WriteOutcome(applied=False, version=current))
-                    continue
-                stored[pair] = current + 1
-                final[pair] = w
-                outcomes.append(WriteOutcome(applied=True, version=current + 1))
-                if w.keep_history > 0:
-                    added = snapshots.setdefault(pair, [])
-                    added.insert(0, (current + 1, w))
-                    del added[w.keep_history :]
-                    room = w.keep_history - len(added)
-                    old = survivors.get(pair)
-                    survivors[pair] = room if old is None else min(old, room)
-            upd = [p for p in final if p in existing]
-            ins = [p for p in final if p not in existing]
-            trim = [(p, n) for p, n in survivors.items() if n is not None]
-            hist = [(p, v, w) for p, added in snapshots.items() for v, w in added]
+            stored = {(sid, places[(sid, bytes(h))]): version for sid, h, version in cur}
+            plan = plan_writes(writes, stored, missing)
+            upd = [p for p in plan.rows if p in plan.existing]
+            ins = [p for p in plan.rows if p not in plan.existing]
+            trim = [(p, h.keep_old) for p, h in plan.history.items() if h.keep_old is not None]
+            hist = [(p, v, w) for p, h in plan.history.items() for v, w in h.added]
+            rows = plan.rows
             inserted = 0
-            for n, (u_run, i_run, h_run) in enumerate(_zip_chunks(
-                _split(upd, lambda p: len(final[p].value)),
-                _split(ins, lambda p: len(final[p].value)),
-                _split(hist, lambda item: len(item[2].value)),
-            )):
+            for n, (u_run, i_run, h_run) in enumerate(
+                _zip_chunks(
+                    split_by_size(upd, lambda p: len(rows[p][0].value)),
+                    split_by_size(ins, lambda p: len(rows[p][0].value)),
+                    split_by_size(hist, lambda item: len(item[2].value)),
+                )
+            ):
                 t_run = trim if n == 0 else []  # later statements would see new history rows
                 params = {
                     "now": now,
                     "u_store": [p[0] for p in u_run],
-                    "u_hash": [p[1] for p in u_run],
-                    "u_value": [final[p].value for p in u_run],
-                    "u_type": [final[p].content_type for p in u_run],
-                    "u_version": [stored[p] for p in u_run],
+                    "u_hash": [_hash(p[1]) for p in u_run],
+                    "u_value": [rows[p][0].value for p in u_run],
+                    "u_type": [rows[p][0].content_type for p in u_run],
+                    "u_version": [rows[p][1] for p in u_run],
                     "i_store": [p[0] for p in i_run],
-                    "i_hash": [p[1] for p in i_run],
-                    "i_key": [final[p].key for p in i_run],
-                    "i_value": [final[p].value for p in i_run],
-                    "i_type": [final[p].content_type for p in i_run],
-                    "i_version": [stored[p] for p in i_run],
+                    "i_hash": [_hash(p[1]) for p in i_run],
+                    "i_key": [p[1] for p in i_run],
+                    "i_value": [rows[p][0].value for p in i_run],
+                    "i_type": [rows[p][0].content_type for p in i_run],
+                    "i_version": [rows[p][1] for p in i_run],
                     "t_store": [p[0] for p, _ in t_run],
-                    "t_hash": [p[1] for p, _ in t_run],
+                    "t_hash": [_hash(p[1]) for p, _ in t_run],
                     "t_keep": [keep for _, keep in t_run],
                     "h_store": [p[0] for p, _, _ in h_run],
-                    "h_hash": [p[1] for p, _, _ in h_run],
+                    "h_hash": [_hash(p[1]) for p, _, _ in h_run],
                     "h_version": [v for _, v, _ in h_run],
                     "h_value": [w.value for _, _, w in h_run],
                     "h_type": [w.content_type for _, _, w in h_run],
@@ -593,7 +542,7 @@ class PostgresBackend(ServerBackend):
                 inserted += row[1]
             if inserted != len(ins):
                 raise _Retry
-            return outcomes
+            return plan.outcomes
 
         return await self._run(self._label(store_ids), write)
 

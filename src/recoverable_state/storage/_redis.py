@@ -70,6 +70,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._contract import split_by_size
 from ._server import ServerBackend
 
 T = TypeVar("T")
@@ -233,10 +234,6 @@ end
 return out
 """
 
-_SCRIPT_BYTES = 64 * 1024 * 1024
-"""Values sent in one script call at most: Redis blocks other clients while a script runs,
-and refuses requests beyond its client query buffer limit (1 GB by default)."""
-
 _RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -382,13 +379,9 @@ class RedisBackend(ServerBackend):
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         outcomes: list[WriteOutcome | StorageError] = []
-        start, size = 0, 0
-        for end, w in enumerate(writes):
-            if end > start and size + len(w.value) > _SCRIPT_BYTES:
-                outcomes += await self._write_run(writes[start:end])
-                start, size = end, 0
-            size += len(w.value)
-        return outcomes + await self._write_run(writes[start:])
+        for run in split_by_size(writes, lambda w: len(w.value)):
+            outcomes += await self._write_run(run)
+        return outcomes
 
     async def _write_run(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         """Apply writes in one atomic script call."""

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
@@ -23,6 +23,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
+from ._contract import by_store, compare_and_set, plan_reads, plan_writes
 
 T = TypeVar("T")
 
@@ -126,6 +127,11 @@ class SQLiteBackend(StorageBackend):
                     return result
                 except sqlite3.Error as exc:
                     raise StorageError(f"SQLite database {str(self.path)!r} failed: {exc}") from exc
+                except OSError as exc:  # its directory cannot be made or reached
+                    raise StorageError(
+                        f"SQLite database {str(self.path)!r} cannot be opened: {exc.strerror or exc}"
+                        f" ({exc.filename or self.path.parent})"
+                    ) from exc
 
         return await anyio.to_thread.run_sync(call)
 
@@ -165,136 +171,87 @@ class SQLiteBackend(StorageBackend):
     # -- records ------------------------------------------------------------
 
     @staticmethod
-    def _by_store(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-        keys: dict[str, list[str]] = {}
-        for store_id, key in dict.fromkeys(pairs):
-            keys.setdefault(store_id, []).append(key)
-        return keys
-
-    @classmethod
-    def _versions(
-        cls, conn: sqlite3.Connection, pairs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], int]:
-        """The stored version of each (store_id, key) that exists."""
-        found: dict[tuple[str, str], int] = {}
+    def _select(
+        conn: sqlite3.Connection, columns: str, table: str, pairs: Sequence[tuple[str, str]]
+    ) -> Iterator[tuple[Any, ...]]:
+        """Rows of `table` for these (store_id, key) pairs, `key` first, then `columns`."""
         # `store_id = ? AND key IN (...)` uses the primary key; a row-value IN scans the table.
-        for store_id, keys in cls._by_store(pairs).items():
+        for store_id, keys in by_store(pairs).items():
             for chunk in _chunks(keys):
-                cur = conn.execute(
-                    "SELECT key, version FROM versions WHERE store_id = ? "
-                    f"AND key IN ({','.join('?' * len(chunk))})",
-                    (store_id, *chunk),
+                yield from (
+                    (store_id, *row)
+                    for row in conn.execute(
+                        f"SELECT key, {columns} FROM {table} WHERE store_id = ? "
+                        f"AND key IN ({','.join('?' * len(chunk))})",
+                        (store_id, *chunk),
+                    )
                 )
-                for key, version in cur:
-                    found[(store_id, key)] = version
-        return found
 
     async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
         claims = any(r.claim for r in reads)
 
         def read(conn: sqlite3.Connection) -> list[StoredRecord | StorageError | None]:
             missing = self._missing_stores(conn, {r.store_id for r in reads})
-            rows: dict[tuple[str, str], tuple[bytes, str, int, float]] = {}
             pairs = [(r.store_id, r.key) for r in reads if r.store_id not in missing]
-            for store_id, keys in self._by_store(pairs).items():
-                for chunk in _chunks(keys):
-                    cur = conn.execute(
-                        "SELECT r.key, r.value, r.content_type, v.version, r.updated_at "
-                        "FROM records AS r JOIN versions AS v USING (store_id, key) "
-                        f"WHERE r.store_id = ? AND r.key IN ({','.join('?' * len(chunk))})",
-                        (store_id, *chunk),
-                    )
-                    for key, value, ctype, version, updated in cur:
-                        rows[(store_id, key)] = (value, ctype, version, updated)
-            # Requests act one after another: two claims of one key get two versions.
-            results: list[StoredRecord | StorageError | None] = []
-            bumps: dict[tuple[str, str], int] = {}
-            for r in reads:
-                if r.store_id in missing:
-                    results.append(missing[r.store_id])
-                    continue
-                pair = (r.store_id, r.key)
-                row = rows.get(pair)
-                if row is None:
-                    results.append(None)
-                    continue
-                bumped = bumps.get(pair, 0)
-                if r.claim:
-                    bumped = bumps[pair] = bumped + 1
-                value, ctype, version, updated = row
-                results.append(StoredRecord(r.key, value, ctype, version + bumped, _ts(updated)))
-            self._bump_versions(conn, bumps)
+            found = {
+                (sid, key): StoredRecord(key, value, ctype, version, _ts(updated))
+                for sid, key, value, ctype, version, updated in self._select(
+                    conn,
+                    "value, content_type, (SELECT version FROM versions AS v WHERE v.store_id = "
+                    "records.store_id AND v.key = records.key), updated_at",
+                    "records",
+                    pairs,
+                )
+            }
+            results, bumped = plan_reads(reads, found, missing)
+            conn.executemany(
+                "UPDATE versions SET version = ? WHERE store_id = ? AND key = ?",
+                [(version, sid, key) for (sid, key), version in bumped.items()],
+            )
             return results
 
         return await self._run(read, write=claims)
 
-    @classmethod
-    def _bump_versions(cls, conn: sqlite3.Connection, bumps: dict[tuple[str, str], int]) -> None:
-        """Add to each record's version; keys bumped once go by the hundred in one statement."""
-        once = [pair for pair, n in bumps.items() if n == 1]
-        for store_id, keys in cls._by_store(once).items():
-            for chunk in _chunks(keys):
-                conn.execute(
-                    "UPDATE versions SET version = version + 1 WHERE store_id = ? "
-                    f"AND key IN ({','.join('?' * len(chunk))})",
-                    (store_id, *chunk),
-                )
-        conn.executemany(
-            "UPDATE versions SET version = version + ? WHERE store_id = ? AND key = ?",
-            [(n, sid, key) for (sid, key), n in bumps.items() if n > 1],
-        )
-
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         def write(conn: sqlite3.Connection) -> list[WriteOutcome | StorageError]:
             missing = self._missing_stores(conn, {w.store_id for w in writes})
-            stored = self._versions(conn, [(w.store_id, w.key) for w in writes if w.store_id not in missing])
+            pairs = [(w.store_id, w.key) for w in writes if w.store_id not in missing]
+            versions = self._select(conn, "version", "versions", pairs)
+            stored = {(sid, key): version for sid, key, version in versions}
+            plan = plan_writes(writes, stored, missing)
             now = time.time()
-            outcomes: list[WriteOutcome | StorageError] = []
-            rows = []
-            history = []
-            for w in writes:
-                if w.store_id in missing:
-                    outcomes.append(missing[w.store_id])
-                    continue
-                pair = (w.store_id, w.key)
-                current = stored.get(pair, 0)
-                if w.expected_version is not None and w.expected_version != current:
-                    outcomes.append(WriteOutcome(applied=False, version=current))
-                    continue
-                stored[pair] = current + 1  # a later write to the same key in this batch
-                row = (w.store_id, w.key, w.value, w.content_type, current + 1, now)
-                rows.append(row)
-                if w.keep_history > 0:
-                    history.append((row, w.keep_history))
-                outcomes.append(WriteOutcome(applied=True, version=current + 1))
+            rows = [(sid, key, w.value, w.content_type, now) for (sid, key), (w, _) in plan.rows.items()]
             conn.executemany(
                 "INSERT INTO records (store_id, key, value, content_type, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (store_id, key) DO UPDATE SET "
                 "value = excluded.value, content_type = excluded.content_type, "
                 "updated_at = excluded.updated_at",
-                [(sid, key, value, ctype, at) for sid, key, value, ctype, _, at in rows],
+                rows,
             )
             conn.executemany(
                 "INSERT INTO versions (store_id, key, version) VALUES (?, ?, ?) "
                 "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
-                [(sid, key, version) for sid, key, _, _, version, _ in rows],
+                [(sid, key, version) for (sid, key), (_, version) in plan.rows.items()],
             )
-            # Each snapshot is kept, then trimmed by count (a claim bumps the version without
-            # a snapshot), one write after another, as they were asked for.
-            for row, keep in history:
-                conn.execute(
-                    "INSERT OR REPLACE INTO history "
-                    "(store_id, key, value, content_type, version, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    row,
-                )
-                conn.execute(
-                    "DELETE FROM history WHERE store_id = ? AND key = ? AND version NOT IN "
-                    "(SELECT version FROM history WHERE store_id = ? AND key = ? "
-                    "ORDER BY version DESC LIMIT ?)",
-                    (row[0], row[1], row[0], row[1], keep),
-                )
-            return outcomes
+            conn.executemany(
+                "INSERT OR REPLACE INTO history (store_id, key, value, content_type, version, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (sid, key, w.value, w.content_type, version, now)
+                    for (sid, key), change in plan.history.items()
+                    for version, w in change.added
+                ],
+            )
+            conn.executemany(
+                "DELETE FROM history WHERE store_id = ? AND key = ? AND version NOT IN "
+                "(SELECT version FROM history WHERE store_id = ? AND key = ? ORDER BY version DESC LIMIT ?)",
+                [
+                    (sid, key, sid, key, keep)
+                    for (sid, key), change in plan.history.items()
+                    if (keep := change.keep_total) is not None
+                ],
+            )
+            return plan.outcomes
 
         return await self._run(write, write=True)
 
@@ -318,7 +275,7 @@ class SQLiteBackend(StorageBackend):
             row = conn.execute(
                 "SELECT version FROM versions WHERE store_id = ? AND key = ?", (store_id, key)
             ).fetchone()
-            if row is None or (expected_version is not None and row[0] != expected_version):
+            if row is None or not compare_and_set(expected_version, row[0]):
                 return False
             for table in ("records", "versions", "history"):
                 conn.execute(f"DELETE FROM {table} WHERE store_id = ? AND key = ?", (store_id, key))

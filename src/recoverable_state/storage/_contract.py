@@ -1,0 +1,175 @@
+"""The record contract, written once: what a batch of requests does to a store.
+
+Every backend fetches what these functions need (the stored versions of the
+batch's keys, which stores are missing), hands it to them, and applies their
+answer in its own medium, in one transaction where it has one. The rules live
+here and nowhere else; Redis, which must decide inside its server for
+atomicity, runs the same rules in Lua and is tested against these functions.
+
+The rules:
+
+- A write with `expected_version=None` applies whatever is stored; with 0 only
+  when the key is absent; with n only when the stored version is n. An applied
+  write stores version `stored + 1` (1 for a new key). Requests of one batch act
+  one after another, in order: a second write to a key sees the first.
+- A read with `claim` bumps the version of a record it finds (fencing: a
+  process still holding the older version can no longer write).
+- A request to a missing store fails alone, answered with its error in place.
+- History keeps, per key, the newest `keep_history` snapshots written with
+  history; each such write keeps its own snapshot and trims to its own count.
+  A claim bumps the version without a snapshot.
+- A delete applies when the key exists and, if a version is expected, matches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple, TypeVar
+
+from .._errors import StorageError
+from ._backend import RecordRead, RecordWrite, StoredRecord, WriteOutcome
+
+T = TypeVar("T")
+
+Pair = tuple[str, str]
+"""A record's place: (store id, key)."""
+
+BATCH_BYTES = 64 * 1024 * 1024
+"""Values of one statement or script call at most (Redis blocks while a script runs;
+a PostgreSQL array parameter must stay under 1 GB)."""
+
+
+class HistoryPlan(NamedTuple):
+    """What a batch does to one key's kept snapshots."""
+
+    added: list[tuple[int, RecordWrite]]
+    """New snapshots to keep, newest first, as (version, write)."""
+    keep_old: int | None
+    """How many of the snapshots kept before the batch survive, newest first (None: all)."""
+
+    @property
+    def keep_total(self) -> int | None:
+        """How many snapshots the key keeps after the batch, newest first (None: all)."""
+        return None if self.keep_old is None else self.keep_old + len(self.added)
+
+
+class WritePlan(NamedTuple):
+    """The answer to a batch of writes, before it is applied."""
+
+    outcomes: list[WriteOutcome | StorageError]
+    """One per write, in order."""
+    rows: dict[Pair, tuple[RecordWrite, int]]
+    """The final content of each record the batch changes: (last applied write, its version)."""
+    existing: set[Pair]
+    """The changed records that existed before the batch (updates, not inserts)."""
+    history: dict[Pair, HistoryPlan]
+    """The history change of each key written with history."""
+    applied: dict[Pair, list[int]]
+    """The positions of the applied writes of each record (to fail them if it cannot be stored)."""
+
+
+def compare_and_set(expected: int | None, stored: int) -> bool:
+    """Whether a write or delete expecting `expected` applies to a record at `stored` (0: absent)."""
+    return expected is None or expected == stored
+
+
+def plan_writes(
+    writes: Sequence[RecordWrite],
+    stored: Mapping[Pair, int],
+    missing: Mapping[str, StorageError],
+) -> WritePlan:
+    """Decide each write of a batch from the stored versions of its keys (absent: 0)."""
+    outcomes: list[WriteOutcome | StorageError] = []
+    current = dict(stored)
+    rows: dict[Pair, tuple[RecordWrite, int]] = {}
+    history: dict[Pair, HistoryPlan] = {}
+    applied: dict[Pair, list[int]] = {}
+    for i, w in enumerate(writes):
+        if missing and w.store_id in missing:
+            outcomes.append(missing[w.store_id])
+            continue
+        pair = (w.store_id, w.key)
+        version = current.get(pair, 0)
+        if w.expected_version is not None and w.expected_version != version:
+            outcomes.append(WriteOutcome(False, version))
+            continue
+        version += 1
+        current[pair] = version
+        rows[pair] = (w, version)
+        outcomes.append(WriteOutcome(True, version))
+        applied.setdefault(pair, []).append(i)
+        if w.keep_history > 0:
+            plan = history.get(pair)
+            added = [(version, w), *(plan.added if plan else ())][: w.keep_history]
+            room = w.keep_history - len(added)
+            keep_old = room if plan is None or plan.keep_old is None else min(plan.keep_old, room)
+            history[pair] = HistoryPlan(added, max(keep_old, 0))
+    existing = {pair for pair in rows if stored.get(pair, 0) > 0}
+    return WritePlan(outcomes, rows, existing, history, applied)
+
+
+def fail_records(
+    plan: WritePlan, failed: Mapping[Pair, StorageError]
+) -> list[WriteOutcome | StorageError]:
+    """The outcomes of a plan whose records in `failed` could not be stored.
+
+    Every applied write of such a record is answered with its error (nothing of
+    it landed); the other records' outcomes stand as planned.
+    """
+    outcomes = list(plan.outcomes)
+    for pair, error in failed.items():
+        for i in plan.applied.get(pair, ()):
+            outcomes[i] = error
+    return outcomes
+
+
+def plan_reads(
+    reads: Sequence[RecordRead],
+    found: Mapping[Pair, StoredRecord],
+    missing: Mapping[str, StorageError],
+) -> tuple[list[StoredRecord | StorageError | None], dict[Pair, int]]:
+    """Answer a batch of reads from the records found, and the new version of each claimed one.
+
+    Claims act one after another: two claims of one key in a batch bump it twice.
+    """
+    results: list[StoredRecord | StorageError | None] = []
+    bumped: dict[Pair, int] = {}
+    for r in reads:
+        if missing and r.store_id in missing:
+            results.append(missing[r.store_id])
+            continue
+        pair = (r.store_id, r.key)
+        record = found.get(pair)
+        if record is None:
+            results.append(None)
+            continue
+        if r.claim:
+            version = bumped[pair] = bumped.get(pair, record.version) + 1
+            record = record._replace(version=version)
+        elif pair in bumped:
+            record = record._replace(version=bumped[pair])
+        results.append(record)
+    return results, bumped
+
+
+def by_store(pairs: Iterator[Pair] | Sequence[Pair]) -> dict[str, list[str]]:
+    """The distinct keys of `pairs`, grouped by store, in first-seen order."""
+    keys: dict[str, list[str]] = {}
+    for store_id, key in dict.fromkeys(pairs):
+        keys.setdefault(store_id, []).append(key)
+    return keys
+
+
+def split_by_size(items: Sequence[T], size: Callable[[T], int]) -> list[list[T]]:
+    """`items` in order, cut into runs whose sizes add up to at most BATCH_BYTES (one item at least)."""
+    limit = BATCH_BYTES
+    runs: list[list[T]] = [[]]
+    total = 0
+    for item in items:
+        n = size(item)
+        if runs[-1] and total + n > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += n
+    return runs
