@@ -1,7 +1,8 @@
 """A worker that counts work items and picks up where it left off.
 
 Run it, stop it with Ctrl-C whenever you like, run it again: it resumes from
-the last item it counted. Its state lives in ./storage/state.sqlite3 (set
+the last item it counted. By default a run takes about 30 s (100 items), time
+enough to try Ctrl-C. Its state lives in ./storage/state.sqlite3 (set
 RECOVERABLE_STATE_STORAGE_URL to keep it elsewhere).
 
     python examples/counter_worker.py --items 30
@@ -36,19 +37,25 @@ async def main(items: int, delay: float) -> None:
                 print(f"resuming after item {counter.processed} ({counter.last_item})", flush=True)
             else:
                 print("starting from scratch", flush=True)
+            print("Ctrl-C stops me (my state is saved first); run me again to resume", flush=True)
             goal = counter.processed + items
-            while counter.processed < goal:
-                await anyio.sleep(delay)  # the "work"
-                counter.processed += 1
-                counter.last_item = f"item-{counter.processed}"
-                print(f"processed {counter.last_item}", flush=True)
+            try:
+                while counter.processed < goal:
+                    await anyio.sleep(delay)  # the "work"
+                    counter.processed += 1
+                    counter.last_item = f"item-{counter.processed}"
+                    print(f"processed {counter.last_item}", flush=True)
+            except anyio.get_cancelled_exc_class():
+                # Ctrl-C or SIGTERM: the manager cancels the work, then saves every state.
+                print(f"stopping after {counter.processed} items: saving; run me again to resume", flush=True)
+                raise
             print(f"done for now: {counter.processed} items in total; run me again to go on", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=20, help="items to process this run")
-    parser.add_argument("--delay", type=float, default=0.2, help="seconds of work per item")
+    parser.add_argument("--items", type=int, default=100, help="items to process this run")
+    parser.add_argument("--delay", type=float, default=0.3, help="seconds of work per item")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     args = parser.parse_args()
     anyio.run(main, args.items, args.delay, backend=args.backend)

@@ -38,13 +38,23 @@ async def crawl(progress: Crawl, delay: float) -> None:
         progress.next_page += 1
 
 
-def on_migrating(data: EventMigratingData) -> None:
-    left = f"{data.time_remaining.total_seconds():.0f} s" if data.time_remaining else "unknown time"
-    print(f"migrating ({left} left): saving every crawl", flush=True)
-
-
 async def main(crawls: int, delay: float) -> None:
-    service_locator.get_event_manager().on(event=Event.MIGRATING, listener=on_migrating)
+    told = anyio.Event()
+
+    # Async, so it runs on the event loop like the rest of the worker: its line is
+    # printed whole, never into the middle of another (a sync listener runs in a thread).
+    async def on_migrating(data: EventMigratingData) -> None:
+        left = f"{data.time_remaining.total_seconds():.0f} s" if data.time_remaining else "unknown time"
+        print(f"migrating ({left} left): saving every crawl", flush=True)
+        told.set()
+
+    async def on_aborting() -> None:
+        print("aborting (Ctrl-C): saving every crawl", flush=True)
+        told.set()
+
+    events = service_locator.get_event_manager()
+    events.on(event=Event.MIGRATING, listener=on_migrating)
+    events.on(event=Event.ABORTING, listener=on_aborting)
     states = [
         RecoverableState(default_state=Crawl(), persist_state_key=f"crawl-{i}", persistence_enabled=True)
         for i in range(crawls)
@@ -60,7 +70,10 @@ async def main(crawls: int, delay: float) -> None:
             for state in states:
                 tg.start_soon(crawl, state.current_value, delay)
     finally:
-        # Runs when a signal cancels the work; the states are saved right after.
+        # Runs when a signal cancels the work; the states are saved right after. The
+        # signal's listener above runs concurrently: let its line come first.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await told.wait()
         pages = ", ".join(f"{s.persist_state_key}: page {s.current_value.next_page}" for s in states)
         print(f"stopping at {pages}", flush=True)
 

@@ -83,8 +83,18 @@ def test_reset_asks_first_then_removes_the_state_so_its_worker_starts_from_defau
     assert "reset key 'crawler' in store 'default' (3 kept snapshots removed too)" in out
     assert ("default", "crawler") not in read_all(filled_url)
 
-    again = cli.ok("reset", "crawler", "--yes", url=filled_url)  # already at its default: fine
-    assert "already starts from its default" in again
+    again = cli("reset", "crawler", "--yes", url=filled_url)  # nothing there: an error, as for delete
+    assert again.returncode == 1
+    assert again.stderr == "error: no record under key 'crawler' in store 'default'\n"
+
+
+def test_reset_and_delete_of_an_unknown_key_both_exit_1(cli: Cli, filled_url: str) -> None:
+    before = read_all(filled_url)
+    for command in ("reset", "delete"):
+        done = cli(command, "nosuchkey", "--yes", url=filled_url)
+        assert (command, done.returncode) == (command, 1)
+        assert done.stderr == "error: no record under key 'nosuchkey' in store 'default'\n"
+    assert read_all(filled_url) == before
 
 
 def test_reset_refuses_a_record_that_is_not_a_state(cli: Cli, filled_url: str) -> None:

@@ -49,3 +49,34 @@ def test_migration_handover_keeps_the_successors_progress(
     assert resumed is not None and int(resumed.group(1)) > 0, done.stdout
     assert "[A] 'handover-job' was taken over by another machine" in done.stdout
     assert "[B] finished the job: 60 items" in done.stdout
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@pytest.mark.parametrize(("signum", "code", "note"), [(15, 143, "migrating ("), (2, 130, "aborting (")])
+def test_sigterm_worker_prints_whole_lines_in_order(
+    tmp_path: Path, loop: str, signum: int, code: int, note: str
+) -> None:
+    import os
+
+    args = ["--crawls", "3", "--delay", "0.01", "--backend", loop]
+    worker = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "sigterm_worker.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None
+    assert worker.stderr is not None
+    assert worker.stdout.readline().startswith("pid ")
+    os.kill(worker.pid, signum)
+    # Read through the same text wrapper as readline did: communicate() would skip what it buffered.
+    out, err = worker.stdout.read(), worker.stderr.read()
+    assert worker.wait(timeout=60) == code, err
+    lines = out.splitlines()
+    shapes = (r"starting of crawl-\d", r"(migrating|aborting) \(.*\): saving every crawl", r"stopping at .*")
+    assert all(any(re.fullmatch(shape, line) for shape in shapes) for line in lines), lines
+    noted = [n for n, line in enumerate(lines) if line.startswith(note)]
+    stopped = [n for n, line in enumerate(lines) if line.startswith("stopping at")]
+    assert len(noted) == 1 and len(stopped) == 1, lines
+    assert noted[0] < stopped[0], lines

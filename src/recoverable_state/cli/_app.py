@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import IO, Annotated, TextIO
 
 import typer
 from pydantic import ValidationError
 
-from .._config import Configuration
-from .._state import describe_validation_error
+from .. import Configuration
 from ..storage import (
     DEFAULT_STORE_NAME,
     KeyValueStore,
@@ -21,7 +21,8 @@ from ..storage import (
     StorageBackend,
     StoredRecord,
 )
-from ._output import is_json, print_json, print_record, print_table, timestamp, warn
+from ._help import PlainCommand, PlainGroup
+from ._output import is_json, plural, print_json, print_record, print_table, timestamp, warn
 from ._quarantine import SetAside, pick, set_aside
 from ._runtime import (
     CommandError,
@@ -34,7 +35,7 @@ from ._runtime import (
     require_record,
     run,
 )
-from ._transfer import export_stores, import_entries, read_entries
+from ._transfer import check_file, export_stores, import_file
 
 app = typer.Typer(
     name="recoverable-state",
@@ -46,6 +47,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=PlainGroup,
 )
 
 Key = Annotated[str, typer.Argument(metavar="KEY", help="The record's key.", show_default=False)]
@@ -64,7 +66,7 @@ def _options(
             "--storage-url",
             metavar="URL",
             show_default=False,
-            help="Where the stores live, as the library takes it: sqlite:///rel/path.sqlite3, "
+            help="Where the stores live, as the library takes it: sqlite:///./rel/path.sqlite3, "
             "sqlite:////abs/path.sqlite3, file:///abs/dir, redis://host:port/db, "
             "postgresql://user@host:port/db. Default: RECOVERABLE_STATE_STORAGE_URL, "
             "else sqlite:///./storage/state.sqlite3.",
@@ -87,17 +89,22 @@ def _options(
             storage_url = Configuration().storage_url
         except ValidationError as exc:
             error = CommandError(
-                "a RECOVERABLE_STATE_* environment variable is not valid: " + describe_validation_error(exc)
+                "a RECOVERABLE_STATE_* environment variable is not valid: " + _fields(exc)
             )
             error.__cause__ = exc
             fail(error, debug=debug)
     ctx.obj = Options(storage_url=storage_url, timeout=timeout, debug=debug)
 
 
+def _fields(exc: ValidationError) -> str:
+    """Each failing setting and what is wrong with it, on one line."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
 # -- looking ----------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def stores(ctx: typer.Context, json_: Json = False) -> None:
     """List every store: name, id and how many records it holds."""
 
@@ -109,12 +116,12 @@ def stores(ctx: typer.Context, json_: Json = False) -> None:
         print_json([{"name": name, "id": id_, "records": count} for name, id_, count in found])
         return
     if not found:
-        warn(f"there are no stores in {options_of(ctx).storage_url}")
+        warn(f"there are no stores in {options_of(ctx).shown_url}")
         return
     print_table(None, ["store", "id", "records"], [(name or "", id_, n) for name, id_, n in found])
 
 
-@app.command("list")
+@app.command("list", cls=PlainCommand)
 def list_records(ctx: typer.Context, store: Store = DEFAULT_STORE_NAME, json_: Json = False) -> None:
     """List the records of a store: key, size in bytes, last write, version, content type."""
 
@@ -136,6 +143,9 @@ def list_records(ctx: typer.Context, store: Store = DEFAULT_STORE_NAME, json_: J
             ]
         )
         return
+    if not infos:
+        warn(f"store {store!r} holds no records")
+        return
     print_table(
         f"store {store!r}",
         ["key", "size", "updated at", "version", "content type"],
@@ -143,7 +153,7 @@ def list_records(ctx: typer.Context, store: Store = DEFAULT_STORE_NAME, json_: J
     )
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def show(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, raw: Raw = False) -> None:
     """Print the record under KEY: JSON pretty-printed, text as text, bytes as base64.
 
@@ -157,7 +167,7 @@ def show(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, raw: R
     print_record(run(ctx, body), raw=raw)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def history(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, json_: Json = False) -> None:
     """List the snapshots kept of KEY, newest first: version, time, size.
 
@@ -202,7 +212,7 @@ def history(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, jso
 # -- changing ---------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def restore(
     ctx: typer.Context,
     key: Key,
@@ -241,20 +251,20 @@ def restore(
     )
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def reset(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, yes: Yes = False) -> None:
     """Reset the state KEY to its default: remove its record and the snapshots kept of it.
 
     On its next start the worker finds nothing under KEY and starts from its
     default state, as after RecoverableState.reset(). Only for states (JSON
-    records; `delete` removes any record). Nothing stored under KEY is not an
-    error: the state is already at its default. Stop the worker first: a worker
+    records; `delete` removes any record). An unknown key is an error, as with
+    `delete`: a typo must not pass for a reset. Stop the worker first: a worker
     holding the state gets StateOwnershipLost on its next write.
     """
     _remove(ctx, key, store, yes=yes, state_only=True)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def delete(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, yes: Yes = False) -> None:
     """Delete the record under KEY (a state, text or bytes) and the snapshots kept of it.
 
@@ -268,26 +278,22 @@ def _remove(ctx: typer.Context, key: str, store: str, *, yes: bool, state_only: 
     async def body(storage: StorageBackend) -> str:
         kvs = await find_store(storage, store)
         where = f"key {key!r} in store {kvs.label!r}"
-        if not state_only:
-            record = await require_record(kvs, key)
-        elif (found := await kvs.get_record(key)) is None:
-            return f"nothing is stored under {where}: the state already starts from its default"
-        elif not is_json(found.content_type):
-            raise CommandError(f"{where} holds {found.content_type}, not a state; use `delete` to remove it")
-        else:
-            record = found
+        record = await require_record(kvs, key)
+        if state_only and not is_json(record.content_type):
+            raise CommandError(f"{where} holds {record.content_type}, not a state; use `delete` to remove it")
         kept = len(await kvs.get_history(key))
         verb = "Reset the state" if state_only else "Delete the record"
         await confirm(
-            f"{verb} under {where} of {storage.url} "
-            f"(version {record.version}, {len(record.value)} bytes, {kept} kept snapshots)?",
+            f"{verb} under {where} of {options_of(ctx).shown_url} "
+            f"(version {record.version}, {plural(len(record.value), 'byte')}, "
+            f"{plural(kept, 'kept snapshot')})?",
             yes=yes,
         )
         if not await kvs.delete_record(key, expected_version=record.version):
             raise CommandError(
                 f"{where} changed while you were asked; nothing was removed, run the command again"
             )
-        return f"{'reset' if state_only else 'deleted'} {where} ({kept} kept snapshots removed too)"
+        return f"{'reset' if state_only else 'deleted'} {where} ({plural(kept, 'kept snapshot')} removed too)"
 
     typer.echo(run(ctx, body))
 
@@ -295,7 +301,7 @@ def _remove(ctx: typer.Context, key: str, store: str, *, yes: bool, state_only: 
 # -- moving -----------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def export(
     ctx: typer.Context,
     store: Annotated[
@@ -318,8 +324,10 @@ def export(
     One line per record: {"store", "key", "content_type"} and the value as one of
     "value" (the JSON itself, when the record is JSON in compact form, as states
     are), "text" (any other UTF-8 record, the exact text) or "base64" (anything
-    else). `import` writes back the same bytes and content type. Kept history is
-    not exported. A FILE appears only once the export is complete.
+    else); a last line {"end", "records"} says the export is whole. `import`
+    writes back the same bytes and content type. Kept history is not exported.
+    Records are read and written a page at a time; a FILE appears only once the
+    export is complete.
     """
     if store is not None and all_stores:
         raise typer.BadParameter("give --store or --all, not both")
@@ -333,7 +341,8 @@ def export(
 
     with reported_errors(ctx), _output_file(output) as out:
         count, n_stores = run(ctx, lambda storage: body(storage, out))
-    warn(f"exported {count} records from {n_stores} stores to {'stdout' if output == '-' else output}")
+    where = "stdout" if output == "-" else output
+    warn(f"exported {plural(count, 'record')} from {plural(n_stores, 'store')} to {where}")
 
 
 @contextlib.contextmanager
@@ -354,7 +363,7 @@ def _output_file(output: str) -> Iterator[TextIO]:
         partial.unlink(missing_ok=True)
 
 
-@app.command("import")
+@app.command("import", cls=PlainCommand)
 def import_records(
     ctx: typer.Context,
     file: Annotated[
@@ -377,19 +386,44 @@ def import_records(
 
     Stores are created as needed; a record already stored under a key is
     replaced (a worker holding it gets StateOwnershipLost on its next write). The
-    whole file is checked first: a bad line imports nothing.
+    whole file is checked first: a bad line, or a file cut short (its last line
+    is not the trailer `export` writes, or counts other records), imports
+    nothing. Each store's records are written in batches, all of a store in one
+    when they fit in one; if a write fails, the error says exactly which records
+    were written. The file is read line by line, twice (stdin is kept in a
+    temporary file for that).
     """
-    with reported_errors(ctx):
-        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-        entries = read_entries(data, source="stdin" if file == "-" else file, store=store)
-    count = run(ctx, lambda storage: import_entries(storage, entries), creates=True)
-    typer.echo(f"imported {count} records into {options_of(ctx).storage_url}")
+    name = "stdin" if file == "-" else file
+    with reported_errors(ctx), _input_file(file) as source:
+        per_store = check_file(source, name=name, store=store)
+        source.seek(0)
+        total = sum(per_store.values())
+        count = run(
+            ctx,
+            lambda storage: import_file(storage, source, stores=list(per_store), total=total, store=store),
+            creates=True,
+        )
+    typer.echo(f"imported {plural(count, 'record')} into {options_of(ctx).shown_url}")
+
+
+@contextlib.contextmanager
+def _input_file(file: str) -> Iterator[IO[bytes]]:
+    """The file, opened to read bytes; for '-', stdin copied to a temporary file (read twice)."""
+    if file != "-":
+        with open(file, "rb") as source:
+            yield source
+        return
+    with tempfile.TemporaryFile() as copy:
+        while chunk := sys.stdin.buffer.read(1024 * 1024):
+            copy.write(chunk)
+        copy.seek(0)
+        yield copy
 
 
 # -- quarantine ---------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def quarantine(
     ctx: typer.Context,
     key: Annotated[
@@ -457,7 +491,7 @@ def quarantine(
 
 
 def main() -> None:
-    """Run the command line (the `recoverable-state` script)."""
+    """Run the command line (the `recoverable-state` script), with typer installed."""
     try:
         app(prog_name="recoverable-state")
     except BrokenPipeError:

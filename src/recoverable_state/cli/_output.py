@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from ..storage import StoredRecord
-from ..storage import is_json_content_type as _is_json
+from ..storage import StoredRecord, is_json_content_type
 
 _PIPED_WIDTH = 10_000
 """Console width when stdout is not a terminal: piped tables are never cut short."""
@@ -32,14 +32,23 @@ def timestamp(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 record`, `2 records`: a count and its noun, in the right number."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print rows as a table; numbers are right-aligned."""
-    table = Table(title=title, title_justify="left")
+    """Print rows as a table; numbers are right-aligned.
+
+    Every cell and the title are plain text: a key such as `[red]x[/red]` or `[/]`
+    is shown as it is, never read as rich markup.
+    """
+    table = Table(title=Text(title) if title is not None else None, title_justify="left")
     for n, name in enumerate(columns):
         numeric = bool(rows) and all(isinstance(row[n], int) for row in rows)
-        table.add_column(name, justify="right" if numeric else "left", overflow="fold")
+        table.add_column(Text(name), justify="right" if numeric else "left", overflow="fold")
     for row in rows:
-        table.add_row(*(str(cell) for cell in row))
+        table.add_row(*(Text(str(cell)) for cell in row))
     console().print(table)
 
 
@@ -51,7 +60,7 @@ def print_json(data: Any) -> None:
 
 def is_json(content_type: str) -> bool:
     """Whether a content type says JSON (`application/json`, `...+json`, with parameters)."""
-    return _is_json(content_type)
+    return is_json_content_type(content_type)  # the library's own rule, as it decodes records
 
 
 def print_record(record: StoredRecord, *, raw: bool = False) -> None:

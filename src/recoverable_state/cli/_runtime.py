@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import anyio
 import typer
 
-from .._errors import RecoverableStateError, StoreNotFoundError
-from ..storage import KeyValueStore, SQLiteBackend, StorageBackend, StoredRecord, open_backend
+from .. import RecoverableStateError, StoreNotFoundError
+from ..storage import KeyValueStore, StorageBackend, StoredRecord, open_backend
 
 T = TypeVar("T")
 
@@ -24,6 +27,40 @@ class Options:
     storage_url: str
     timeout: float
     debug: bool
+
+    @property
+    def shown_url(self) -> str:
+        """The storage URL as messages show it: without its password."""
+        return redact(self.storage_url)
+
+
+def redact(url: str) -> str:
+    """`url` without a password, in its user part (`user:secret@`) or its query (`password=`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: shown as it is, it holds no user part to hide
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{host}" if user else host
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if k.lower() != "password"]
+    if netloc == parts.netloc and len(kept) == len(pairs):
+        return url  # nothing to hide: as written (geturl would respell sqlite:////abs/path)
+    return parts._replace(netloc=netloc, query=urlencode(kept)).geturl()
+
+
+def local_path(url: str) -> tuple[str, Path] | None:
+    """Where a `sqlite:` database or a `file:` root lives, read from the URL as documented; else None."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite" and url.lower().startswith("sqlite:///"):
+        return "SQLite database", Path(unquote(url[len("sqlite:///") :]))
+    if scheme == "file":
+        parts = urlsplit(url)
+        return "file store root", Path(unquote(parts.netloc + parts.path))
+    return None
 
 
 class CommandError(Exception):
@@ -60,13 +97,15 @@ def options_of(ctx: typer.Context) -> Options:
 
 async def _with_storage(options: Options, body: Callable[[StorageBackend], Awaitable[T]], creates: bool) -> T:
     # Redis and PostgreSQL retry an unreachable server this long before giving up.
+    local = local_path(options.storage_url)
+    if not creates and local is not None and not local[1].exists():
+        what, path = local
+        raise CommandError(
+            f"there is no {what} at {str(path)!r}: check --storage-url or "
+            "RECOVERABLE_STATE_STORAGE_URL (relative paths start at the working directory)"
+        )
     storage = open_backend(options.storage_url, retry_timeout=options.timeout)
     try:
-        if not creates and isinstance(storage, SQLiteBackend) and not storage.path.exists():
-            raise CommandError(
-                f"there is no SQLite database at {str(storage.path)!r}: check --storage-url "
-                "or RECOVERABLE_STATE_STORAGE_URL (relative paths start at the working directory)"
-            )
         return await body(storage)
     finally:
         with anyio.CancelScope(shield=True):
@@ -85,10 +124,20 @@ def describe(exc: BaseException) -> str:
     """One line saying what went wrong; what the library raises is already phrased for users."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    text = " ".join(str(exc).split())  # server errors can span lines
+    text = _PRIVATE_NAME.sub("", " ".join(str(exc).split()))  # server errors can span lines
+    name = _public_name(type(exc))
     if isinstance(exc, RecoverableStateError | CommandError | OSError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text} (unexpected; run with --debug for the traceback)"
+        return text or name
+    return f"{name}: {text} (unexpected; run with --debug for the traceback)"
+
+
+_PRIVATE_NAME = re.compile(r"(?<![\w.])_[A-Za-z]\w*: ")
+"""A private class name a message quotes (`_Unavailable: ...`): it tells a user nothing."""
+
+
+def _public_name(cls: type[BaseException]) -> str:
+    """The name of the nearest class of `cls` that is not private."""
+    return next(c.__name__ for c in cls.__mro__ if not c.__name__.startswith("_"))
 
 
 async def find_store(storage: StorageBackend, name: str) -> KeyValueStore:
@@ -100,7 +149,7 @@ async def find_store(storage: StorageBackend, name: str) -> KeyValueStore:
     if found is None:
         names = ", ".join(repr(s.label) for s in stores[:10]) + (", ..." if len(stores) > 10 else "")
         raise StoreNotFoundError(
-            f"no such store in {storage.url} (stores there: {names or 'none'})", store=name
+            f"no such store in {redact(storage.url)} (stores there: {names or 'none'})", store=name
         )
     return KeyValueStore(found, storage)
 

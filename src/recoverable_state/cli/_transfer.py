@@ -1,4 +1,4 @@
-"""Export and import: records as JSON Lines, byte-exact both ways.
+"""Export and import: records as JSON Lines, byte-exact both ways, streamed.
 
 One line per record: `{"store": ..., "key": ..., "content_type": ..., <value>}`
 where `<value>` is exactly one of
@@ -10,8 +10,15 @@ where `<value>` is exactly one of
   spelling, text records);
 - `"base64"`: the bytes in base64, otherwise.
 
+The last line is a trailer, `{"end": "recoverable-state export", "records": N}`:
+a file cut short (at a line boundary or not) has no trailer or the wrong count,
+and import refuses it before writing anything.
+
 Import writes back the very bytes and content type of each line: the round trip
 is exact for every record, whatever store it goes to. History is not exported.
+Both ways stream: records are read and written a page at a time (at most
+`PAGE_RECORDS` records and about `PAGE_BYTES` bytes), so memory stays flat
+whatever the size of the store.
 """
 
 from __future__ import annotations
@@ -19,19 +26,26 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TextIO
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, TextIO
 
 from rich.progress import Progress
 
-from .._errors import InvalidKeyError, StorageError
-from ..storage import KeyValueStore, RecordInfo, RecordWrite, StorageBackend, StoredRecord, check_key
-from ._output import console, is_json
+from .. import InvalidKeyError, StorageError
+from ..storage import KeyValueStore, RecordWrite, StorageBackend, StoredRecord, WriteOutcome, check_key
+from ._output import console, is_json, plural
 from ._runtime import CommandError
 
-CHUNK = 500
-"""Records read or written per batch."""
+PAGE_RECORDS = 500
+"""The most records read or written in one batch."""
+
+PAGE_BYTES = 8 * 1024 * 1024
+"""A page ends once its records hold this many bytes (a single bigger record is a page alone)."""
+
+TRAILER_MARK = "recoverable-state export"
+"""The `"end"` of the trailer line, which says the export is complete and how many records it holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +56,17 @@ class Entry:
     key: str
     content_type: str
     value: bytes
+    line: int
+    """Its line number in the file (1 for the first line)."""
 
 
 def _compact(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def trailer_line(records: int) -> str:
+    """The last line of an export of `records` records (without its newline)."""
+    return json.dumps({"end": TRAILER_MARK, "records": records})
 
 
 def encode_line(store: str, record: StoredRecord) -> str:
@@ -67,10 +88,11 @@ def encode_line(store: str, record: StoredRecord) -> str:
     return json.dumps(line, ensure_ascii=False)
 
 
-def decode_line(line: str, *, store: str | None) -> Entry:
-    """The record an export line describes; `store` (when given) replaces the line's store.
+def decode_line(line: str, *, store: str | None, number: int = 0) -> Entry | int:
+    """The record an export line describes, or the record count of the trailer line.
 
-    Raises ValueError saying what is wrong with the line.
+    `store` (when given) replaces the line's store. Raises ValueError saying what
+    is wrong with the line.
     """
     try:
         item = json.loads(line)
@@ -78,6 +100,11 @@ def decode_line(line: str, *, store: str | None) -> Entry:
         raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(item, dict):
         raise ValueError("not a JSON object")
+    if "end" in item:
+        count = item.get("records")
+        if item["end"] != TRAILER_MARK or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f'a trailer line must read {{"end": "{TRAILER_MARK}", "records": <count>}}')
+        return count
     store = store if store is not None else _string(item, "store")
     key = _string(item, "key")
     content_type = _string(item, "content_type")
@@ -103,7 +130,7 @@ def decode_line(line: str, *, store: str | None) -> Entry:
         check_key(key, store=store)
     except InvalidKeyError as exc:
         raise ValueError(str(exc)) from None
-    return Entry(store, key, content_type, data)
+    return Entry(store, key, content_type, data, number)
 
 
 def _string(item: dict[str, Any], name: str) -> str:
@@ -113,24 +140,53 @@ def _string(item: dict[str, Any], name: str) -> str:
     return got
 
 
-def read_entries(data: bytes, *, source: str, store: str | None) -> list[Entry]:
-    """Every record of an export file; a bad line is a CommandError naming its number."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CommandError(f"{source} is not UTF-8 text ({exc}); nothing was imported") from None
-    entries = []
-    for number, line in enumerate(text.split("\n"), 1):
+def _lines(source: IO[bytes], name: str, store: str | None) -> Iterator[Entry | int]:
+    """Decode `source` line by line; a bad line is a CommandError naming its number."""
+    for number, raw in enumerate(source, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CommandError(
+                f"{name}, line {number}: not UTF-8 text ({exc}); nothing was imported"
+            ) from None
         if not line.strip():
             continue
         try:
-            entries.append(decode_line(line, store=store))
+            yield decode_line(line, store=store, number=number)
         except (ValueError, UnicodeError) as exc:
-            raise CommandError(f"{source}, line {number}: {exc}; nothing was imported") from None
-    return entries
+            raise CommandError(f"{name}, line {number}: {exc}; nothing was imported") from None
 
 
-def _progress(description: str, total: int) -> tuple[Progress, Callable[[int], None]]:
+def check_file(source: IO[bytes], *, name: str, store: str | None) -> Counter[str]:
+    """Read a whole export file once, keeping nothing but counts; return the records per store.
+
+    Refuses (CommandError) a bad line, and a file without its trailer or whose
+    trailer counts other records than it holds: an export cut short.
+    """
+    per_store: Counter[str] = Counter()
+    trailer: int | None = None
+    for item in _lines(source, name, store):
+        if trailer is not None:
+            raise CommandError(f"{name}: records follow the trailer line; nothing was imported")
+        if isinstance(item, int):
+            trailer = item
+        else:
+            per_store[item.store] += 1
+    found = sum(per_store.values())
+    if trailer is None:
+        raise CommandError(
+            f"{name} ends without the trailer line `export` writes last: it was cut short "
+            f"(or not written by `export`); nothing was imported"
+        )
+    if trailer != found:
+        raise CommandError(
+            f"{name} holds {plural(found, 'record')} but its trailer line says {trailer}: "
+            "it is not whole; nothing was imported"
+        )
+    return per_store
+
+
+def _progress(description: str, total: int | None) -> tuple[Progress, Callable[[int], None]]:
     """A progress bar on stderr (shown only when stderr is a terminal) and its advance."""
     progress = Progress(console=console(stderr=True), transient=True)
     progress.disable = not progress.console.is_terminal
@@ -139,38 +195,153 @@ def _progress(description: str, total: int) -> tuple[Progress, Callable[[int], N
 
 
 async def export_stores(stores: Sequence[KeyValueStore], out: TextIO) -> int:
-    """Write every current record of `stores` to `out` as JSON Lines; return how many."""
-    listings: list[tuple[KeyValueStore, list[RecordInfo]]] = [(s, await s.list_keys()) for s in stores]
-    progress, advance = _progress("exporting", sum(len(infos) for _, infos in listings))
+    """Write every current record of `stores` to `out` as JSON Lines, a page at a time; return how many.
+
+    The trailer line comes last, once every record is written.
+    """
+    progress, advance = _progress("exporting", None)
     written = 0
     with progress:
-        for kvs, infos in listings:
-            for start in range(0, len(infos), CHUNK):
-                chunk = infos[start : start + CHUNK]
-                records = await KeyValueStore.get_together([(kvs, info.key, False) for info in chunk])
-                for r in records:
-                    if isinstance(r, StorageError):
-                        raise r
-                lines = [encode_line(kvs.label, r) + "\n" for r in records if isinstance(r, StoredRecord)]
-                out.write("".join(lines))  # a record deleted since the listing is skipped
-                written += len(lines)
-                advance(len(chunk))
+        for kvs in stores:
+            infos = await kvs.list_keys()  # keys, sizes and times: no values
+            start = 0
+            while start < len(infos):
+                end, size = start, 0
+                while end < len(infos) and end - start < PAGE_RECORDS and (end == start or size < PAGE_BYTES):
+                    size += infos[end].size
+                    end += 1
+                page = [(kvs, info.key, False) for info in infos[start:end]]
+                records = await KeyValueStore.get_together(page)
+                for record in records:
+                    if isinstance(record, StorageError):
+                        raise record
+                    if record is not None:  # a record deleted since the listing is skipped
+                        out.write(encode_line(kvs.label, record) + "\n")
+                        written += 1
+                advance(end - start)
+                start = end
+        out.write(trailer_line(written) + "\n")
     out.flush()
     return written
 
 
-async def import_entries(storage: StorageBackend, entries: Sequence[Entry]) -> int:
-    """Write every entry as the current record of its key (creating stores); return how many."""
-    stores: dict[str, KeyValueStore] = {}
-    for name in dict.fromkeys(entry.store for entry in entries):  # a bad name fails before any write
-        stores[name] = await KeyValueStore.open(name=name, storage=storage)
-    progress, advance = _progress("importing", len(entries))
+@dataclass
+class ImportReport:
+    """What an import has written so far, to say exactly that when it stops part way."""
+
+    applied: Counter[str] = field(default_factory=Counter)
+    """Records written, per store."""
+    last_line: int = 0
+    """Every record on a line up to this one is written."""
+
+    def applied_text(self) -> str:
+        total = sum(self.applied.values())
+        if not total:
+            return "nothing was imported"
+        stores = ", ".join(f"{name!r}: {n}" for name, n in sorted(self.applied.items()))
+        lines = f"every one on lines 1-{self.last_line}"
+        return f"imported {plural(total, 'record')} before that, {lines} ({stores})"
+
+
+async def import_file(
+    storage: StorageBackend, source: IO[bytes], *, stores: Sequence[str], total: int, store: str | None
+) -> int:
+    """Write every record of a checked export file, one page (of one store) per batch; return how many.
+
+    A store whose records fit in one page is written in one batch: all of them
+    or none. When a batch fails, the CommandError says exactly which records
+    were written and which were not.
+    """
+    opened: dict[str, KeyValueStore] = {}
+    for name in stores:  # a bad store name fails before any write
+        opened[name] = await KeyValueStore.open(name=name, storage=storage)
+    report = ImportReport()
+    progress, advance = _progress("importing", total)
     with progress:
-        for start in range(0, len(entries), CHUNK):
-            chunk = entries[start : start + CHUNK]
-            puts: list[tuple[KeyValueStore, RecordWrite]] = [
-                (stores[e.store], stores[e.store].prepare_put(e.key, e.value, e.content_type)) for e in chunk
-            ]
-            await KeyValueStore.put_together(puts)
-            advance(len(chunk))
-    return len(entries)
+        page: list[Entry] = []
+        size = 0
+        for item in _lines(source, "the file", store):
+            if isinstance(item, int):
+                break
+            if page and (item.store != page[0].store or len(page) >= PAGE_RECORDS or size >= PAGE_BYTES):
+                await _write_page(opened, page, report)
+                advance(len(page))
+                page, size = [], 0
+            page.append(item)
+            size += len(item.value)
+        if page:
+            await _write_page(opened, page, report)
+            advance(len(page))
+    return sum(report.applied.values())
+
+
+async def _write_page(opened: dict[str, KeyValueStore], page: list[Entry], report: ImportReport) -> None:
+    kvs = opened[page[0].store]
+    puts: list[tuple[KeyValueStore, RecordWrite]] = [
+        (kvs, kvs.prepare_put(e.key, e.value, e.content_type)) for e in page
+    ]
+    where = f"lines {page[0].line}-{page[-1].line}" if len(page) > 1 else f"line {page[0].line}"
+    try:
+        outcomes: Sequence[WriteOutcome | StorageError | bool] = await KeyValueStore.put_together(puts)
+    except Exception as exc:
+        # The batch failed as a whole; a store may still have applied part of it
+        # (one file per record): read the page back to say which records it holds.
+        outcomes = await _read_back(kvs, page, exc, where, report)
+    failed = [(e, o) for e, o in zip(page, outcomes, strict=True) if not _landed(o)]
+    if failed:
+        entry, outcome = failed[0]
+        landed = [e.line for e, o in zip(page, outcomes, strict=True) if _landed(o)]
+        not_written = _ranges([e.line for e, _ in failed])
+        account = (
+            f"of {where}, lines {_ranges(landed)} were written and {not_written} were not"
+            if landed
+            else f"none of {where} was written"
+        )
+        raise CommandError(
+            f"line {entry.line}, key {entry.key!r} in store {kvs.label!r}: {_one_line(outcome)}; "
+            f"{account}, nor any line after them; {report.applied_text()}. "
+            "Importing the file again is safe: each record replaces its key"
+        )
+    report.applied[kvs.label] += len(page)
+    report.last_line = page[-1].line
+
+
+async def _read_back(
+    kvs: KeyValueStore, page: list[Entry], error: Exception, where: str, report: ImportReport
+) -> list[StorageError | bool]:
+    """After a failed batch: for each entry, whether the store now holds it (else the batch's error)."""
+    failure = StorageError(_one_line(error))
+    try:
+        found = await KeyValueStore.get_together([(kvs, e.key, False) for e in page])
+    except Exception as exc:
+        raise CommandError(
+            f"writing the records of store {kvs.label!r} on {where} failed ({_one_line(error)}), and "
+            f"reading them back failed too ({_one_line(exc)}): whether they were written is unknown; "
+            f"none after them was; {report.applied_text()}. "
+            "Importing the file again is safe: each record replaces its key"
+        ) from error
+    return [
+        (isinstance(r, StoredRecord) and r.value == e.value and r.content_type == e.content_type) or failure
+        for e, r in zip(page, found, strict=True)
+    ]
+
+
+def _ranges(numbers: list[int]) -> str:
+    """`[4, 5, 6, 9]` as `4-6, 9`."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _landed(outcome: WriteOutcome | StorageError | bool) -> bool:
+    return outcome is True or (isinstance(outcome, WriteOutcome) and outcome.applied)
+
+
+def _one_line(what: object) -> str:
+    if isinstance(what, WriteOutcome):
+        return f"the store refused the write (version {what.version} is stored)"
+    return " ".join(str(what).split()) or type(what).__name__
