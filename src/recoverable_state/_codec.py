@@ -167,6 +167,8 @@ class StateCodec:
             schema = adapter.core_schema
             config = None
         self._facts = _read_schema(schema)
+        self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
+        """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
         try:
             self._finder: SchemaValidator | None = SchemaValidator(_forbid_extra(schema), config)
         except Exception:  # an unusual schema: lose only the dropped-field warning
@@ -174,17 +176,13 @@ class StateCodec:
 
     # -- the hot path ----------------------------------------------------------
 
-    def dump(self, value: Any) -> bytes:
-        """The JSON bytes of `value`, as stored (by alias)."""
-        try:
-            return self.serializer.to_json(value, by_alias=True, warnings="error")
-        except PydanticSerializationError:
-            return self._dump_leniently(value)
+    def check(self, value: Any, data: bytes, *, suspect: bool = False) -> None:
+        """Raise Refused if `data` (the bytes of `value`) would not load back equal to it.
 
-    def check(self, value: Any, data: bytes) -> None:
-        """Raise Refused if `data` (the bytes of `value`) would not load back equal to it."""
+        `suspect`: the serializer warned that a value does not have its declared type.
+        """
         facts = self._facts
-        if facts.exact and not (facts.floats and b"null" in data) and not (
+        if not suspect and facts.exact and not (facts.floats and b"null" in data) and not (
             facts.deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH
         ):
             return
@@ -240,7 +238,7 @@ class StateCodec:
 
     # -- the slow path, taken only with a reason -------------------------------
 
-    def _dump_leniently(self, value: Any) -> bytes:
+    def dump_leniently(self, value: Any) -> bytes:
         """Bytes for a value of unexpected types, or Refused naming what cannot be stored."""
         suspect = self._suspect(value)
         if suspect is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import anyio
 import anyio.lowlevel
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from ._codec import Refused, StateCodec, describe_validation_error
 from ._errors import (
@@ -167,15 +169,29 @@ class StateSlot:
 
     # -- writing ---------------------------------------------------------------
 
-    def prepare(self) -> tuple[bytes, RecordWrite] | None:
-        """The write this slot needs now (None: nothing changed); raises UnrepresentableStateError."""
-        data = self.codec.dump(self.value)
+    def prepare(self, warned: list[warnings.WarningMessage]) -> tuple[bytes, RecordWrite] | None:
+        """The write this slot needs now (None: nothing changed); raises UnrepresentableStateError.
+
+        `warned` records warnings: pydantic warns when a value does not have its
+        declared type (it was assigned without validation), which calls for a full check.
+        """
+        codec = self.codec
+        seen = len(warned)
+        try:
+            data = codec.serializer.to_json(self.value, by_alias=True)
+        except PydanticSerializationError:
+            try:
+                data = codec.dump_leniently(self.value)
+            except Refused as refused:
+                raise self._refuse(refused) from None
         if data == self.stored:
             return None
-        try:
-            self.codec.check(self.value, data)
-        except Refused as refused:
-            raise self._refuse(refused) from None
+        suspect = len(warned) != seen
+        if suspect or codec.needs_check:
+            try:
+                codec.check(self.value, data, suspect=suspect)
+            except Refused as refused:
+                raise self._refuse(refused) from None
         assert self.kvs is not None
         return data, self.kvs.prepare_put(
             self.key, data, self.content_type, expected_version=self.version, keep_history=self.history
@@ -200,6 +216,7 @@ class StateSlot:
             self.version, self.stored, self._refusal = outcome.version, data, None
             return None
         self.lost = True
+        self.enabled = False
         error = StateOwnershipLost(
             f"the stored record is at version {outcome.version}, not {self.version} as this "
             "process last saw it: another process has taken this state over; this snapshot "
@@ -233,18 +250,21 @@ async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> li
     """
     held: list[StateSlot] = []
     busy: list[StateSlot] = []
+    doubtful: list[StateSlot] = []
     for n, slot in enumerate(slots, 1):
         if n % 2000 == 0:
             await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-        if not slot.enabled or slot.lost:
+        if not slot.enabled:
             continue
         if slot.gate.try_enter():
             held.append(slot)
+            if slot.in_doubt is not None:
+                doubtful.append(slot)
         else:
             busy.append(slot)
     errors: list[Exception] = []
     try:
-        errors += await _write_held(held, timeout)
+        errors += await _write_held(held, doubtful, timeout)
     finally:
         for slot in held:
             slot.gate.leave()
@@ -257,32 +277,37 @@ async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> li
 
 async def _write_in_turn(slot: StateSlot, timeout: float | None, errors: list[Exception]) -> None:
     async with slot.gate:
-        errors += await _write_held([slot], timeout)
+        if slot.enabled:
+            errors += await _write_held([slot], [slot] if slot.in_doubt is not None else [], timeout)
 
 
-async def _write_held(slots: Sequence[StateSlot], timeout: float | None) -> list[Exception]:
-    """Write the slots whose gates are held."""
+async def _write_held(
+    slots: Sequence[StateSlot], doubtful: Sequence[StateSlot], timeout: float | None
+) -> list[Exception]:
+    """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt."""
     errors: list[Exception] = []
-    doubtful = [s for s in slots if s.in_doubt is not None and s.enabled and not s.lost]
     if doubtful:
         errors += await _resolve_doubts(doubtful, timeout)
     writing: list[tuple[StateSlot, bytes]] = []
     puts: list[tuple[KeyValueStore, RecordWrite]] = []
-    for slot in slots:
-        if not slot.enabled or slot.lost or slot.in_doubt is not None:
-            continue
-        try:
-            prepared = slot.prepare()
-        except UnrepresentableStateError as exc:
-            errors.append(exc)
-            continue
-        except Exception:  # a bug in a user's serializer must not spoil the batch
-            slot.log.exception("store %r, key %r: the state cannot be serialised", slot.label, slot.key)
-            continue
-        if prepared is not None:
-            assert slot.kvs is not None
-            writing.append((slot, prepared[0]))
-            puts.append((slot.kvs, prepared[1]))
+    # One catch for the whole pass: entering it per state would cost more than the pass.
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for slot in slots:
+            if doubtful and (slot.in_doubt is not None or not slot.enabled):
+                continue
+            try:
+                prepared = slot.prepare(warned)
+            except UnrepresentableStateError as exc:
+                errors.append(exc)
+                continue
+            except Exception:  # a bug in a user's serializer must not spoil the batch
+                slot.log.exception("store %r, key %r: the state cannot be serialised", slot.label, slot.key)
+                continue
+            if prepared is not None:
+                assert slot.kvs is not None
+                writing.append((slot, prepared[0]))
+                puts.append((slot.kvs, prepared[1]))
     if not puts:
         return errors
     outcomes: Sequence[WriteOutcome | StorageError] | None = None
