@@ -14,6 +14,7 @@ bytes give a reason to.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -21,7 +22,7 @@ import math
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from pydantic_core import PydanticSerializationError, SchemaSerializer, SchemaValidator
+from pydantic_core import PydanticSerializationError, SchemaSerializer, SchemaValidator, from_json
 
 MAX_DEPTH = 200
 """Nesting that pydantic's JSON parser may refuse to load back (its limit is a little higher)."""
@@ -120,22 +121,58 @@ def _changes_on_load(kind: str, node: Any) -> bool:
     return False
 
 
-def _forbid_extra(schema: Any) -> Any:
-    """A copy of a core schema whose objects refuse unknown fields, to find them on load."""
+def _collect_definitions(schema: Any, found: dict[str, Any]) -> dict[str, Any]:
+    """Every schema node with a `ref`, by ref, so a definition-ref can be followed."""
     if isinstance(schema, list):
-        return [_forbid_extra(x) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _forbid_extra(v) if k not in ("metadata", "default") else v for k, v in schema.items()}
-    kind = out.get("type")
-    if kind in ("model-fields", "dataclass-args", "typed-dict") and out.get("extra_behavior") != "allow":
-        out["extra_behavior"] = "forbid"
-    if kind in ("model", "dataclass", "typed-dict") and isinstance(out.get("config"), dict):
-        config = dict(out["config"])
-        if config.get("extra_fields_behavior") != "allow":
-            config["extra_fields_behavior"] = "forbid"
-        out["config"] = config
-    return out
+        for item in schema:
+            _collect_definitions(item, found)
+    elif isinstance(schema, dict):
+        if "ref" in schema and "type" in schema:
+            found.setdefault(schema["ref"], schema)
+        for key, child in schema.items():
+            if key not in ("metadata", "default", "cls", "config"):
+                _collect_definitions(child, found)
+    return found
+
+
+def _dropped(data: Any, node: Any, defs: dict[str, Any], path: tuple[Any, ...], out: list[str]) -> None:
+    """Name the stored object keys that `node` (a core schema) has no field for."""
+    kind = node.get("type")
+    if kind == "definition-ref":
+        target = defs.get(node["schema_ref"])
+        if target is not None and len(path) < MAX_DEPTH:
+            _dropped(data, target, defs, path, out)
+        return
+    if kind in ("model", "dataclass", "typed-dict") and (node.get("config") or {}).get(
+        "extra_fields_behavior"
+    ) == "allow":
+        return
+    if kind in ("model", "dataclass", "default", "nullable", "definitions") and "schema" in node:
+        if kind != "nullable" or data is not None:
+            _dropped(data, node["schema"], defs, path, out)
+        return
+    if kind in ("model-fields", "typed-dict", "dataclass-args") and isinstance(data, dict):
+        fields = node["fields"]
+        named = fields.values() if isinstance(fields, dict) else fields
+        by_name = {}
+        for name, field in zip(fields if isinstance(fields, dict) else [f["name"] for f in fields], named,
+                               strict=True):
+            alias = field.get("validation_alias")
+            by_name[alias if isinstance(alias, str) else name] = field
+        for key, item in data.items():
+            field = by_name.get(key)
+            if field is None:
+                if node.get("extra_behavior") != "allow":
+                    out.append(_where((*path, key)))
+            else:
+                _dropped(item, field["schema"], defs, (*path, key), out)
+        return
+    if kind in ("list", "set", "frozenset") and isinstance(data, list) and "items_schema" in node:
+        for i, item in enumerate(data):
+            _dropped(item, node["items_schema"], defs, (*path, i), out)
+    elif kind == "dict" and isinstance(data, dict) and "values_schema" in node:
+        for key, item in data.items():
+            _dropped(item, node["values_schema"], defs, (*path, key), out)
 
 
 class Refused(Exception):
@@ -158,21 +195,17 @@ class StateCodec:
             self.serializer: SchemaSerializer = state_type.__pydantic_serializer__
             self.validator: SchemaValidator = state_type.__pydantic_validator__
             schema: Any = state_type.__pydantic_core_schema__
-            config: Any = None
         else:
             adapter = TypeAdapter(state_type)
             self.name = getattr(state_type, "__name__", None) or str(state_type)
             self.serializer = adapter.serializer
             self.validator = adapter.validator  # type: ignore[assignment]
             schema = adapter.core_schema
-            config = None
         self._facts = _read_schema(schema)
+        self._schema = schema
+        self._definitions = _collect_definitions(schema, {})
         self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
         """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
-        try:
-            self._finder: SchemaValidator | None = SchemaValidator(_forbid_extra(schema), config)
-        except Exception:  # an unusual schema: lose only the dropped-field warning
-            self._finder = None
 
     # -- the hot path ----------------------------------------------------------
 
@@ -190,15 +223,11 @@ class StateCodec:
 
     def load(self, data: bytes) -> tuple[Any, list[str]]:
         """Validate stored JSON bytes; also name the stored fields the type no longer has."""
-        if self._finder is not None:
-            try:
-                return self._finder.validate_json(data), []
-            except ValidationError as exc:
-                dropped = [_where(e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
-                if not dropped:
-                    raise
-                return self.validator.validate_json(data), dropped
-        return self.validator.validate_json(data), []
+        value = self.validator.validate_json(data)
+        dropped: list[str] = []
+        with contextlib.suppress(Exception):  # only the warning could be lost, never the value
+            _dropped(from_json(data), self._schema, self._definitions, (), dropped)
+        return value, dropped
 
     # -- copies and resets -----------------------------------------------------
 
