@@ -4,9 +4,11 @@ The front door: every public name is re-exported here; the modules behind it
 are private and free to move.
 """
 
+from ._autosave import use_state
 from ._config import Configuration
 from ._errors import (
     InvalidKeyError,
+    PersistenceTimeoutError,
     RecordCorruptError,
     RecoverableStateError,
     SchemaVersionError,
@@ -16,6 +18,7 @@ from ._errors import (
     StorageError,
     StorageUnavailableError,
     StoreNotFoundError,
+    UnrepresentableStateError,
 )
 from ._locator import ServiceLocator, service_locator
 from ._runner import run
@@ -45,6 +48,7 @@ __all__ = [
     "EventSystemInfoData",
     "InvalidKeyError",
     "KeyValueStore",
+    "PersistenceTimeoutError",
     "RecordCorruptError",
     "RecoverableState",
     "RecoverableStateError",
@@ -58,7 +62,9 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "StoreNotFoundError",
+    "UnrepresentableStateError",
     "open_backend",
     "run",
     "service_locator",
+    "use_state",
 ]

@@ -79,3 +79,27 @@ class StateOwnershipLost(RecoverableStateError):
         super().__init__(f"store {store!r}, key {key!r}: {message}")
         self.store = store
         self.key = key
+
+
+class UnrepresentableStateError(RecoverableStateError, ValueError):
+    """A state cannot be stored so that it loads back equal; nothing was written.
+
+    NaN or infinite floats (JSON stores them as null), bytes that are not UTF-8,
+    nesting deeper than JSON loading allows, or a value its type validates into
+    something else. The stored record is left as it was.
+    """
+
+    def __init__(self, message: str, *, store: str | None, key: str, field: str) -> None:
+        super().__init__(f"store {store!r}, key {key!r}: {message}")
+        self.store = store
+        self.key = key
+        self.field = field
+        """Where in the state the problem is, as a dotted path."""
+
+
+class PersistenceTimeoutError(StorageError, TimeoutError):
+    """Loading or saving a state took longer than its `persistence_timeout`.
+
+    Whether a save that timed out landed is unknown; the next persist finds out
+    from the store before writing again.
+    """

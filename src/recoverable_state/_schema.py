@@ -6,8 +6,6 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydantic import BaseModel
-
 from ._errors import RecordCorruptError, SchemaVersionError
 from .storage import JSON_CONTENT_TYPE, SCHEMA_VERSION_PARAM
 
@@ -15,8 +13,10 @@ Migration = Callable[[Any], Any]
 """Turns the stored JSON (parsed) of schema version k into that of version k + 1."""
 
 
-def model_schema_version(model: type[BaseModel]) -> int | None:
-    """The schema version a model declares (`schema_version: ClassVar[int] = 3`), if any."""
+def model_schema_version(model: Any) -> int | None:
+    """The schema version a state type declares (`schema_version: ClassVar[int] = 3`), if any."""
+    if not isinstance(model, type):  # dict[str, int], list[Any]: nothing to declare it on
+        return None
     version = getattr(model, "schema_version", None)
     if version is None:
         return None

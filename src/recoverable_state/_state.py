@@ -1,27 +1,39 @@
-"""RecoverableState: a pydantic model kept in a key-value store across restarts."""
+"""RecoverableState: a value kept in a key-value store across restarts."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import timedelta
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import anyio
-import anyio.lowlevel
-from pydantic import BaseModel, ValidationError
 
-from ._errors import RecordCorruptError, StateAlreadyInUseError, StateOwnershipLost, StorageError
+from ._codec import StateCodec, codec_for, describe_validation_error, infer_state_type
+from ._errors import (
+    PersistenceTimeoutError,
+    StateAlreadyInUseError,
+    StateOwnershipLost,
+    UnrepresentableStateError,
+)
 from ._locator import service_locator
-from ._schema import Migration, check_migrations, content_type_for, migrate, model_schema_version
+from ._schema import Migration, check_migrations, content_type_for, model_schema_version
+from ._slot import StateSlot, load_slots, persist_slots, smallest_timeout
 from .events import Event, EventManager, EventPersistStateData, EventStateOwnershipLostData
-from .storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome, check_key
+from .storage import KeyValueStore, WriteOutcome, check_key
 
-TStateModel = TypeVar("TStateModel", bound=BaseModel)
+__all__ = ["RecoverableState", "describe_validation_error"]
+
+TStateModel = TypeVar("TStateModel")
+
+DEFAULT_PERSISTENCE_TIMEOUT = timedelta(seconds=60)
+"""How long one load or save of a state may take, unless the state says otherwise."""
+
+NOT_ENTERED_GRACE = 10.0
+"""Seconds after which a state saving on PERSIST_STATE warns that its manager was never entered."""
 
 _package_logger = logging.getLogger("recoverable_state")
 
@@ -31,31 +43,40 @@ _package_logger = logging.getLogger("recoverable_state")
 _owners: dict[tuple[str, str, str], weakref.ref[RecoverableState[Any]]] = {}
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """Name each failing field and what is wrong with it, on one line."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(the record)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+def _seconds(value: timedelta | float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not seconds > 0:
+        raise ValueError(f"{name} must be more than 0 seconds (or None for no bound), not {value!r}")
+    return seconds
 
 
 class RecoverableState(Generic[TStateModel]):
-    """A pydantic model that survives restarts: loaded on start, saved on PERSIST_STATE.
+    """A value that survives restarts: loaded on start, saved on PERSIST_STATE.
 
-    `initialize()` loads the stored record (or a deep copy of `default_state`);
-    with `persistence_enabled=True` the state then saves itself on every
-    PERSIST_STATE its event manager emits, with `"explicit_only"` only when
-    `persist_state()` is called, and with `False` never. A write happens only when
-    the serialised model differs from what was last stored, and only while this
-    process still owns the record: a successor that loaded it since (after a
-    migration) makes the next write fail with StateOwnershipLost instead.
+    The value is a pydantic model, or anything pydantic can validate (a
+    dataclass, a TypedDict, `dict[str, int]`, a list). `initialize()` loads the
+    stored record (or a fresh default); with `persistence_enabled=True` the
+    state then saves itself on every PERSIST_STATE its event manager emits, with
+    `"explicit_only"` only when `persist_state()` is called, and with `False`
+    never. A write happens only when the serialised value differs from what was
+    last stored, only when it would load back equal (else UnrepresentableStateError),
+    and only while this process still owns the record: a successor that loaded
+    it since (after a migration) makes the next write fail with StateOwnershipLost.
+
+    Warning:
+        With `persistence_enabled=True` the state saves itself only while its
+        event manager is entered (`async with manager`, or `run()`). Initializing
+        before entering it is fine; if it is still not entered `NOT_ENTERED_GRACE`
+        seconds later (and no PERSIST_STATE came), a warning says nothing is being
+        saved automatically and shutdown signals are not handled.
     """
 
     def __init__(
         self,
         *,
-        default_state: TStateModel,
+        default_state: TStateModel | Callable[[], TStateModel],
         persist_state_key: str,
         persistence_enabled: bool | Literal["explicit_only"] = False,
         persist_state_kvs_name: str | None = None,
@@ -66,11 +87,14 @@ class RecoverableState(Generic[TStateModel]):
         history: int = 0,
         migrations: Mapping[int, Migration] | None = None,
         on_bad_record: Literal["raise", "quarantine"] = "raise",
+        persistence_timeout: timedelta | float | None = DEFAULT_PERSISTENCE_TIMEOUT,
+        state_type: Any = None,
     ) -> None:
         """Describe a state; nothing is read or registered until `initialize()`.
 
         Args:
-            default_state: the model to start from when nothing is stored (deep-copied).
+            default_state: the value to start from when nothing is stored (deep-copied),
+                or a zero-argument factory making it (called on each start and reset).
             persist_state_key: the record key the state is stored under.
             persistence_enabled: True, "explicit_only" or False (see the class docstring).
             persist_state_kvs_name: the store to use, by name (created when missing).
@@ -80,11 +104,17 @@ class RecoverableState(Generic[TStateModel]):
             event_manager: the manager to listen on; the service locator's by default.
             history: keep this many snapshots of the record (0: keep none).
             migrations: `{k: fn}` turning stored JSON of schema version k into k + 1;
-                the model declares its version as `schema_version: ClassVar[int]`.
+                the type declares its version as `schema_version: ClassVar[int]`.
             on_bad_record: what `initialize()` does with a record that is not JSON
                 or does not validate (after migrations): "raise" a RecordCorruptError
                 (the record stays as it is), or "quarantine": copy it to the store's
                 quarantine store and start from the default state.
+            persistence_timeout: how long each load and each save may take (a timedelta
+                or seconds; None: no bound); PersistenceTimeoutError names store and key.
+                The final persist of `teardown()` and of a shutdown is bounded by the
+                manager's close timeout instead.
+            state_type: the type to validate stored values as; by default the default's
+                class, `RecoverableState[T]`'s T, or a JSON dict or list.
         """
         if persistence_enabled not in (True, False, "explicit_only"):
             raise ValueError(
@@ -100,14 +130,11 @@ class RecoverableState(Generic[TStateModel]):
             raise ValueError("history must be 0 or more")
         if on_bad_record not in ("raise", "quarantine"):
             raise ValueError(f"on_bad_record must be 'raise' or 'quarantine', not {on_bad_record!r}")
-        self._schema_version = model_schema_version(type(default_state))
+        self._default: Any = default_state
+        self._factory: Callable[[], Any] | None = default_state if callable(default_state) else None
+        self._state_type = state_type
         self._migrations = dict(migrations or {})
-        check_migrations(self._schema_version, self._migrations)
-        self._content_type = content_type_for(self._schema_version)
         self._on_bad_record = on_bad_record
-        self._default_state = default_state
-        self._model = type(default_state)
-        self._serializer = self._model.__pydantic_serializer__
         self._key = persist_state_key
         self._persistence_enabled = persistence_enabled
         self._kvs_name = persist_state_kvs_name
@@ -116,32 +143,38 @@ class RecoverableState(Generic[TStateModel]):
         self._log = logger or _package_logger
         self._event_manager = event_manager
         self._history = history
+        self._timeout = _seconds(persistence_timeout, "persistence_timeout")
 
-        self._state: TStateModel | None = None
-        self._kvs: KeyValueStore | None = None
+        self._slot: StateSlot | None = None
+        self._has_value = False
+        self._active = False  # initialized and not torn down
         self._listening_on: EventManager | None = None
         self._owner_key: tuple[str, str, str] | None = None
-        self._gate: _WriteGate | None = None
-        self._version = 0  # the stored version this process last read or wrote (0: none)
-        self._last_bytes: bytes | None = None  # what the store holds, as far as we know
-        self._lost = False
+        # The type is known now unless it must come from RecoverableState[T] (set after
+        # __init__) or from calling a factory: then at initialize().
+        if state_type is not None or isinstance(self._factory, type) or (
+            self._factory is None and not isinstance(default_state, dict | list)
+        ):
+            self._make_slot()
 
     # -- reading -------------------------------------------------------------
 
     @property
     def current_value(self) -> TStateModel:
-        """The live model; change it in place, it is persisted as it is."""
-        if self._state is None:
+        """The live value; change it in place, it is persisted as it is."""
+        if not self._has_value:
             raise RuntimeError(
                 f"RecoverableState {self._key!r} is not initialized: "
                 "call `await state.initialize()` (or use `async with`) first"
             )
-        return self._state
+        assert self._slot is not None
+        value: TStateModel = self._slot.value
+        return value
 
     @property
     def is_initialized(self) -> bool:
         """Whether `initialize()` has run (and `teardown()` has not)."""
-        return self._state is not None and self._gate is not None
+        return self._active
 
     @property
     def persist_state_key(self) -> str:
@@ -151,7 +184,7 @@ class RecoverableState(Generic[TStateModel]):
     @property
     def ownership_lost(self) -> bool:
         """Whether another process took this state over; it is then no longer persisted."""
-        return self._lost
+        return self._slot is not None and self._slot.lost
 
     async def has_persisted_state(self) -> bool:
         """Whether a record of this state is in the store."""
@@ -161,7 +194,7 @@ class RecoverableState(Generic[TStateModel]):
     # -- lifecycle -----------------------------------------------------------
 
     async def initialize(self) -> TStateModel:
-        """Load the stored state (or a copy of the default) and start persisting it.
+        """Load the stored state (or a fresh default) and start persisting it.
 
         Raises RecordCorruptError, naming the store, key and failing fields, when
         the stored record is not valid JSON or does not validate; the record is
@@ -185,45 +218,100 @@ class RecoverableState(Generic[TStateModel]):
         claimed: set[tuple[str, str, str]] = set()
         stores: dict[tuple[str | None, str | None], KeyValueStore] = {}  # opened once per call
         for state in states:
-            if state.is_initialized:
-                continue
-            if not state._persistence_enabled:
-                state._start(state._default_state.model_copy(deep=True), None)
-                continue
-            by = (state._kvs_name, state._kvs_id)
-            if state._kvs is None and state._kvs_factory is None and by in stores:
-                state._kvs = stores[by]
-            kvs = await state._open_kvs()
-            if state._kvs_factory is None:
-                stores.setdefault(by, kvs)
             try:
-                check_key(state._key, store=kvs.label)
-                state._take_owner(kvs, claimed)
+                if await state._claim_for_loading(stores, claimed):
+                    loading.append(state)
             except Exception as exc:
                 errors.append(exc)
-                continue
-            loading.append(state)
         if loading:
+            slots = [state._loading_slot() for state in loading]
             try:
-                records = await KeyValueStore.get_together(
-                    [(s._kvs, s._key, True) for s in loading]  # type: ignore[misc]
+                results = await load_slots(
+                    slots, [state._fresh_default for state in loading], smallest_timeout(slots)
                 )
             except BaseException:
                 for state in loading:
                     state._release_owner()
                 raise
-            for state, record in zip(loading, records, strict=True):
-                try:
-                    if isinstance(record, StorageError):
-                        raise record
-                    await state._start_from(record)
-                except Exception as exc:
+            for state, error in zip(loading, results, strict=True):
+                if error is None:
+                    state._begin()
+                else:
                     state._release_owner()
-                    errors.append(exc)
+                    errors.append(error)
         if len(errors) == 1:
             raise errors[0]
         if errors:
             raise ExceptionGroup(f"{len(errors)} of {len(states)} states failed to initialize", errors)
+
+    async def _claim_for_loading(
+        self,
+        stores: dict[tuple[str | None, str | None], KeyValueStore],
+        claimed: set[tuple[str, str, str]],
+    ) -> bool:
+        """Get ready to load: True when the record must be read, False when there is nothing to do."""
+        if self._active:
+            return False
+        slot = self._make_slot()
+        if not self._persistence_enabled:
+            slot.value = self._fresh_default()
+            self._begin()
+            return False
+        by = (self._kvs_name, self._kvs_id)
+        if self._kvs_factory is None and by in stores:
+            slot.kvs = stores[by]
+        kvs = await self._open_kvs()
+        if self._kvs_factory is None:
+            stores.setdefault(by, kvs)
+        check_key(self._key, store=kvs.label)
+        self._take_owner(kvs, claimed)
+        return True
+
+    def _loading_slot(self) -> StateSlot:
+        assert self._slot is not None
+        assert self._slot.kvs is not None
+        return self._slot
+
+    def _make_slot(self) -> StateSlot:
+        """The store side of this state, made once its type is known."""
+        if self._slot is not None:
+            return self._slot
+        state_type = self._state_type
+        if state_type is None:
+            args = get_args(getattr(self, "__orig_class__", None))
+            if args and not isinstance(args[0], TypeVar):
+                state_type = args[0]
+        if state_type is None:
+            if isinstance(self._factory, type):
+                state_type = self._factory
+            else:
+                sample = self._factory() if self._factory is not None else self._default
+                state_type = infer_state_type(sample)
+        try:
+            codec = codec_for(state_type)
+        except TypeError:  # an unhashable type annotation
+            codec = StateCodec(state_type)
+        schema_version = model_schema_version(state_type)
+        check_migrations(schema_version, self._migrations)
+        self._slot = StateSlot(
+            key=self._key,
+            codec=codec,
+            content_type=content_type_for(schema_version),
+            schema_version=schema_version,
+            migrations=self._migrations,
+            on_bad_record=self._on_bad_record,
+            history=self._history,
+            timeout=self._timeout,
+            log=self._log,
+            on_lost=self._ownership_lost,
+        )
+        return self._slot
+
+    def _fresh_default(self) -> Any:
+        if self._factory is not None:
+            return self._factory()
+        assert self._slot is not None
+        return self._slot.codec.copy(self._default)
 
     def _take_owner(self, kvs: KeyValueStore, claimed: set[tuple[str, str, str]]) -> None:
         owner_key = (kvs.storage.url, kvs.id, self._key)
@@ -238,90 +326,37 @@ class RecoverableState(Generic[TStateModel]):
         _owners[owner_key] = weakref.ref(self)
         self._owner_key = owner_key
 
-    async def _start_from(self, record: StoredRecord | None) -> None:
-        kvs = self._kvs
-        assert kvs is not None
-        if record is None:
-            self._start(self._default_state.model_copy(deep=True), None)
-            return
-        try:
-            data = record.value if record.content_type == self._content_type else migrate(
-                record.value,
-                record.content_type,
-                code_version=self._schema_version,
-                migrations=self._migrations,
-                store=kvs.label,
-                key=self._key,
-            )
-            value = self._validate(kvs, data)
-        except RecordCorruptError as exc:
-            if self._on_bad_record != "quarantine":
-                raise
-            await self._quarantine(kvs, record, exc)
-            self._start(self._default_state.model_copy(deep=True), record)
-            self._last_bytes = None  # the default replaces the bad record on the next persist
-            return
-        self._start(value, record)
-        if data is not record.value:
-            self._last_bytes = None  # migrated: written back at the next persist
-
-    async def _quarantine(self, kvs: KeyValueStore, record: StoredRecord, error: Exception) -> None:
-        quarantine = await kvs.open_quarantine()
-        stamp = datetime.now(UTC).isoformat(timespec="microseconds")
-        await quarantine.put_record(f"{self._key}@{stamp}", record.value, record.content_type)
-        self._log.warning(
-            "%s; the record was copied to store %r, key %r, and the state starts from its default",
-            error,
-            quarantine.label,
-            f"{self._key}@{stamp}",
-        )
-
-    def _start(self, state: TStateModel, record: StoredRecord | None) -> None:
-        self._state = state
-        self._version = record.version if record is not None else 0
-        self._last_bytes = record.value if record is not None else None
-        self._lost = False
-        self._gate = _WriteGate()
+    def _begin(self) -> None:
+        """The value is loaded: persist it from now on (on PERSIST_STATE when enabled)."""
+        slot = self._slot
+        assert slot is not None
+        self._has_value = True
+        self._active = True
+        slot.enabled = bool(self._persistence_enabled)
         if self._persistence_enabled is True:
             manager = self._event_manager or service_locator.get_event_manager()
-            _PersistGroup.of(manager).add(self)
+            _PersistGroup.of(manager).add(slot)
             self._listening_on = manager
 
-    def _validate(self, kvs: KeyValueStore, data: bytes) -> TStateModel:
-        try:
-            return self._model.model_validate_json(data)
-        except ValidationError as exc:
-            problem = describe_validation_error(exc)
-            if any(e["type"] == "json_invalid" for e in exc.errors()):
-                message = f"the stored record is not valid JSON ({problem})"
-            else:
-                message = f"the stored record does not validate as {self._model.__name__}: {problem}"
-            raise RecordCorruptError(message, store=kvs.label, key=self._key) from exc
+    def _ownership_lost(self, error: StateOwnershipLost) -> None:
+        manager = self._listening_on
+        self._stop_listening()
+        if manager is not None and manager.active:
+            manager.emit(
+                event=Event.STATE_OWNERSHIP_LOST,
+                event_data=EventStateOwnershipLostData(store=error.store or "", key=self._key),
+            )
 
     async def persist_state(self, event_data: EventPersistStateData | None = None) -> None:
         """Store the current value now, if it changed since it was last stored.
 
-        Returns once the write is durable. Raises StateOwnershipLost (and stops
-        persisting this state) when another process has taken the record over.
+        Returns once the write is durable. Raises UnrepresentableStateError (the
+        stored record unchanged) when the value would not load back equal,
+        StorageError (PersistenceTimeoutError past `persistence_timeout`) when the
+        store failed, and StateOwnershipLost (and stops persisting this state)
+        when another process has taken the record over.
         """
-        if not self._persistence_enabled or self._state is None or self._gate is None or self._lost:
-            return
-        async with self._gate:
-            kvs = self._kvs
-            assert kvs is not None
-            data = self._serializer.to_json(self._state, by_alias=True)
-            if data == self._last_bytes:
-                return
-            outcome = await kvs.put_record(
-                self._key,
-                data,
-                self._content_type,
-                expected_version=self._version,
-                keep_history=self._history,
-            )
-            error = self._settle(outcome, data)
-        if error is not None:
-            raise error
+        await self.persist_many([self])
 
     @staticmethod
     async def persist_many(states: Iterable[RecoverableState[Any]]) -> None:
@@ -329,117 +364,82 @@ class RecoverableState(Generic[TStateModel]):
 
         What one PERSIST_STATE does for every state listening on a manager: each
         changed state is serialised in one pass and all of them are written in one
-        batch. A state whose own `persist_state()` is running is persisted after
-        it. States another process took over are logged and left unwritten.
-        Writes that failed on their own (their store was dropped) are logged and
-        raised together once every other state is settled.
+        batch, bounded by the smallest `persistence_timeout` among them. A state
+        whose write is in flight is persisted after it. Every state is settled
+        before the failures are raised: one as it is, several as an ExceptionGroup.
         """
-        held: list[tuple[RecoverableState[Any], bytes]] = []
-        puts: list[tuple[KeyValueStore, RecordWrite]] = []
-        busy: list[RecoverableState[Any]] = []
-        failed: list[StorageError] = []
-        try:
-            for n, state in enumerate(states, 1):
-                if n % 2000 == 0:
-                    await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-                gate = state._gate
-                if state._state is None or gate is None or state._lost or not state._persistence_enabled:
-                    continue
-                if not gate.try_enter():
-                    busy.append(state)
-                    continue
-                try:
-                    data = state._serializer.to_json(state._state, by_alias=True)
-                except Exception:
-                    gate.leave()
-                    state._log.exception("state %r cannot be serialised; not persisted", state._key)
-                    continue
-                if data == state._last_bytes:
-                    gate.leave()
-                    continue
-                held.append((state, data))
-                kvs = state._kvs
-                assert kvs is not None
-                puts.append(
-                    (
-                        kvs,
-                        kvs.prepare_put(
-                            state._key,
-                            data,
-                            state._content_type,
-                            expected_version=state._version,
-                            keep_history=state._history,
-                        ),
-                    )
-                )
-            if puts:
-                outcomes = await KeyValueStore.put_together(puts)
-                for (state, data), outcome in zip(held, outcomes, strict=True):
-                    if isinstance(outcome, StorageError):
-                        state._log.error("state %r was not persisted: %s", state._key, outcome)
-                        failed.append(outcome)
-                    else:
-                        state._settle(outcome, data)
-        finally:
-            for state, _ in held:
-                assert state._gate is not None
-                state._gate.leave()
-        if busy:
-            async with anyio.create_task_group() as tg:
-                for state in busy:
-                    tg.start_soon(_persist_quietly, state)
-        if failed:
-            raise ExceptionGroup(f"{len(failed)} states were not persisted", failed)
-
-    def _settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
-        """Record a write's outcome; on a lost compare-and-set, give up the state."""
-        if outcome.applied:
-            self._version, self._last_bytes = outcome.version, data
-            return None
-        kvs = self._kvs
-        assert kvs is not None
-        self._lost = True
-        manager = self._listening_on
-        self._stop_listening()
-        error = StateOwnershipLost(
-            f"the stored record is at version {outcome.version}, not {self._version} as this "
-            "process last saw it: another process has taken this state over; this snapshot "
-            "was not written and the state is no longer persisted from here",
-            store=kvs.label,
-            key=self._key,
-        )
-        self._log.error("%s", error)
-        if manager is not None and manager.active:
-            manager.emit(
-                event=Event.STATE_OWNERSHIP_LOST,
-                event_data=EventStateOwnershipLostData(store=kvs.label, key=self._key),
-            )
-        return error
+        slots = [slot for state in states if (slot := state._slot) is not None]
+        errors = await persist_slots(slots, smallest_timeout(slots))
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup(f"{len(errors)} states were not persisted", errors)
 
     async def reset(self) -> None:
-        """Go back to a copy of the default state and clear the stored record."""
-        self._state = self._default_state.model_copy(deep=True)
-        if not self._persistence_enabled or self._gate is None:
+        """Go back to the default state, in place, and clear the stored record.
+
+        The object `initialize()` returned stays the live one: it is reset field
+        by field (a dict or list is emptied and refilled), so later changes to it
+        are persisted. Only a value that cannot change in place (an int, a tuple)
+        is replaced; read `current_value` again for those.
+        """
+        slot = self._make_slot()
+        fresh = self._fresh_default()
+        slot.value = slot.codec.reset_in_place(slot.value, fresh) if self._has_value else fresh
+        self._has_value = True
+        if not self._persistence_enabled or not self._active:
             return
-        async with self._gate:
-            kvs = await self._open_kvs()
-            await kvs.delete_record(self._key, expected_version=self._version)
-            self._version, self._last_bytes = 0, None
+        kvs = await self._open_kvs()
+        async with slot.gate:
+            with anyio.move_on_after(slot.timeout) as scope:
+                try:
+                    if slot.in_doubt is not None:
+                        slot.resolve(await kvs.get_record(self._key))
+                    deleted = await kvs.delete_record(self._key, expected_version=slot.version)
+                    if not deleted and slot.version:
+                        record = await kvs.get_record(self._key)
+                        if record is not None:
+                            lost = slot.settle(WriteOutcome(False, record.version), b"")
+                            assert lost is not None
+                            raise lost
+                except anyio.get_cancelled_exc_class():
+                    slot.in_doubt = b""  # a delete in doubt: `resolve` takes an absent record as done
+                    raise
+                slot.version, slot.stored, slot.in_doubt = 0, None, None
+            if scope.cancelled_caught:
+                slot.in_doubt = b""
+                raise PersistenceTimeoutError(
+                    f"clearing the record took longer than the persistence_timeout of {slot.timeout:g} s",
+                    store=kvs.label,
+                    key=self._key,
+                )
 
     async def teardown(self) -> None:
-        """Stop listening, persist one last time, and release the record in this process."""
-        if self._gate is None:
+        """Stop listening, persist one last time, and release the record in this process.
+
+        The last persist is bounded by the event manager's close timeout (not by
+        `persistence_timeout`); its failure (an unrepresentable value, a store
+        error) is raised, after the record is released.
+        """
+        if not self._active:
             return
         self._stop_listening()
+        slot = self._slot
+        assert slot is not None
         try:
-            await self.persist_state()
+            manager = self._event_manager or service_locator.get_event_manager()
+            errors = await persist_slots([slot], manager.close_timeout.total_seconds())
+            if errors:
+                raise errors[0]
         finally:
             self._release_owner()
-            self._gate = None
+            self._active = False
+            slot.enabled = False
 
     def _stop_listening(self) -> None:
         if self._listening_on is not None:
-            _PersistGroup.of(self._listening_on).discard(self)
+            assert self._slot is not None
+            _PersistGroup.of(self._listening_on).discard(self._slot)
             self._listening_on = None
 
     def _release_owner(self) -> None:
@@ -450,12 +450,13 @@ class RecoverableState(Generic[TStateModel]):
         self._owner_key = None
 
     async def _open_kvs(self) -> KeyValueStore:
-        if self._kvs is None:
+        slot = self._make_slot()
+        if slot.kvs is None:
             if self._kvs_factory is not None:
-                self._kvs = await self._kvs_factory()
+                slot.kvs = await self._kvs_factory()
             else:
-                self._kvs = await KeyValueStore.open(name=self._kvs_name, id=self._kvs_id)
-        return self._kvs
+                slot.kvs = await KeyValueStore.open(name=self._kvs_name, id=self._kvs_id)
+        return slot.kvs
 
     async def __aenter__(self) -> TStateModel:
         return await self.initialize()
@@ -470,60 +471,8 @@ class RecoverableState(Generic[TStateModel]):
             await self.teardown()
 
     def __repr__(self) -> str:
-        return f"<RecoverableState {self._key!r} of {self._model.__name__}>"
-
-
-class _WriteGate:
-    """Lets one write of a state through at a time; the others wait their turn, in order.
-
-    An anyio.Lock does the same, but a PERSIST_STATE over 10,000 states passes
-    10,000 gates in one pass, and the uncontended path here costs a flag test
-    instead of a current-task lookup (34 ms of such lookups per pass, measured).
-    """
-
-    __slots__ = ("_busy", "_waiting")
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._waiting: collections.deque[anyio.Event] | None = None  # made when first contended
-
-    def try_enter(self) -> bool:
-        """Enter if no write is in flight; never waits."""
-        if self._busy:
-            return False
-        self._busy = True
-        return True
-
-    async def __aenter__(self) -> None:
-        if self.try_enter():
-            return
-        turn = anyio.Event()
-        if self._waiting is None:
-            self._waiting = collections.deque()
-        self._waiting.append(turn)
-        try:
-            await turn.wait()
-        except BaseException:
-            if turn in self._waiting:
-                self._waiting.remove(turn)
-            else:
-                self.leave()  # our turn came as we were cancelled: pass it on
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.leave()
-
-    def leave(self) -> None:
-        """End this write; hand the gate to the next waiting write, if any."""
-        if self._waiting:
-            self._waiting.popleft().set()
-        else:
-            self._busy = False
-
-
-async def _persist_quietly(state: RecoverableState[Any]) -> None:
-    with contextlib.suppress(StateOwnershipLost):  # already logged and announced by the state
-        await state.persist_state()
+        name = self._slot.codec.name if self._slot is not None else "?"
+        return f"<RecoverableState {self._key!r} of {name}>"
 
 
 class _PersistGroup:
@@ -534,12 +483,13 @@ class _PersistGroup:
     """
 
     _groups: weakref.WeakKeyDictionary[EventManager, _PersistGroup] = weakref.WeakKeyDictionary()
+    _last: tuple[weakref.ref[EventManager], _PersistGroup] | None = None
 
     def __init__(self, manager: EventManager) -> None:
         self._manager = weakref.ref(manager)  # a strong one would keep the manager alive forever
-        self._states: dict[RecoverableState[Any], None] = {}
-
-    _last: tuple[weakref.ref[EventManager], _PersistGroup] | None = None
+        self._slots: dict[StateSlot, None] = {}
+        self._heard = False  # a PERSIST_STATE came: the manager was entered
+        self._watch: threading.Timer | None = None
 
     @classmethod
     def of(cls, manager: EventManager) -> _PersistGroup:
@@ -553,18 +503,44 @@ class _PersistGroup:
         cls._last = (group._manager, group)
         return group
 
-    def add(self, state: RecoverableState[Any]) -> None:
+    def add(self, slot: StateSlot) -> None:
         manager = self._manager()
-        if not self._states and manager is not None:
+        if not self._slots and manager is not None:
             manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
-        self._states[state] = None
+            if not manager.active and not self._heard and self._watch is None:
+                self._watch = threading.Timer(NOT_ENTERED_GRACE, self._warn_if_never_entered, (slot.key,))
+                self._watch.daemon = True
+                self._watch.start()
+        self._slots[slot] = None
 
-    def discard(self, state: RecoverableState[Any]) -> None:
-        self._states.pop(state, None)
+    def discard(self, slot: StateSlot) -> None:
+        self._slots.pop(slot, None)
         manager = self._manager()
-        if not self._states and manager is not None:
+        if not self._slots and manager is not None:
             manager.off(event=Event.PERSIST_STATE, listener=self.persist_all)
 
+    def _warn_if_never_entered(self, key: str) -> None:
+        # Runs in the timer's thread: reads flags only, and logs.
+        manager = self._manager()
+        if manager is None or manager.active or self._heard or not self._slots:
+            return
+        _package_logger.warning(
+            "%d state(s) (key %r among them) have persistence_enabled=True, but their event "
+            "manager was not entered within %g s: nothing is saved automatically and shutdown "
+            "signals are not handled. Enter it (`async with manager:` or recoverable_state.run()), "
+            "or use persistence_enabled='explicit_only' and call persist_state()",
+            len(self._slots),
+            key,
+            NOT_ENTERED_GRACE,
+        )
+
     async def persist_all(self, event_data: EventPersistStateData | None = None) -> None:
-        """Persist every state of this manager that changed."""
-        await RecoverableState.persist_many(list(self._states))
+        """Persist every state of this manager that changed; log what failed."""
+        self._heard = True
+        slots = list(self._slots)
+        # A shutdown's persist is bounded by the manager's close timeout alone.
+        migrating = event_data is not None and event_data.is_migrating
+        errors = await persist_slots(slots, None if migrating else smallest_timeout(slots))
+        for error in errors:
+            if not isinstance(error, StateOwnershipLost | UnrepresentableStateError):  # logged already
+                _package_logger.error("not persisted: %s", error)

@@ -1,0 +1,439 @@
+"""One state's place in a store, and the one write path and one load path over many of them.
+
+A `StateSlot` holds what the store side of a state needs: the live value, the
+version and bytes last known stored, a write in doubt, and a write gate.
+`persist_slots` and `load_slots` are the only code that writes or loads a
+state; one state is a batch of one. They call the slots' methods and never
+reach into a state's fields.
+
+Outcomes are settled so that memory agrees with the store: a write that failed
+changes nothing; a write reported landed is settled; a write whose outcome is
+unknown (the batch raised, was cancelled or timed out) is remembered and
+checked against the store, without claiming, before the next write.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import anyio
+import anyio.lowlevel
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+
+from ._codec import Refused, StateCodec, describe_validation_error
+from ._errors import (
+    PersistenceTimeoutError,
+    RecordCorruptError,
+    StateOwnershipLost,
+    StorageError,
+    UnrepresentableStateError,
+)
+from ._schema import Migration, migrate
+from .storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
+
+
+class StateSlot:
+    """The store side of one state: its value, what the store holds of it, and its write gate."""
+
+    __slots__ = (
+        "_refusal",
+        "codec",
+        "content_type",
+        "enabled",
+        "gate",
+        "history",
+        "in_doubt",
+        "key",
+        "kvs",
+        "log",
+        "lost",
+        "migrations",
+        "on_bad_record",
+        "on_lost",
+        "schema_version",
+        "stored",
+        "timeout",
+        "value",
+        "version",
+    )
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        codec: StateCodec,
+        content_type: str,
+        schema_version: int | None,
+        migrations: Mapping[int, Migration],
+        on_bad_record: Literal["raise", "quarantine"],
+        history: int,
+        timeout: float | None,
+        log: logging.Logger,
+        on_lost: Callable[[StateOwnershipLost], None],
+    ) -> None:
+        self.key = key
+        self.codec = codec
+        self.content_type = content_type
+        self.schema_version = schema_version
+        self.migrations = migrations
+        self.on_bad_record = on_bad_record
+        self.history = history
+        self.timeout = timeout
+        """Seconds each load and save of this state may take (None: no bound)."""
+        self.log = log
+        self.on_lost = on_lost
+        self.kvs: KeyValueStore | None = None
+        self.enabled = False  # whether persists write (initialized, persistence on)
+        self.value: Any = None
+        self.version = 0  # the stored version this process last read or wrote (0: none)
+        self.stored: bytes | None = None  # what the store holds, as far as we know
+        self.in_doubt: bytes | None = None  # bytes of a write whose outcome is unknown
+        self.lost = False
+        self.gate = WriteGate()
+        self._refusal: str | None = None  # the last refusal logged, to log each once
+
+    @property
+    def label(self) -> str:
+        """The store's name for messages."""
+        return self.kvs.label if self.kvs is not None else "?"
+
+    # -- loading ---------------------------------------------------------------
+
+    async def start_from(self, record: StoredRecord | None, default: Callable[[], Any]) -> None:
+        """Take the loaded record (None: nothing stored) as the live value; see `load_slots`."""
+        kvs = self.kvs
+        assert kvs is not None
+        self.lost = False
+        self.in_doubt = None
+        if record is None:
+            self.value, self.version, self.stored = default(), 0, None
+            return
+        try:
+            data = record.value if record.content_type == self.content_type else migrate(
+                record.value,
+                record.content_type,
+                code_version=self.schema_version,
+                migrations=self.migrations,
+                store=kvs.label,
+                key=self.key,
+            )
+            value = self._validate(data)
+        except RecordCorruptError as exc:
+            if self.on_bad_record != "quarantine":
+                raise
+            await self._quarantine(record, exc)
+            # The default replaces the bad record on the next persist.
+            self.value, self.version, self.stored = default(), record.version, None
+            return
+        self.value, self.version = value, record.version
+        self.stored = record.value if data is record.value else None  # migrated: written back
+
+    def _validate(self, data: bytes) -> Any:
+        try:
+            value, dropped = self.codec.load(data)
+        except ValidationError as exc:
+            problem = describe_validation_error(exc)
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                message = f"the stored record is not valid JSON ({problem})"
+            else:
+                message = f"the stored record does not validate as {self.codec.name}: {problem}"
+            raise RecordCorruptError(message, store=self.label, key=self.key) from exc
+        if dropped:
+            self.log.warning(
+                "store %r, key %r: the stored record has fields %s that %s no longer has; they are "
+                "dropped at the next persist (keep them with a migration: see schema_version)",
+                self.label,
+                self.key,
+                ", ".join(repr(d) for d in dropped),
+                self.codec.name,
+            )
+        return value
+
+    async def _quarantine(self, record: StoredRecord, error: Exception) -> None:
+        assert self.kvs is not None
+        quarantine = await self.kvs.open_quarantine()
+        stamp = datetime.now(UTC).isoformat(timespec="microseconds")
+        await quarantine.put_record(f"{self.key}@{stamp}", record.value, record.content_type)
+        self.log.warning(
+            "%s; the record was copied to store %r, key %r, and the state starts from its default",
+            error,
+            quarantine.label,
+            f"{self.key}@{stamp}",
+        )
+
+    # -- writing ---------------------------------------------------------------
+
+    def prepare(self, warned: list[warnings.WarningMessage]) -> tuple[bytes, RecordWrite] | None:
+        """The write this slot needs now (None: nothing changed); raises UnrepresentableStateError.
+
+        `warned` records warnings: pydantic warns when a value does not have its
+        declared type (it was assigned without validation), which calls for a full check.
+        """
+        codec = self.codec
+        seen = len(warned)
+        try:
+            data = codec.serializer.to_json(self.value, by_alias=True)
+        except PydanticSerializationError:
+            try:
+                data = codec.dump_leniently(self.value)
+            except Refused as refused:
+                raise self._refuse(refused) from None
+        if data == self.stored:
+            return None
+        suspect = len(warned) != seen
+        if suspect or codec.needs_check:
+            try:
+                codec.check(self.value, data, suspect=suspect)
+            except Refused as refused:
+                raise self._refuse(refused) from None
+        assert self.kvs is not None
+        return data, self.kvs.prepare_put(
+            self.key, data, self.content_type, expected_version=self.version, keep_history=self.history
+        )
+
+    def _refuse(self, refused: Refused) -> UnrepresentableStateError:
+        error = UnrepresentableStateError(
+            f"field {refused.field!r} {refused.reason}; the state was not persisted and the "
+            "stored record is unchanged",
+            store=self.label,
+            key=self.key,
+            field=refused.field,
+        )
+        if str(error) != self._refusal:  # a timer tick repeats it: log each distinct one once
+            self._refusal = str(error)
+            self.log.error("%s", error)
+        return error
+
+    def settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
+        """Record a write's outcome; a lost compare-and-set gives the state up."""
+        if outcome.applied:
+            self.version, self.stored, self._refusal = outcome.version, data, None
+            return None
+        self.lost = True
+        self.enabled = False
+        error = StateOwnershipLost(
+            f"the stored record is at version {outcome.version}, not {self.version} as this "
+            "process last saw it: another process has taken this state over; this snapshot "
+            "was not written and the state is no longer persisted from here",
+            store=self.label,
+            key=self.key,
+        )
+        self.log.error("%s", error)
+        self.on_lost(error)
+        return error
+
+    def resolve(self, record: StoredRecord | None) -> None:
+        """Settle a write in doubt from what the store holds (read without claiming)."""
+        data, self.in_doubt = self.in_doubt, None
+        if record is not None and record.version == self.version + 1 and record.value == data:
+            self.version, self.stored = record.version, data  # it had landed
+        # Otherwise it had not; a successor, if any, shows in the next write's compare-and-set.
+
+
+def smallest_timeout(slots: Iterable[StateSlot]) -> float | None:
+    """The tightest persistence timeout among `slots` (None: none is bounded)."""
+    bounded = [s.timeout for s in slots if s.timeout is not None]
+    return min(bounded) if bounded else None
+
+
+async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> list[Exception]:
+    """Write every changed slot, in one batch per backend; return the errors, one a failure.
+
+    A slot whose write is in flight is written after it, in order. Each batch
+    (and each check of a write in doubt) is bounded by `timeout` seconds.
+    """
+    held: list[StateSlot] = []
+    busy: list[StateSlot] = []
+    doubtful: list[StateSlot] = []
+    for n, slot in enumerate(slots, 1):
+        if n % 2000 == 0:
+            await anyio.lowlevel.checkpoint()  # stay fair to other tasks
+        if not slot.enabled:
+            continue
+        if slot.gate.try_enter():
+            held.append(slot)
+            if slot.in_doubt is not None:
+                doubtful.append(slot)
+        else:
+            busy.append(slot)
+    errors: list[Exception] = []
+    try:
+        errors += await _write_held(held, doubtful, timeout)
+    finally:
+        for slot in held:
+            slot.gate.leave()
+    if busy:
+        async with anyio.create_task_group() as tg:
+            for slot in busy:
+                tg.start_soon(_write_in_turn, slot, timeout, errors)
+    return errors
+
+
+async def _write_in_turn(slot: StateSlot, timeout: float | None, errors: list[Exception]) -> None:
+    async with slot.gate:
+        if slot.enabled:
+            errors += await _write_held([slot], [slot] if slot.in_doubt is not None else [], timeout)
+
+
+async def _write_held(
+    slots: Sequence[StateSlot], doubtful: Sequence[StateSlot], timeout: float | None
+) -> list[Exception]:
+    """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt."""
+    errors: list[Exception] = []
+    if doubtful:
+        errors += await _resolve_doubts(doubtful, timeout)
+    writing: list[tuple[StateSlot, bytes]] = []
+    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    # One catch for the whole pass: entering it per state would cost more than the pass.
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for slot in slots:
+            if doubtful and (slot.in_doubt is not None or not slot.enabled):
+                continue
+            try:
+                prepared = slot.prepare(warned)
+            except UnrepresentableStateError as exc:
+                errors.append(exc)
+                continue
+            except Exception:  # a bug in a user's serializer must not spoil the batch
+                slot.log.exception("store %r, key %r: the state cannot be serialised", slot.label, slot.key)
+                continue
+            if prepared is not None:
+                assert slot.kvs is not None
+                writing.append((slot, prepared[0]))
+                puts.append((slot.kvs, prepared[1]))
+    if not puts:
+        return errors
+    outcomes: Sequence[WriteOutcome | StorageError] | None = None
+    try:
+        with anyio.move_on_after(timeout):
+            outcomes = await KeyValueStore.put_together(puts)
+    except StorageError as exc:  # the whole batch failed: it may have landed before failing
+        for slot, data in writing:
+            slot.in_doubt = data
+        return [*errors, exc]
+    except BaseException:
+        for slot, data in writing:
+            slot.in_doubt = data
+        raise
+    if outcomes is None:
+        for slot, data in writing:
+            slot.in_doubt = data
+            errors.append(_timed_out(slot, timeout, "saving"))
+        return errors
+    for (slot, data), outcome in zip(writing, outcomes, strict=True):
+        if isinstance(outcome, StorageError):
+            errors.append(outcome)  # failed on its own: not applied, nothing changes
+        else:
+            lost = slot.settle(outcome, data)
+            if lost is not None:
+                errors.append(lost)
+    return errors
+
+
+async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None) -> list[Exception]:
+    """Read (without claiming) what the store holds for slots whose last write is in doubt."""
+    records: Sequence[StoredRecord | StorageError | None] | None = None
+    try:
+        with anyio.move_on_after(timeout):
+            records = await KeyValueStore.get_together([(s.kvs, s.key, False) for s in slots])  # type: ignore[misc]
+    except StorageError as exc:
+        return [exc]
+    if records is None:
+        return [_timed_out(s, timeout, "checking the last save of") for s in slots]
+    errors: list[Exception] = []
+    for slot, record in zip(slots, records, strict=True):
+        if isinstance(record, StorageError):
+            errors.append(record)
+        else:
+            slot.resolve(record)
+    return errors
+
+
+async def load_slots(
+    slots: Sequence[StateSlot], defaults: Sequence[Callable[[], Any]], timeout: float | None
+) -> list[Exception | None]:
+    """Load (and claim) every slot's record in one batch per backend; each slot's error or None.
+
+    An error of the whole batch is raised.
+    """
+    records: Sequence[StoredRecord | StorageError | None] | None = None
+    with anyio.move_on_after(timeout):
+        records = await KeyValueStore.get_together([(s.kvs, s.key, True) for s in slots])  # type: ignore[misc]
+    if records is None:
+        return [_timed_out(s, timeout, "loading") for s in slots]
+    results: list[Exception | None] = []
+    for slot, record, default in zip(slots, records, defaults, strict=True):
+        try:
+            if isinstance(record, StorageError):
+                raise record
+            await slot.start_from(record, default)
+        except Exception as exc:
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
+
+
+def _timed_out(slot: StateSlot, timeout: float | None, doing: str) -> PersistenceTimeoutError:
+    return PersistenceTimeoutError(
+        f"{doing} the state took longer than its persistence_timeout of {timeout:g} s; "
+        "a save that timed out may or may not have landed, and the next persist checks",
+        store=slot.label,
+        key=slot.key,
+    )
+
+
+class WriteGate:
+    """Lets one write of a state through at a time; the others wait their turn, in order.
+
+    An anyio.Lock does the same, but a PERSIST_STATE over 10,000 states passes
+    10,000 gates in one pass, and the uncontended path here costs a flag test
+    instead of a current-task lookup (34 ms of such lookups per pass, measured).
+    """
+
+    __slots__ = ("_busy", "_waiting")
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: collections.deque[anyio.Event] | None = None  # made when first contended
+
+    def try_enter(self) -> bool:
+        """Enter if no write is in flight; never waits."""
+        if self._busy:
+            return False
+        self._busy = True
+        return True
+
+    async def __aenter__(self) -> None:
+        if self.try_enter():
+            return
+        turn = anyio.Event()
+        if self._waiting is None:
+            self._waiting = collections.deque()
+        self._waiting.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+            else:
+                self.leave()  # our turn came as we were cancelled: pass it on
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        """End this write; hand the gate to the next waiting write, if any."""
+        if self._waiting:
+            self._waiting.popleft().set()
+        else:
+            self._busy = False
+
