@@ -93,10 +93,6 @@ async def test_a_write_failing_alone_changes_nothing_and_the_others_land(backend
             await s.teardown()
 
 
-@pytest.mark.skip(
-    reason="storage/_batching.py sees an in-flight batch through, shielded: a hung backend write "
-    "cannot be left behind by persistence_timeout until the committer honours a deadline"
-)
 async def test_a_save_past_its_timeout_names_store_and_key_and_the_next_one_lands(backend: Any) -> None:
     async with EventManager():
         state = RecoverableState(

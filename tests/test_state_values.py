@@ -312,14 +312,11 @@ async def test_use_state_refuses_what_is_not_plain_json(store: str) -> None:
         await use_state("k", 5)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(
-    not hasattr(KeyValueStore, "get_auto_saved_value"), reason="KeyValueStore delegation not merged yet"
-)
 async def test_get_auto_saved_value_is_the_same_object_on_every_call(store: str) -> None:
     async with EventManager() as manager:
         service_locator.set_event_manager(manager)
         kvs = await KeyValueStore.open(name="auto")
-        value = await kvs.get_auto_saved_value("counts", {"a": 0})  # type: ignore[attr-defined]
+        value = await kvs.get_auto_saved_value("counts", {"a": 0})
         assert await kvs.get_auto_saved_value("counts", {"a": 0}) is value  # type: ignore[attr-defined]
         value["a"] = 9
     assert await kvs.get_value("counts") == {"a": 9}

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 
 from ._state import RecoverableState
-from .storage import KeyValueStore, StorageBackend
+from .storage import KeyValueStore, StorageBackend, use_auto_saved_values
 
 JsonValue = dict[str, Any] | list[Any]
 
@@ -90,3 +90,6 @@ def _the_store(kvs: KeyValueStore) -> Any:
         return kvs
 
     return factory
+
+
+use_auto_saved_values(auto_saved_value)

@@ -26,6 +26,7 @@ from ._kvs import (
     KeyValueStore,
     check_key,
     is_json_content_type,
+    use_auto_saved_values,
     use_default_storage,
 )
 from ._memory import MemoryBackend
@@ -58,5 +59,6 @@ __all__ = [
     "open_backend",
     "plan_reads",
     "plan_writes",
+    "use_auto_saved_values",
     "use_default_storage",
 ]
