@@ -134,6 +134,16 @@ class StateSlot:
         self.value, self.version = value, record.version
         self.stored = record.value if data is record.value else None  # migrated: written back
 
+    async def start_from_unreadable(self, error: RecordCorruptError, default: Callable[[], Any]) -> None:
+        """A record the store itself could not parse (a damaged file): quarantine it, or raise."""
+        if self.on_bad_record != "quarantine" or error.raw is None:
+            raise error
+        unreadable = StoredRecord(self.key, error.raw, "application/octet-stream", 0, datetime.now(UTC))
+        await self._quarantine(unreadable, error)
+        self.lost = False
+        self.in_doubt = None
+        self.value, self.version, self.stored = default(), 0, None  # a write replaces the damage
+
     def _validate(self, data: bytes) -> Any:
         try:
             value, dropped = self.codec.load(data)
@@ -371,9 +381,12 @@ async def load_slots(
     results: list[Exception | None] = []
     for slot, record, default in zip(slots, records, defaults, strict=True):
         try:
-            if isinstance(record, StorageError):
+            if isinstance(record, RecordCorruptError):
+                await slot.start_from_unreadable(record, default)
+            elif isinstance(record, StorageError):
                 raise record
-            await slot.start_from(record, default)
+            else:
+                await slot.start_from(record, default)
         except Exception as exc:
             results.append(exc)
         else:

@@ -1,0 +1,92 @@
+"""A disk that fills up mid-batch, on a real small file system (tmpfs, mounted when root).
+
+What every state was told must be what the store holds: a record that was
+written is reported as written, one that was not changes nothing, and no state
+is ever told another process took it over.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from recoverable_state import KeyValueStore, RecoverableState, StorageError
+from recoverable_state.storage import open_backend
+
+pytestmark = pytest.mark.anyio
+
+
+class Blob(BaseModel):
+    data: str = ""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root: CI runs as root; skipped elsewhere, failing under CI)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the disk-full tests need root to mount a tmpfs")
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def make_states(kvs: KeyValueStore) -> tuple[RecoverableState[Blob], RecoverableState[Blob]]:
+    async def factory() -> KeyValueStore:
+        return kvs
+
+    return tuple(  # type: ignore[return-value]
+        RecoverableState(
+            default_state=Blob(),
+            persist_state_key=key,
+            persistence_enabled="explicit_only",
+            persist_state_kvs_factory=factory,
+        )
+        for key in ("small", "big")
+    )
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_disk_filling_up_mid_batch_is_told_truthfully(small_disk: Path, kind: str) -> None:
+    url = f"file://{small_disk}/files" if kind == "file" else f"sqlite:///{small_disk}/s.sqlite3"
+    backend = open_backend(url)
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    small, big = make_states(kvs)
+    await RecoverableState.initialize_many([small, big])
+    small.current_value.data = "a" * 100
+    big.current_value.data = "b" * (2 * 1024 * 1024)  # more than the disk holds
+
+    with pytest.raises((StorageError, ExceptionGroup)):
+        await RecoverableState.persist_many([small, big])
+    assert not small.ownership_lost and not big.ownership_lost
+
+    reader = open_backend(url)
+    stored = await (await KeyValueStore.open(id=kvs.id, storage=reader)).get_value("small")
+    if kind == "file":
+        assert stored == {"data": "a" * 100}  # written, and told so
+    else:
+        assert stored is None  # one transaction: nothing of the batch was written, and told so
+    assert await (await KeyValueStore.open(id=kvs.id, storage=reader)).get_value("big") is None
+
+    # The worker goes on: the next persist of each lands, and nobody claims the states were taken.
+    small.current_value.data = "c" * 100
+    big.current_value.data = "d" * 100
+    await RecoverableState.persist_many([small, big])
+    assert not small.ownership_lost and not big.ownership_lost
+    again = await KeyValueStore.open(id=kvs.id, storage=open_backend(url))
+    assert await again.get_value("small") == {"data": "c" * 100}
+    assert await again.get_value("big") == {"data": "d" * 100}
+    for state in (small, big):
+        await state.teardown()
+    await backend.aclose()
+    await reader.aclose()
