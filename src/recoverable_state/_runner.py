@@ -64,9 +64,11 @@ def run(
 
     async def body() -> T | None:
         service_locator.set_event_manager(manager)
+        result: T | None = None
         try:
             async with manager:
-                return await main(*args)
+                result = await main(*args)
+            return result
         finally:
             service_locator.release_event_manager(manager)
             if manager.unfinished_listeners:

@@ -1,13 +1,20 @@
 """Events: the EventManager, the events it emits and their payloads."""
 
-from ._manager import EventManager, Listener, OnSignal, PreemptionNoticeKind, ShutdownSignalReceived, exit_guard
-from ._shutdown import EXIT_NOT_PERSISTED, EventLoopStarved
+from ._manager import (
+    EventManager,
+    Listener,
+    OnSignal,
+    PreemptionNoticeKind,
+    ShutdownSignalReceived,
+    exit_guard,
+)
 from ._preemption import (
     AWS_SPOT_NOTICE_URL,
     GCP_PREEMPTED_URL,
     PreemptionNotice,
     PreemptionNoticePoller,
 )
+from ._shutdown import EXIT_NOT_PERSISTED, EventLoopStarved
 from ._types import (
     Event,
     EventAbortingData,

@@ -610,7 +610,7 @@ class EventManager:
         if in_entering_task:
             swallowed = self._close_body_scope(exc_type, exc, tb)
         else:
-            self._left_by_other_task = self._body_scope is not None
+            self._left_by_other_task = True  # the entering task's own `async with` still ends
         if isinstance(exc, EventLoopStarved):
             self._on_shutdown_signal(exc.signum, time.monotonic())
         final: list[_Call] = []
@@ -624,7 +624,8 @@ class EventManager:
                     # The final persist comes after the one in flight.
                     with anyio.move_on_after(self._time_left()):
                         await self._round_done.wait()
-                final = self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=self._signal is not None))
+                data = EventPersistStateData(is_migrating=self._signal is not None)
+                final = self._emit(Event.PERSIST_STATE, data)
                 left_behind = await self._wait_for_listeners(self._time_left())
                 if self._sources_done is not None:
                     with anyio.move_on_after(_CANCEL_GRACE):
@@ -661,7 +662,9 @@ class EventManager:
                 ", ".join(self._unfinished),
             )
         elif not self._persisted_all:
-            logger.error("the last PERSIST_STATE did not finish for every listener; not every state was persisted")
+            logger.error(
+                "the last PERSIST_STATE did not finish for every listener; not every state was persisted"
+            )
         for registrations in list(self._listeners.values()):
             for wrapped in list(registrations):
                 if wrapped.while_entered:

@@ -55,7 +55,7 @@ def hard_exit(code: int, message: str, *args: object) -> None:
     os._exit(code)
 
 
-class EventLoopStarved(BaseException):  # noqa: N818 - named like KeyboardInterrupt, which it mirrors
+class EventLoopStarved(BaseException):
     """Raised into code that kept the event loop from taking a shutdown signal.
 
     A BaseException, as KeyboardInterrupt is, so that `except Exception` in the
@@ -197,7 +197,9 @@ class SignalHandlers:
         name = signal.Signals(signum).name
         if self._first is not None:
             if signum == signal.SIGINT:
-                logger.warning("%s received while persisting; press Ctrl-C again to exit at once, unsaved", name)
+                logger.warning(
+                    "%s received while persisting; press Ctrl-C again to exit at once, unsaved", name
+                )
             else:
                 logger.warning("%s received again; still persisting before exit", name)
             return
@@ -225,7 +227,7 @@ class SignalHandlers:
             self._starved_after,
         )
         self._interrupt = signum
-        _thread.interrupt_main(signum)
+        _thread.interrupt_main(signal.Signals(signum))
         if self._taken.wait(self._deadline_after + EXIT_GRACE):
             return
         hard_exit(

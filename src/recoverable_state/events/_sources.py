@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 
 logger = logging.getLogger("recoverable_state")
 
+
 async def tick(
     interval: timedelta,
     on_tick: Callable[[], None],
