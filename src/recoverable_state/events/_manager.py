@@ -458,8 +458,8 @@ class EventManager:
             if not self._skipping_logged:
                 self._skipping_logged = True
                 logger.warning(
-                    "a PERSIST_STATE is still running; timer ticks are coalesced (at most one pending) "
-                    "until it finishes"
+                    "a PERSIST_STATE is still running; timer ticks are coalesced while it runs (at most "
+                    "one pending); logged once per entering"
                 )
             return
         self._start_round()
@@ -480,8 +480,6 @@ class EventManager:
         if self._round_pending and self._loop is not None and self._sources_scope is not None:
             self._round_pending = False
             self._start_round()
-        elif not self._round_pending:
-            self._skipping_logged = False
 
     def _emit_system_info(self) -> None:
         if self._loop is not None:
