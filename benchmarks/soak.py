@@ -53,8 +53,8 @@ def child(states: int, interval: float, backend: str) -> None:
 
     async def main() -> None:
         items = [
-            RecoverableState(default_state=Item(), persist_state_key=f"item-{i:05d}", persistence_enabled=True)
-            for i in range(states)
+            RecoverableState(default_state=Item(), persist_state_key=key, persistence_enabled=True)
+            for key in (f"item-{i:05d}" for i in range(states))
         ]
         await RecoverableState.initialize_many(items)
         print("READY", flush=True)
@@ -165,7 +165,9 @@ def soak(backend: str, states: int, seconds: float, warmup: float, interval: flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", choices=[*BACKENDS, "both"], default="both")
     parser.add_argument("--states", type=int, default=2000)

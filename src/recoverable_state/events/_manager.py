@@ -155,8 +155,8 @@ class EventManager:
     running, further ticks leave at most one pending, however long the store
     stalls. A PERSIST_STATE emitted by hand always runs.
 
-    On the first SIGTERM (SIGINT, SIGHUP) the manager emits MIGRATING (ABORTING,
-    ABORTING), cancels the body of the `async with` block, persists with
+    On the first SIGTERM or SIGHUP (SIGINT) the manager emits MIGRATING
+    (ABORTING), cancels the body of the `async with` block, persists with
     `is_migrating=True`, and then, by `on_signal`: ends the process with 128 +
     the signal number (`"exit"`, the default; EXIT_NOT_PERSISTED, 75, when the
     last persist failed or timed out), raises ShutdownSignalReceived
@@ -256,6 +256,8 @@ class EventManager:
         self._persisted_all = True
         self._left_by_other_task = False
         self._started: list[_Call] = []  # the calls the emit in progress starts
+        self._closing = False
+        self._session = 0  # counts enterings, so that a task left behind cannot touch a later one
 
     # -- state ---------------------------------------------------------------
 
@@ -451,7 +453,7 @@ class EventManager:
     # -- the timer, coalesced ---------------------------------------------------
 
     def _persist_on_timer(self) -> None:
-        if self._loop is None:
+        if self._loop is None or self._closing:
             return
         if self._round_running:
             self._round_pending = True
@@ -469,15 +471,18 @@ class EventManager:
         self._round_running = True
         self._round_done = anyio.Event()
         calls = self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=False))
-        self._loop.spawn(lambda: self._finish_round(calls))
+        session = self._session
+        self._loop.spawn(lambda: self._finish_round(calls, session))
 
-    async def _finish_round(self, calls: list[_Call]) -> None:
+    async def _finish_round(self, calls: list[_Call], session: int) -> None:
         for call in calls:
             await call.done.wait()
+        if session != self._session:
+            return  # left behind by an earlier entering
         self._round_running = False
         if self._round_done is not None:
             self._round_done.set()
-        if self._round_pending and self._loop is not None and self._sources_scope is not None:
+        if self._round_pending and self._loop is not None and not self._closing:
             self._round_pending = False
             self._start_round()
 
@@ -560,6 +565,8 @@ class EventManager:
         except BaseException:
             self._depth -= 1
             raise
+        self._session += 1
+        self._closing = False
         self._signal = None
         self._signal_deadline = None
         self._unfinished = []
@@ -615,6 +622,7 @@ class EventManager:
         left_behind: list[_Call] = []
         try:
             with anyio.CancelScope(shield=True):
+                self._closing = True  # no more timer rounds: the last persist follows
                 if self._sources_scope is not None:
                     self._sources_scope.cancel()
                 self._round_pending = False
