@@ -163,3 +163,31 @@ def test_ticks_coalesce_while_the_store_is_locked_and_sigterm_still_saves(
     log = worker.stderr()
     assert log.count("timer ticks are coalesced") == 1
     assert workers.stored() == workers.report("final")
+
+
+def test_run_ends_within_the_timeout_when_a_postgresql_write_waits_on_a_lock(
+    backend: str, tmp_path: Path, postgres_url: str
+) -> None:
+    import psycopg
+    from servers import flush_postgres
+
+    flush_postgres(postgres_url)
+    factory = WorkerFactory(tmp_path, postgres_url)
+    timeout = 1.0
+    try:
+        worker = factory.start(
+            backend, "--states", "50", "--return-after", "1.0", RECOVERABLE_STATE_SHUTDOWN_TIMEOUT=str(timeout)
+        )
+        worker.wait_for_line("READY")
+        with psycopg.connect(postgres_url) as lock:
+            # Every write of the worker now waits on this transaction's lock.
+            lock.execute("LOCK TABLE recoverable_state.records IN ACCESS EXCLUSIVE MODE")
+            worker.wait_for_line("RETURN")
+            returned = time.monotonic()
+            assert worker.wait(timeout + GRACE + SLACK + 40) == EXIT_NOT_PERSISTED
+            assert time.monotonic() - returned < timeout + GRACE + SLACK
+            lock.rollback()
+        assert "not every state" in worker.stderr()
+    finally:
+        factory.close()
+        flush_postgres(postgres_url)
