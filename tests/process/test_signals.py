@@ -169,6 +169,7 @@ def test_run_ends_within_the_timeout_when_a_postgresql_write_waits_on_a_lock(
     backend: str, tmp_path: Path, postgres_url: str
 ) -> None:
     import psycopg
+
     from servers import flush_postgres
 
     flush_postgres(postgres_url)
@@ -176,7 +177,12 @@ def test_run_ends_within_the_timeout_when_a_postgresql_write_waits_on_a_lock(
     timeout = 1.0
     try:
         worker = factory.start(
-            backend, "--states", "50", "--return-after", "1.0", RECOVERABLE_STATE_SHUTDOWN_TIMEOUT=str(timeout)
+            backend,
+            "--states",
+            "50",
+            "--return-after",
+            "1.0",
+            RECOVERABLE_STATE_SHUTDOWN_TIMEOUT=str(timeout),
         )
         worker.wait_for_line("READY")
         with psycopg.connect(postgres_url) as lock:
