@@ -617,7 +617,10 @@ class EventManager:
         else:
             self._left_by_other_task = True  # the entering task's own `async with` still ends
         if isinstance(exc, EventLoopStarved):
-            self._on_shutdown_signal(exc.signum, time.monotonic())
+            # The loop never took the signal: handle it now, its deadline counted from its arrival.
+            handlers = self._signal_handlers
+            received = handlers.received_at if handlers is not None else None
+            self._on_shutdown_signal(exc.signum, received if received is not None else time.monotonic())
         final: list[_Call] = []
         left_behind: list[_Call] = []
         try:

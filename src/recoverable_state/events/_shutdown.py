@@ -168,6 +168,11 @@ class SignalHandlers:
         self._interrupt: int | None = None
         self._pending: collections.deque[tuple[int, float]] = collections.deque()
 
+    @property
+    def received_at(self) -> float | None:
+        """When (time.monotonic()) the first shutdown signal arrived, if one did."""
+        return self._first[1] if self._first is not None else None
+
     def install(self) -> None:
         """Install the handlers (main thread only: a RuntimeError elsewhere)."""
         if threading.current_thread() is not threading.main_thread():
