@@ -331,6 +331,10 @@ class EventManager:
                 del self._listeners[(wrapped.event, wrapped.target)]
             self._emitter.remove_listener(wrapped.event.value, wrapped)
 
+    def is_listening(self, *, event: Event, listener: Listener) -> bool:
+        """Whether `listener` is registered for `event` (the last exit forgets those added while entered)."""
+        return (Event(event), listener) in self._listeners
+
     def listener_count(self, event: Event) -> int:
         """How many listeners `event` has (a listener registered twice counts twice)."""
         return len(self._emitter.listeners(Event(event).value))
