@@ -24,6 +24,7 @@ from ._errors import (
 from ._locator import ServiceLocator, service_locator
 from ._runner import run
 from ._state import RecoverableState
+from ._sync import WorkerInterrupted, run_sync, stop_requested, use_state_sync
 from .events import (
     Event,
     EventAbortingData,
@@ -65,8 +66,12 @@ __all__ = [
     "StorageUnavailableError",
     "StoreNotFoundError",
     "UnrepresentableStateError",
+    "WorkerInterrupted",
     "open_backend",
     "run",
+    "run_sync",
     "service_locator",
+    "stop_requested",
     "use_state",
+    "use_state_sync",
 ]

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import anyio
 
 from ._locator import service_locator
-from .events import EXIT_NOT_PERSISTED, OnSignal, PreemptionNoticeKind, exit_guard
+from .events import EXIT_NOT_PERSISTED, EventManager, OnSignal, PreemptionNoticeKind, exit_guard
 
 T = TypeVar("T")
 
@@ -76,7 +76,25 @@ def run(
                 exit_guard(EXIT_NOT_PERSISTED)
 
     result = anyio.run(body, backend=backend, backend_options=backend_options)
+    exit_if_not_persisted(manager)
+    return result
+
+
+def exit_code(manager: EventManager) -> int | None:
+    """The exit code a runner's process ends with after `manager` was left; None: no exit is due.
+
+    128 + the signal after a shutdown signal, EXIT_NOT_PERSISTED (75) when the
+    last persist did not store every state; shared by run() and run_sync().
+    """
+    if not manager.persisted_all:
+        return EXIT_NOT_PERSISTED
+    if manager.received_signal is not None:
+        return 128 + manager.received_signal
+    return None
+
+
+def exit_if_not_persisted(manager: EventManager) -> None:
+    """Raise SystemExit(EXIT_NOT_PERSISTED) when the last persist did not store every state."""
     if not manager.persisted_all:
         logger.error("not every state was persisted on the way out; exiting with %d", EXIT_NOT_PERSISTED)
         raise SystemExit(EXIT_NOT_PERSISTED)
-    return result

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ._codec import Refused, StateCodec, describe_validation_error
+from ._editing import EditGuard, claim_edits
 from ._errors import (
     PersistenceTimeoutError,
     RecordCorruptError,
@@ -45,6 +46,7 @@ class StateSlot:
         "_refusal",
         "codec",
         "content_type",
+        "editing",
         "enabled",
         "gate",
         "history",
@@ -96,6 +98,7 @@ class StateSlot:
         self.in_doubt: bytes | None = None  # bytes of a write whose outcome is unknown
         self.lost = False
         self.gate = WriteGate()
+        self.editing: EditGuard | None = None  # made by state.editing(): no snapshot mid-update
         self._refusal: str | None = None  # the last refusal logged, to log each once
 
     @property
@@ -300,8 +303,13 @@ async def _write_held(
         errors += await _resolve_doubts(doubtful, timeout)
     writing: list[tuple[StateSlot, bytes]] = []
     puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    edits = await claim_edits(slots, timeout)  # never a snapshot while a worker is in editing()
+    if edits.waited_out:
+        held = "waiting for the worker's editing() to end before saving"
+        errors += [_timed_out(s, timeout, held) for s in edits.waited_out]
+        slots = [s for s in slots if s not in edits.waited_out]
     # One catch for the whole pass: entering it per state would cost more than the pass.
-    with warnings.catch_warnings(record=True) as warned:
+    with warnings.catch_warnings(record=True) as warned, edits:
         warnings.simplefilter("always")
         for slot in slots:
             if doubtful and (slot.in_doubt is not None or not slot.enabled):

@@ -13,6 +13,7 @@ from typing import Any, Generic, Literal, TypeVar, get_args
 import anyio
 
 from ._codec import StateCodec, codec_for, describe_validation_error, infer_state_type
+from ._editing import EditGuard
 from ._errors import (
     PersistenceTimeoutError,
     StateAlreadyInUseError,
@@ -22,6 +23,7 @@ from ._errors import (
 from ._locator import service_locator
 from ._schema import Migration, check_migrations, content_type_for, model_schema_version
 from ._slot import StateSlot, load_slots, persist_slots, smallest_timeout
+from ._sync import current_portal
 from .events import Event, EventManager, EventPersistStateData, EventStateOwnershipLostData
 from .storage import KeyValueStore, WriteOutcome, check_key
 
@@ -36,6 +38,8 @@ NOT_ENTERED_GRACE = 10.0
 """Seconds after which a state saving on PERSIST_STATE warns that its manager was never entered."""
 
 _package_logger = logging.getLogger("recoverable_state")
+
+_editing_made = threading.Lock()
 
 # Live states by (storage url, store id, key): two in one process would overwrite each other.
 # Weak references, so a state dropped without teardown frees its record (a plain dict of
@@ -469,6 +473,46 @@ class RecoverableState(Generic[TStateModel]):
     ) -> None:
         with anyio.CancelScope(shield=True):
             await self.teardown()
+
+    # -- from sync code, inside run_sync() ---------------------------------------
+
+    def __enter__(self) -> TStateModel:
+        """`with RecoverableState(...) as value:` in a run_sync() worker: initialize() through its loop."""
+        value = current_portal("`with RecoverableState(...)`").call(self.initialize)
+        self.editing()  # made before the worker's first change, so no snapshot can miss it
+        return value
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        current_portal("`with RecoverableState(...)`").call(self.teardown)
+
+    def persist_state_sync(self) -> None:
+        """`persist_state()` for sync code inside run_sync(): returns once the write is durable."""
+        guard = self._slot.editing if self._slot is not None else None
+        if guard is not None and guard.held_here:
+            raise RuntimeError(
+                f"key {self._key!r}: persist_state_sync() inside `with state.editing():` would wait for "
+                "itself; persist after the block"
+            )
+        current_portal("persist_state_sync()").call(self.persist_state)
+
+    def editing(self) -> EditGuard:
+        """`with state.editing():` groups changes: no persist serialises the value while it is held.
+
+        Re-entrant in one thread; a persist waits (without blocking the event loop)
+        until the block ends, and the block waits at most one serialisation.
+        Without it, a snapshot taken while another thread changes the value may
+        hold some of a group of changes and not the rest (each field whole).
+        """
+        slot = self._make_slot()
+        with _editing_made:
+            if slot.editing is None:
+                slot.editing = EditGuard()
+            return slot.editing
 
     def __repr__(self) -> str:
         name = self._slot.codec.name if self._slot is not None else "?"

@@ -1,0 +1,134 @@
+"""`state.editing()`: a worker groups its changes so that no snapshot is taken between them.
+
+The worker (any thread, usually run_sync's main thread) holds an EditGuard while
+it changes the value; a persist claims the guard only while it serialises the
+value, which is a synchronous pass with no await in it. So a worker waits at
+most one serialisation, and a persist waits (without blocking the event loop)
+until the worker lets go.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+
+_POLL_FIRST = 0.001
+_POLL_MOST = 0.05
+
+
+class EditGuard:
+    """Held by a worker while it changes a state (re-entrant in its thread); claimed by a snapshot."""
+
+    __slots__ = ("_cond", "_depth", "_owner", "_snapshotting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._snapshotting = False
+
+    def __enter__(self) -> EditGuard:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return self
+            self._cond.wait_for(lambda: self._owner is None and not self._snapshotting)
+            self._owner, self._depth = me, 1
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @property
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the guard."""
+        return self._owner == threading.get_ident()
+
+    def try_claim(self) -> bool:
+        """Claim the guard for a snapshot if no worker holds it; never waits."""
+        with self._cond:
+            if self._owner is not None or self._snapshotting:
+                return False
+            self._snapshotting = True
+            return True
+
+    def release_claim(self) -> None:
+        """The snapshot is taken: let the worker in again."""
+        with self._cond:
+            self._snapshotting = False
+            self._cond.notify_all()
+
+
+class _Guarded(Protocol):
+    editing: EditGuard | None
+
+
+class EditClaims:
+    """The guards a persist holds while it serialises; a context manager releasing them."""
+
+    __slots__ = ("claimed", "waited_out")
+
+    def __init__(self) -> None:
+        self.claimed: list[EditGuard] = []
+        self.waited_out: list[Any] = []
+        """Slots whose worker held editing() past the timeout: not snapshotted this time."""
+
+    def __enter__(self) -> EditClaims:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        claimed, self.claimed = self.claimed, []
+        for guard in claimed:
+            guard.release_claim()
+
+
+async def claim_edits(slots: Sequence[_Guarded], timeout: float | None) -> EditClaims:
+    """Claim the edit guard of every slot that has one, waiting (polling) while workers hold them.
+
+    All or nothing on each try: guards claimed on a failed try are released
+    before sleeping, so a worker holding one state while entering another is
+    never kept waiting on a claim. Slots still held after `timeout` seconds go
+    to `waited_out`, unclaimed.
+    """
+    claims = EditClaims()
+    guarded = [slot for slot in slots if slot.editing is not None]
+    if not guarded:
+        return claims
+    delay = _POLL_FIRST
+    with anyio.move_on_after(timeout):
+        while True:
+            if _claim_all(guarded, claims):
+                return claims
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _POLL_MOST)
+    # Timed out: claim what is free now, leave the rest out of this snapshot.
+    for slot in guarded:
+        guard = slot.editing
+        assert guard is not None
+        if guard.try_claim():
+            claims.claimed.append(guard)
+        else:
+            claims.waited_out.append(slot)
+    return claims
+
+
+def _claim_all(slots: Iterable[_Guarded], claims: EditClaims) -> bool:
+    for slot in slots:
+        guard = slot.editing
+        assert guard is not None
+        if not guard.try_claim():
+            claims.__exit__()
+            return False
+        claims.claimed.append(guard)
+    return True
