@@ -22,6 +22,7 @@ from ._errors import (
     UnrepresentableStateError,
 )
 from ._locator import ServiceLocator, service_locator
+from ._metrics import PersistStats
 from ._runner import run
 from ._state import RecoverableState
 from ._sync import WorkerInterrupted, run_sync, stop_requested, use_state_sync
@@ -31,6 +32,7 @@ from .events import (
     EventExitData,
     EventManager,
     EventMigratingData,
+    EventPersistedData,
     EventPersistStateData,
     EventStateOwnershipLostData,
     EventSystemInfoData,
@@ -46,10 +48,12 @@ __all__ = [
     "EventManager",
     "EventMigratingData",
     "EventPersistStateData",
+    "EventPersistedData",
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
     "InvalidKeyError",
     "KeyValueStore",
+    "PersistStats",
     "PersistenceTimeoutError",
     "RecordCorruptError",
     "RecoverableState",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -21,10 +22,17 @@ from ._errors import (
     UnrepresentableStateError,
 )
 from ._locator import service_locator
+from ._metrics import error_kinds
 from ._schema import Migration, check_migrations, content_type_for, model_schema_version
 from ._slot import StateSlot, load_slots, persist_slots, smallest_timeout
 from ._sync import current_portal
-from .events import Event, EventManager, EventPersistStateData, EventStateOwnershipLostData
+from .events import (
+    Event,
+    EventManager,
+    EventPersistedData,
+    EventPersistStateData,
+    EventStateOwnershipLostData,
+)
 from .storage import KeyValueStore, WriteOutcome, check_key
 
 __all__ = ["RecoverableState", "describe_validation_error"]
@@ -344,6 +352,9 @@ class RecoverableState(Generic[TStateModel]):
 
     def _ownership_lost(self, error: StateOwnershipLost) -> None:
         manager = self._listening_on
+        counted_by = manager or self._event_manager
+        if counted_by is not None:
+            counted_by.record_ownership_loss()
         self._stop_listening()
         if manager is not None and manager.active:
             manager.emit(
@@ -588,7 +599,37 @@ class _PersistGroup:
         slots = list(self._slots)
         # A shutdown's persist is bounded by the manager's close timeout alone.
         migrating = event_data is not None and event_data.is_migrating
-        errors = await persist_slots(slots, None if migrating else smallest_timeout(slots))
+        started, versions = time.perf_counter(), [slot.version for slot in slots]
+        try:
+            errors = await persist_slots(slots, None if migrating else smallest_timeout(slots))
+        except BaseException as exc:  # cancelled at the close timeout, or a bug: a failed persist
+            self._count(slots, versions, [exc], time.perf_counter() - started, migrating)
+            raise
+        self._count(slots, versions, errors, time.perf_counter() - started, migrating)
         for error in errors:
             if not isinstance(error, StateOwnershipLost | UnrepresentableStateError):  # logged already
-                _package_logger.error("not persisted: %s", error)
+                store, key = getattr(error, "store", None), getattr(error, "key", None)
+                _package_logger.error("not persisted: %s", error, extra={"store": store, "key": key})
+
+    def _count(
+        self,
+        slots: list[StateSlot],
+        versions: list[int],
+        errors: Sequence[BaseException],
+        took: float,
+        migrating: bool,
+    ) -> None:
+        """Hand the manager this persist's figures (for `manager.stats`, OpenTelemetry and PERSISTED)."""
+        manager = self._manager()
+        if manager is None:
+            return
+        written = [slot for slot, version in zip(slots, versions, strict=True) if slot.version != version]
+        manager.record_persist(
+            EventPersistedData(
+                duration=timedelta(seconds=took),
+                states_written=len(written),
+                bytes_written=sum(len(slot.stored or b"") for slot in written),
+                failures=error_kinds(errors),
+                is_migrating=migrating,
+            )
+        )

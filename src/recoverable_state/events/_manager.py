@@ -17,6 +17,7 @@ from pyee import EventEmitter
 
 from .._config import as_timedelta
 from .._errors import RecoverableStateError
+from .._metrics import PersistMetrics, PersistStats
 from ._loop import LoopHandle, run_in_daemon_thread
 from ._shutdown import (
     EXIT_GRACE,
@@ -31,6 +32,7 @@ from ._types import (
     Event,
     EventAbortingData,
     EventMigratingData,
+    EventPersistedData,
     EventPersistStateData,
     EventSystemInfoData,
 )
@@ -258,6 +260,7 @@ class EventManager:
         self._started: list[_Call] = []  # the calls the emit in progress starts
         self._closing = False
         self._session = 0  # counts enterings, so that a task left behind cannot touch a later one
+        self._metrics = PersistMetrics()
 
     # -- state ---------------------------------------------------------------
 
@@ -295,6 +298,31 @@ class EventManager:
     def persisted_all(self) -> bool:
         """Whether the last exit's PERSIST_STATE listeners all finished without failing."""
         return self._persisted_all
+
+    # -- persist figures -----------------------------------------------------
+
+    @property
+    def stats(self) -> PersistStats:
+        """A plain snapshot of this manager's persist figures (also recorded to OpenTelemetry)."""
+        return self._metrics.stats
+
+    def last_persist_age(self) -> timedelta | None:
+        """How long ago a PERSIST_STATE last saved every state of this manager (None: never yet).
+
+        For a liveness probe: unhealthy when it is None long after start, or more
+        than a few `persist_state_interval`s (see the observability guide).
+        """
+        return self._metrics.last_success_age()
+
+    def record_persist(self, figures: EventPersistedData) -> None:
+        """Count one persist of this manager's states, and emit PERSISTED with its figures."""
+        self._metrics.persisted(figures)
+        if self._loop is not None:
+            self._emit(Event.PERSISTED, figures)
+
+    def record_ownership_loss(self) -> None:
+        """Count a state of this manager taken over by another process."""
+        self._metrics.ownership_lost()
 
     # -- listeners -----------------------------------------------------------
 
@@ -461,6 +489,7 @@ class EventManager:
             return
         if self._round_running:
             self._round_pending = True
+            self._metrics.tick_skipped()
             if not self._skipping_logged:
                 self._skipping_logged = True
                 logger.warning(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -25,6 +27,8 @@ class Event(StrEnum):
     """Periodic information about the machine."""
     STATE_OWNERSHIP_LOST = "stateOwnershipLost"
     """Another process took over a state of this one; stop working on it."""
+    PERSISTED = "persisted"
+    """A PERSIST_STATE round of the manager's states ended; the payload carries its figures."""
 
 
 _SecondsOut = PlainSerializer(lambda v: v.total_seconds() if v is not None else None)
@@ -69,6 +73,30 @@ class EventStateOwnershipLostData(_Payload):
     key: str
 
 
+class EventPersistedData(_Payload):
+    """Data of PERSISTED: what one persist of the manager's states did."""
+
+    duration: Annotated[timedelta, Field(alias="durationSecs"), _SecondsOut]
+    """How long the persist took."""
+    states_written: Annotated[int, Field(alias="statesWritten")] = 0
+    """States whose record was written (a state that did not change is not written)."""
+    bytes_written: Annotated[int, Field(alias="bytesWritten")] = 0
+    """Bytes of the records written."""
+    failures: Mapping[str, int] = Field(default_factory=dict)
+    """States not persisted, by error kind (the exception's class name)."""
+    is_migrating: Annotated[bool, Field(alias="isMigrating")] = False
+    """Whether it was the last persist before the process moves or stops."""
+    finished_at: Annotated[datetime, Field(alias="finishedAt")] = Field(
+        default_factory=lambda: datetime.now(UTC)
+    )
+    """When it ended."""
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether every state was persisted."""
+        return not self.failures
+
+
 EventData = (
     EventPersistStateData
     | EventMigratingData
@@ -76,6 +104,7 @@ EventData = (
     | EventExitData
     | EventSystemInfoData
     | EventStateOwnershipLostData
+    | EventPersistedData
 )
 
 __all__ = [
@@ -85,6 +114,7 @@ __all__ = [
     "EventExitData",
     "EventMigratingData",
     "EventPersistStateData",
+    "EventPersistedData",
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
 ]
