@@ -75,6 +75,10 @@ class PersistMetrics:
     def stats(self) -> PersistStats:
         return self._stats
 
+    @property
+    def attributes(self) -> dict[str, int]:
+        return dict(self._attributes)
+
     def last_success_age(self) -> timedelta | None:
         last = self._last_success
         return None if last is None else timedelta(seconds=time.monotonic() - last)

@@ -306,6 +306,11 @@ class EventManager:
         """A plain snapshot of this manager's persist figures (also recorded to OpenTelemetry)."""
         return self._metrics.stats
 
+    @property
+    def metric_attributes(self) -> dict[str, int]:
+        """The attributes this manager's OpenTelemetry measurements carry, telling managers apart."""
+        return self._metrics.attributes
+
     def last_persist_age(self) -> timedelta | None:
         """How long ago a PERSIST_STATE last saved every state of this manager (None: never yet).
 
