@@ -5,7 +5,6 @@ The instruments are read through the real OpenTelemetry SDK's InMemoryMetricRead
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -43,10 +42,10 @@ def reader() -> InMemoryMetricReader:
 
 
 @pytest.fixture
-def faulty(memory_storage: MemoryBackend) -> Iterator[FaultInjectingBackend]:
+def faulty(memory_storage: MemoryBackend) -> FaultInjectingBackend:
     wrapped = FaultInjectingBackend(memory_storage)
     service_locator.set_storage(wrapped)
-    yield wrapped
+    return wrapped
 
 
 class Progress(BaseModel):
@@ -78,13 +77,18 @@ async def persist_round(manager: EventManager) -> None:
     await manager.wait_for_all_listeners_to_complete(timeout=10)
 
 
-async def test_figures_match_what_was_written(memory_storage: MemoryBackend, reader: InMemoryMetricReader) -> None:
+async def test_figures_match_what_was_written(
+    memory_storage: MemoryBackend, reader: InMemoryMetricReader
+) -> None:
     manager = EventManager(persist_state_interval=3600)
     heard: list[EventPersistedData] = []
     manager.on(event=Event.PERSISTED, listener=heard.append)
     states = [
         RecoverableState(
-            default_state=Progress(), persist_state_key=f"p{i}", persistence_enabled=True, event_manager=manager
+            default_state=Progress(),
+            persist_state_key=f"p{i}",
+            persistence_enabled=True,
+            event_manager=manager,
         )
         for i in range(3)
     ]
@@ -125,7 +129,9 @@ async def test_figures_match_what_was_written(memory_storage: MemoryBackend, rea
     assert last.value == pytest.approx(stats.last_success_at.timestamp())
 
 
-async def test_failures_are_counted_by_kind(faulty: FaultInjectingBackend, reader: InMemoryMetricReader) -> None:
+async def test_failures_are_counted_by_kind(
+    faulty: FaultInjectingBackend, reader: InMemoryMetricReader
+) -> None:
     manager = EventManager(persist_state_interval=3600)
     state = RecoverableState(
         default_state=Progress(),
@@ -178,7 +184,9 @@ async def test_a_failed_round_does_not_count_as_alive(faulty: FaultInjectingBack
         assert manager.stats.last_success_at == succeeded_at
 
 
-async def test_coalesced_ticks_are_counted(faulty: FaultInjectingBackend, reader: InMemoryMetricReader) -> None:
+async def test_coalesced_ticks_are_counted(
+    faulty: FaultInjectingBackend, reader: InMemoryMetricReader
+) -> None:
     manager = EventManager(persist_state_interval=0.02)
     state = RecoverableState(
         default_state=Progress(), persist_state_key="p", persistence_enabled=True, event_manager=manager

@@ -10,36 +10,66 @@ until the worker lets go.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
 import anyio
 
 _POLL_FIRST = 0.001
-_POLL_MOST = 0.05
+_POLL_MOST = 0.01
+_GIVE_WAY = 0.1
+"""Seconds a worker entering editing() waits for a persist that wants a snapshot (so it is never
+starved by a worker that holds the state nearly all the time); after that it goes in anyway."""
+
+_held = threading.local()  # how many editing() blocks the thread is inside
+
+after_editing: Callable[[], None] | None = None
+"""Called when a thread leaves its outermost editing() block normally (run_sync raises a
+WorkerInterrupted it held back there)."""
+
+
+def editing_depth() -> int:
+    """How many editing() blocks the calling thread is inside (0: none)."""
+    depth: int = getattr(_held, "depth", 0)
+    return depth
 
 
 class EditGuard:
     """Held by a worker while it changes a state (re-entrant in its thread); claimed by a snapshot."""
 
-    __slots__ = ("_cond", "_depth", "_owner", "_snapshotting")
+    __slots__ = ("_cond", "_depth", "_owner", "_snapshotting", "_wanted")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._depth = 0
         self._snapshotting = False
+        self._wanted = False  # a persist waits for the worker to let go
 
     def __enter__(self) -> EditGuard:
         me = threading.get_ident()
         with self._cond:
             if self._owner == me:
                 self._depth += 1
+                self._count(1)
                 return self
-            self._cond.wait_for(lambda: self._owner is None and not self._snapshotting)
+            if not self._cond.wait_for(self._free_and_unwanted, _GIVE_WAY):
+                self._cond.wait_for(self._free)
             self._owner, self._depth = me, 1
+        self._count(1)
         return self
+
+    def _free(self) -> bool:
+        return self._owner is None and not self._snapshotting
+
+    def _free_and_unwanted(self) -> bool:
+        return self._owner is None and not self._snapshotting and not self._wanted
+
+    def _count(self, step: int) -> int:
+        depth: int = getattr(_held, "depth", 0) + step
+        _held.depth = depth
+        return depth
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -49,6 +79,9 @@ class EditGuard:
             if self._depth == 0:
                 self._owner = None
                 self._cond.notify_all()
+        hook = after_editing
+        if self._count(-1) == 0 and exc_type is None and hook is not None:
+            hook()
 
     @property
     def held_here(self) -> bool:
@@ -59,9 +92,17 @@ class EditGuard:
         """Claim the guard for a snapshot if no worker holds it; never waits."""
         with self._cond:
             if self._owner is not None or self._snapshotting:
+                self._wanted = True
                 return False
             self._snapshotting = True
+            self._wanted = False
             return True
+
+    def withdraw(self) -> None:
+        """The persist no longer waits for this guard."""
+        with self._cond:
+            self._wanted = False
+            self._cond.notify_all()
 
     def release_claim(self) -> None:
         """The snapshot is taken: let the worker in again."""
@@ -119,6 +160,7 @@ async def claim_edits(slots: Sequence[_Guarded], timeout: float | None) -> EditC
         if guard.try_claim():
             claims.claimed.append(guard)
         else:
+            guard.withdraw()
             claims.waited_out.append(slot)
     return claims
 

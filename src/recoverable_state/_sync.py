@@ -23,6 +23,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from . import _editing
 from ._config import as_timedelta
 from ._locator import service_locator
 from ._runner import exit_code
@@ -220,10 +221,12 @@ class _SyncRuntime:
         self._leave_lock = threading.Lock()
         self._previous: dict[signal.Signals, Any] = {}
         self._interrupting: int | None = None
+        self._deferred: int | None = None  # a WorkerInterrupted held back until editing() ends
         self._sigints = 0
         self._watchdog: ExitWatchdog | None = None
 
     def start(self, portal: BlockingPortal) -> None:
+        _editing.after_editing = self._raise_deferred
         self.portal = portal
         self._hosted, _ = portal.start_task(self._host)
         for signum in self._signums:
@@ -247,7 +250,15 @@ class _SyncRuntime:
                 self._loop.call_soon_threadsafe(self._release.set)
         self._hosted.result()
 
+    def _raise_deferred(self) -> None:
+        signum = self._deferred
+        if signum is not None and threading.current_thread() is threading.main_thread():
+            self._deferred = None
+            if not self.worker_done.is_set():
+                raise WorkerInterrupted(signum)
+
     def remove_handlers(self) -> None:
+        _editing.after_editing = None
         for signum, previous in reversed(list(self._previous.items())):
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
@@ -256,6 +267,10 @@ class _SyncRuntime:
         # The main thread, between two bytecodes of the worker (or of a wait it is in).
         if self._interrupting == signum and not self.worker_done.is_set():
             self._interrupting = None
+            if _editing.editing_depth() > 0:
+                # Inside editing(): raised as the block ends, so no change is left half done.
+                self._deferred = signum
+                return
             raise WorkerInterrupted(signum)
         if signum == signal.SIGINT:
             self._sigints += 1
