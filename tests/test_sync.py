@@ -45,10 +45,6 @@ def test_run_sync_runs_the_worker_in_this_thread_and_saves_its_states(
 
     assert run_sync(main, 5, backend=backend) == "done"
     assert stored("pair") == {"a": 5, "b": 5}
-    assert (
-        run_sync(lambda: RecoverableState(default_state=Pair(), persist_state_key="pair").__class__)
-        is not None
-    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
