@@ -1,4 +1,4 @@
-"""The `recoverable-state` commands: look into stores, export, import, restore, reset."""
+"""The `recoverable-state` commands: look into stores, status, export, import, restore, reset."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Annotated, TextIO
+from typing import IO, Annotated, Any, TextIO
 
 import typer
 from pydantic import ValidationError
@@ -119,6 +120,85 @@ def stores(ctx: typer.Context, json_: Json = False) -> None:
         warn(f"there are no stores in {options_of(ctx).shown_url}")
         return
     print_table(None, ["store", "id", "records"], [(name or "", id_, n) for name, id_, n in found])
+
+
+@app.command(cls=PlainCommand)
+def status(
+    ctx: typer.Context,
+    json_: Json = False,
+    stale_after: Annotated[
+        float | None,
+        typer.Option(
+            "--stale-after",
+            metavar="SECONDS",
+            min=0.0,
+            show_default=False,
+            help="Exit with 3 when a store holding records was last written longer ago than this.",
+        ),
+    ] = None,
+) -> None:
+    """Show, per store, the newest write, which key it was and how many records: spot a stuck worker."""
+
+    async def body(storage: StorageBackend) -> list[tuple[str | None, str, list[RecordInfo]]]:
+        return [(s.name, s.id, await storage.list_records(s.id)) for s in await storage.list_stores()]
+
+    found = run(ctx, body)
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    for name, id_, infos in found:
+        newest = max(infos, key=lambda i: i.updated_at, default=None)
+        rows.append(
+            {
+                "name": name,
+                "id": id_,
+                "records": len(infos),
+                "newest_write": newest.updated_at.isoformat() if newest is not None else None,
+                "newest_key": newest.key if newest is not None else None,
+                "age_seconds": round((now - newest.updated_at).total_seconds(), 3) if newest else None,
+            }
+        )
+    stale = [
+        r
+        for r in rows
+        if stale_after is not None and r["age_seconds"] is not None and r["age_seconds"] > stale_after
+    ]
+    if json_:
+        print_json(rows)
+    elif not rows:
+        warn(f"there are no stores in {options_of(ctx).shown_url}")
+    else:
+        print_table(
+            None,
+            ["store", "records", "newest write", "age", "newest key"],
+            [
+                (
+                    r["name"] or r["id"],
+                    r["records"],
+                    r["newest_write"] or "-",
+                    _age(r["age_seconds"]),
+                    r["newest_key"] or "-",
+                )
+                for r in rows
+            ],
+        )
+    if stale:
+        names = ", ".join(repr(r["name"] or r["id"]) for r in stale)
+        warn(f"not written for more than {stale_after:g} s: {names}")
+        raise typer.Exit(STALE_EXIT)
+
+
+STALE_EXIT = 3
+"""Exit code of `status --stale-after` when a store was not written recently enough."""
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 @app.command("list", cls=PlainCommand)
