@@ -199,3 +199,26 @@ async def test_coalesced_ticks_are_counted(
                 await anyio.sleep(0.02)
     skipped = points(reader, "recoverable_state.persist.ticks_skipped", manager)
     assert skipped[0].value == manager.stats.ticks_skipped
+
+
+async def test_log_lines_about_a_state_carry_store_and_key(
+    faulty: FaultInjectingBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = EventManager(persist_state_interval=3600)
+    state = RecoverableState(
+        default_state=Progress(), persist_state_key="the-key", persistence_enabled=True, event_manager=manager
+    )
+    async with manager:
+        await state.initialize()
+        await persist_round(manager)
+        state.current_value.done = 1
+        faulty.fail_next()
+        with caplog.at_level("ERROR", logger="recoverable_state"):
+            await persist_round(manager)
+    failures = [r for r in caplog.records if "not persisted" in r.getMessage()]
+    assert failures
+    for record in failures:
+        assert getattr(record, "key", None) == "the-key"
+        assert getattr(record, "store", None) == "default"
+        assert "'the-key'" in record.getMessage()
+        assert "'default'" in record.getMessage()

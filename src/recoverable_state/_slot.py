@@ -106,6 +106,11 @@ class StateSlot:
         """The store's name for messages."""
         return self.kvs.label if self.kvs is not None else "?"
 
+    @property
+    def log_fields(self) -> dict[str, str]:
+        """The structured fields of every log line about this state (`extra=`): store and key."""
+        return {"store": self.label, "key": self.key}
+
     # -- loading ---------------------------------------------------------------
 
     async def start_from(self, record: StoredRecord | None, default: Callable[[], Any]) -> None:
@@ -165,6 +170,7 @@ class StateSlot:
                 self.key,
                 ", ".join(repr(d) for d in dropped),
                 self.codec.name,
+                extra=self.log_fields,
             )
         return value
 
@@ -178,6 +184,7 @@ class StateSlot:
             error,
             quarantine.label,
             f"{self.key}@{stamp}",
+            extra=self.log_fields,
         )
 
     # -- writing ---------------------------------------------------------------
@@ -220,7 +227,7 @@ class StateSlot:
         )
         if str(error) != self._refusal:  # a timer tick repeats it: log each distinct one once
             self._refusal = str(error)
-            self.log.error("%s", error)
+            self.log.error("%s", error, extra=self.log_fields)
         return error
 
     def settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
@@ -237,7 +244,7 @@ class StateSlot:
             store=self.label,
             key=self.key,
         )
-        self.log.error("%s", error)
+        self.log.error("%s", error, extra=self.log_fields)
         self.on_lost(error)
         return error
 
@@ -320,7 +327,10 @@ async def _write_held(
                 errors.append(exc)
                 continue
             except Exception:  # a bug in a user's serializer must not spoil the batch
-                slot.log.exception("store %r, key %r: the state cannot be serialised", slot.label, slot.key)
+                where = slot.log_fields
+                slot.log.exception(
+                    "store %r, key %r: the state cannot be serialised", *where.values(), extra=where
+                )
                 continue
             if prepared is not None:
                 assert slot.kvs is not None

@@ -49,6 +49,9 @@ _package_logger = logging.getLogger("recoverable_state")
 
 _editing_made = threading.Lock()
 
+_NAMED_FAILURES = 10
+"""A failed batch logs a line for each of its first states, then one line for the rest."""
+
 # Live states by (storage url, store id, key): two in one process would overwrite each other.
 # Weak references, so a state dropped without teardown frees its record (a plain dict of
 # refs: WeakValueDictionary's bookkeeping cost 2 us a state, measured over 10,000).
@@ -607,9 +610,22 @@ class _PersistGroup:
             raise
         self._count(slots, versions, errors, time.perf_counter() - started, migrating)
         for error in errors:
-            if not isinstance(error, StateOwnershipLost | UnrepresentableStateError):  # logged already
+            if isinstance(error, StateOwnershipLost | UnrepresentableStateError):
+                continue  # logged already
+            if getattr(error, "key", None) is not None:
                 store, key = getattr(error, "store", None), getattr(error, "key", None)
                 _package_logger.error("not persisted: %s", error, extra={"store": store, "key": key})
+                continue
+            # A whole batch failed: name the states it held (their writes are now in doubt).
+            failed = [slot for slot in slots if slot.in_doubt is not None]
+            for slot in failed[:_NAMED_FAILURES]:
+                _package_logger.error(
+                    "store %r, key %r: not persisted: %s", slot.label, slot.key, error, extra=slot.log_fields
+                )
+            if len(failed) > _NAMED_FAILURES:
+                _package_logger.error(
+                    "and %d more states not persisted: %s", len(failed) - _NAMED_FAILURES, error
+                )
 
     def _count(
         self,
