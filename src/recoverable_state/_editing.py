@@ -9,8 +9,9 @@ until the worker lets go.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -27,6 +28,21 @@ _held = threading.local()  # how many editing() blocks the thread is inside
 after_editing: Callable[[], None] | None = None
 """Called when a thread leaves its outermost editing() block normally (run_sync raises a
 WorkerInterrupted it held back there)."""
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold run_sync's WorkerInterrupted back while the block runs, as editing() does."""
+    _held.depth = editing_depth() + 1
+    try:
+        yield
+    except BaseException:
+        _held.depth = editing_depth() - 1
+        raise
+    _held.depth = depth = editing_depth() - 1
+    hook = after_editing
+    if depth == 0 and hook is not None:
+        hook()
 
 
 def editing_depth() -> int:

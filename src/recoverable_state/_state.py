@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, TypeVar, get_args
 import anyio
 
 from ._codec import StateCodec, codec_for, describe_validation_error, infer_state_type
-from ._editing import EditGuard
+from ._editing import EditGuard, interrupts_held
 from ._errors import (
     PersistenceTimeoutError,
     StateAlreadyInUseError,
@@ -492,7 +492,9 @@ class RecoverableState(Generic[TStateModel]):
 
     def __enter__(self) -> TStateModel:
         """`with RecoverableState(...) as value:` in a run_sync() worker: initialize() through its loop."""
-        value = current_portal("`with RecoverableState(...)`").call(self.initialize)
+        portal = current_portal("`with RecoverableState(...)`")
+        with interrupts_held():  # a WorkerInterrupted waits until the state is loaded
+            value = portal.call(self.initialize)
         self.editing()  # made before the worker's first change, so no snapshot can miss it
         return value
 
@@ -502,7 +504,9 @@ class RecoverableState(Generic[TStateModel]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        current_portal("`with RecoverableState(...)`").call(self.teardown)
+        portal = current_portal("`with RecoverableState(...)`")
+        with interrupts_held():  # the last persist of this state is not abandoned halfway
+            portal.call(self.teardown)
 
     def persist_state_sync(self) -> None:
         """`persist_state()` for sync code inside run_sync(): returns once the write is durable."""
@@ -512,7 +516,9 @@ class RecoverableState(Generic[TStateModel]):
                 f"key {self._key!r}: persist_state_sync() inside `with state.editing():` would wait for "
                 "itself; persist after the block"
             )
-        current_portal("persist_state_sync()").call(self.persist_state)
+        portal = current_portal("persist_state_sync()")
+        with interrupts_held():
+            portal.call(self.persist_state)
 
     def editing(self) -> EditGuard:
         """`with state.editing():` groups changes: no persist serialises the value while it is held.

@@ -46,6 +46,8 @@ class WorkerInterrupted(BaseException):
     worker does not swallow it: it unwinds the worker's `with` blocks (each
     RecoverableState persists as it is left) and run_sync() then exits as for
     the signal. It is raised in place of KeyboardInterrupt for SIGINT too.
+    Inside `with state.editing():` (and while a state loads, saves or is torn
+    down from sync code) it is held back and raised as that block ends.
     """
 
     def __init__(self, signum: int) -> None:
