@@ -5,7 +5,10 @@ The instruments are read through the real OpenTelemetry SDK's InMemoryMetricRead
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -222,3 +225,40 @@ async def test_log_lines_about_a_state_carry_store_and_key(
         assert getattr(record, "store", None) == "default"
         assert "'the-key'" in record.getMessage()
         assert "'default'" in record.getMessage()
+
+
+def test_persisted_event_value_and_payload_json() -> None:
+    assert Event.PERSISTED.value == "persisted"
+    data = EventPersistedData(duration=timedelta(milliseconds=1500), states_written=2, bytes_written=40)
+    dumped = data.model_dump(by_alias=True, mode="json")
+    assert dumped["durationSecs"] == 1.5
+    assert dumped["statesWritten"] == 2
+    assert dumped["bytesWritten"] == 40
+    assert data.succeeded
+
+
+def test_the_library_works_without_opentelemetry_installed(tmp_path: Path) -> None:
+    script = """
+import sys
+sys.modules["opentelemetry"] = None  # as if it were not installed: importing it fails
+import anyio
+from recoverable_state import EventManager, RecoverableState, Configuration, service_locator
+
+service_locator.set_configuration(Configuration(storage_url="memory://"))
+
+async def main():
+    manager = EventManager(persist_state_interval=3600)
+    state = RecoverableState(
+        default_state={"n": 1}, persist_state_key="k", persistence_enabled=True, event_manager=manager
+    )
+    async with manager:
+        await state.initialize()
+    print(manager.stats.persists, manager.stats.states_written, manager.last_persist_age() is not None)
+
+anyio.run(main)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "True"]
