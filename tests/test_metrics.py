@@ -262,3 +262,24 @@ anyio.run(main)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1", "True"]
+
+
+async def test_ownership_losses_are_counted(
+    memory_storage: MemoryBackend, reader: InMemoryMetricReader
+) -> None:
+    manager = EventManager(persist_state_interval=3600)
+    state = RecoverableState(
+        default_state=Progress(), persist_state_key="p", persistence_enabled=True, event_manager=manager
+    )
+    async with manager:
+        await state.initialize()
+        await persist_round(manager)
+        await (await KeyValueStore.open()).get_record("p", claim=True)  # a successor loads it
+        state.current_value.done = 1
+        await persist_round(manager)
+        assert state.ownership_lost
+        stats = manager.stats
+    assert stats.ownership_losses == 1
+    assert dict(stats.persists_failed) == {"StateOwnershipLost": 1}
+    (lost,) = points(reader, "recoverable_state.ownership.losses", manager)
+    assert lost.value == 1
