@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._config import Configuration
-from .storage import use_default_storage
+from .storage import use_default_storage, use_purge_on_start
 
 if TYPE_CHECKING:
     from .events import EventManager
@@ -78,3 +78,4 @@ service_locator = ServiceLocator()
 """The process-wide service locator."""
 
 use_default_storage(service_locator.get_storage)
+use_purge_on_start(lambda: service_locator.get_configuration().purge_on_start)
