@@ -454,3 +454,47 @@ def test_purge_on_start_from_the_environment_in_a_new_process(
     assert run("seed") == "kept? kept"
     assert run("look") == "kept? kept"  # off by default
     assert run("look", RECOVERABLE_STATE_PURGE_ON_START="1") == "None kept"
+
+
+# -- backend-specific sharp edges of paging -------------------------------------
+
+
+async def test_an_unreadable_record_file_does_not_cut_a_page_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged file is skipped and the next key fills its place, so paging goes on to the end."""
+    from recoverable_state.storage import _kvs
+    from recoverable_state.storage._filesystem import encode_key
+
+    monkeypatch.setattr(_kvs, "KEY_PAGE_SIZE", 3)
+    root = tmp_path / "files"
+    async with open_backend(f"file://{root}") as backend:
+        kvs = await KeyValueStore.open(name="jobs", storage=backend)
+        keys = [f"k{i}" for i in range(10)] + ["L" * 300]  # the long one has a hashed file name
+        await _fill(kvs, keys)
+        (root / kvs.id / encode_key("k2")).write_bytes(b"not a header\n{}")
+        (root / kvs.id / "Foreign.rec").write_bytes(b"a file this store never wrote")
+        want = sorted(k for k in keys if k != "k2")
+        assert [i.key async for i in kvs.iterate_keys()] == want
+        assert [i.key for i in await kvs.list_keys(limit=3)] == want[:3]
+        assert [i.key for i in await kvs.list_keys(exclusive_start_key="k1", limit=2)] == ["k3", "k4"]
+
+
+async def test_a_postgresql_schema_made_before_the_key_index_gets_it(postgres_url: str) -> None:
+    """A database made by an older version (no listing index) is given the index on first use."""
+    import psycopg
+
+    from servers import flush_postgres
+
+    flush_postgres(postgres_url)
+    async with open_backend(postgres_url) as backend:
+        kvs = await KeyValueStore.open(name="old", storage=backend)
+        await _fill(kvs, ["b", "a", "c"])
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX recoverable_state.records_by_key")
+    async with open_backend(postgres_url) as backend:
+        kvs = await KeyValueStore.open(name="old", storage=backend)
+        assert [i.key for i in await kvs.list_keys(exclusive_start_key="a", limit=1)] == ["b"]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass('recoverable_state.records_by_key')").fetchone()
+    assert found is not None and found[0] is not None
