@@ -554,12 +554,13 @@ class FileSystemBackend(StorageBackend):
                     key = info.key
                     headed[key] = info
                 else:
-                    try:
-                        key = unquote(name[: -len(_SUFFIX)], errors="strict")
-                    except UnicodeDecodeError:
-                        continue  # not a name this backend writes
-                    if encode_key(key) != name:
-                        continue
+                    key = name[: -len(_SUFFIX)]
+                    if "%" in key:
+                        try:
+                            key = unquote(key, errors="strict")
+                        except UnicodeDecodeError:
+                            continue  # not a name this backend writes
+                    # A name this backend did not write is caught when its header is read.
                 if start is None or key > start:
                     named[key] = name
             # Smallest keys first (a heap: no sort of the whole store for one page); a file
