@@ -377,3 +377,21 @@ async def test_a_state_dropped_without_teardown_frees_its_record() -> None:
     second = make_state(persistence_enabled="explicit_only")
     await second.initialize()
     await second.teardown()
+
+
+async def test_states_added_after_a_manager_was_left_and_entered_again_are_saved_on_its_timer(
+    memory_storage: MemoryBackend,
+) -> None:
+    manager = EventManager(persist_state_interval=timedelta(seconds=0.05))
+    async with manager:
+        first = make_state("first", event_manager=manager)
+        await first.initialize()
+    # The last exit forgot what was registered while entered; a new state registers again.
+    async with manager:
+        second = make_state("second", event_manager=manager)
+        (await second.initialize()).done = 7
+        with anyio.fail_after(5):  # saved by the timer, not only by teardown
+            while await stored("second") != {"done": 7, "seen": []}:
+                await anyio.sleep(0.02)
+        await second.teardown()
+    await first.teardown()

@@ -21,6 +21,24 @@ def _seconds(value: Any) -> Any:
     return value
 
 
+def as_timedelta(value: timedelta | float, *, name: str) -> timedelta:
+    """A duration argument given as a timedelta or seconds, checked to be a number of seconds >= 0.
+
+    Raises:
+        TypeError: `value` is neither a timedelta nor a number (the message names `name`).
+        ValueError: `value` is negative.
+    """
+    if isinstance(value, timedelta):
+        duration = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        duration = timedelta(seconds=value)
+    else:
+        raise TypeError(f"{name} must be a timedelta or a number of seconds, not {value!r}")
+    if duration < timedelta(0):
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return duration
+
+
 Seconds = Annotated[timedelta, BeforeValidator(_seconds)]
 """A duration given as a timedelta, a number of seconds, or an ISO 8601 duration."""
 

@@ -11,6 +11,10 @@ class RecoverableStateError(Exception):
     """Base class of every error this library raises on purpose."""
 
 
+class ServiceConflictError(RecoverableStateError, RuntimeError):
+    """A service (configuration, event manager, storage) was set after another one was handed out."""
+
+
 class StorageError(RecoverableStateError):
     """A key-value store could not do what was asked."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -9,16 +10,11 @@ from typing import Any, TypeVar
 import anyio
 
 from ._locator import service_locator
-from .events import EventManager
-from .events._manager import OnSignal, PreemptionNoticeKind
+from .events import EXIT_NOT_PERSISTED, OnSignal, PreemptionNoticeKind, exit_guard
 
 T = TypeVar("T")
 
-
-def _duration(value: timedelta | float | None) -> timedelta | None:
-    if value is None or isinstance(value, timedelta):
-        return value
-    return timedelta(seconds=value)
+logger = logging.getLogger("recoverable_state")
 
 
 def run(
@@ -27,6 +23,7 @@ def run(
     backend: str = "asyncio",
     backend_options: dict[str, Any] | None = None,
     handle_signals: bool = True,
+    handle_sighup: bool = True,
     on_signal: OnSignal = "exit",
     persist_state_interval: timedelta | float | None = None,
     close_timeout: timedelta | float | None = None,
@@ -36,32 +33,50 @@ def run(
 ) -> T | None:
     """Run `await main(*args)` on `backend` ("asyncio" or "trio") inside an EventManager; return its result.
 
-    The manager is made the service locator's default (states made without an
-    `event_manager=` listen on it), and `main` runs as the body a shutdown
-    signal cancels. On SIGTERM (SIGINT) every state is persisted, then the
-    process exits with 143 (130); with `on_signal="raise"` ShutdownSignalReceived
-    is raised instead, with `"return"` run() returns None. A preemption notice
-    (when polled) persists every state and lets `main` go on.
+    The manager is made the service locator's default while `main` runs (states
+    made without an `event_manager=` listen on it), and `main` runs as the body
+    a shutdown signal cancels. On SIGTERM (SIGINT, SIGHUP) every state is
+    persisted, then the process exits with 143 (130, 129); with
+    `on_signal="raise"` ShutdownSignalReceived is raised instead, with
+    `"return"` run() returns None. A preemption notice (when polled) persists
+    every state and lets `main` go on.
+
+    When the last persist could not store every state (a listener failed, or
+    was still running past `close_timeout`), the process ends with
+    EXIT_NOT_PERSISTED (75) within `close_timeout` plus a grace of a few
+    seconds, also when a thread stuck in a store keeps it alive; run() is then
+    the last thing the process does.
 
     Durations are timedeltas or seconds; left out, they come from the
     configuration (RECOVERABLE_STATE_PERSIST_STATE_INTERVAL,
     RECOVERABLE_STATE_SHUTDOWN_TIMEOUT, RECOVERABLE_STATE_PREEMPTION_*).
     """
-    manager = EventManager(
-        persist_state_interval=_duration(persist_state_interval),
-        close_timeout=_duration(close_timeout),
+    manager = service_locator.event_manager_from_configuration(
+        persist_state_interval=persist_state_interval,
+        close_timeout=close_timeout,
         handle_signals=handle_signals,
+        handle_sighup=handle_sighup,
         on_signal=on_signal,
         preemption_notice_url=preemption_notice_url,
         preemption_notice_kind=preemption_notice_kind,
-        preemption_poll_interval=_duration(preemption_poll_interval),
+        preemption_poll_interval=preemption_poll_interval,
     )
 
     async def body() -> T | None:
         service_locator.set_event_manager(manager)
         result: T | None = None
-        async with manager:
-            result = await main(*args)
-        return result
+        try:
+            async with manager:
+                result = await main(*args)
+            return result
+        finally:
+            service_locator.release_event_manager(manager)
+            if manager.unfinished_listeners:
+                # A thread stuck in a store would keep the loop (or the interpreter) from ending.
+                exit_guard(EXIT_NOT_PERSISTED)
 
-    return anyio.run(body, backend=backend, backend_options=backend_options)
+    result = anyio.run(body, backend=backend, backend_options=backend_options)
+    if not manager.persisted_all:
+        logger.error("not every state was persisted on the way out; exiting with %d", EXIT_NOT_PERSISTED)
+        raise SystemExit(EXIT_NOT_PERSISTED)
+    return result

@@ -505,7 +505,11 @@ class _PersistGroup:
 
     def add(self, slot: StateSlot) -> None:
         manager = self._manager()
-        if not self._slots and manager is not None:
+        # Registered once per manager; again after a last exit forgot a registration made while entered.
+        listening = manager is not None and manager.is_listening(
+            event=Event.PERSIST_STATE, listener=self.persist_all
+        )
+        if manager is not None and not listening:
             manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
             if not manager.active and not self._heard and self._watch is None:
                 self._watch = threading.Timer(NOT_ENTERED_GRACE, self._warn_if_never_entered, (slot.key,))

@@ -159,17 +159,17 @@ async def test_leaving_after_cancellation_still_persists() -> None:
     assert len(seen) == 1
 
 
-async def test_entering_nests_and_only_the_outermost_exit_closes() -> None:
+async def test_every_nested_exit_persists_and_only_the_outermost_closes() -> None:
     calls: list[Any] = []
-    manager = EventManager()
+    manager = EventManager(persist_state_interval=3600)
     async with manager:
         manager.on(event=Event.PERSIST_STATE, listener=calls.append)
         async with manager:
             assert manager.active
         assert manager.active
-        assert calls == []
+        assert calls == [DATA]  # the inner exit persisted, and waited for it
     assert not manager.active
-    assert len(calls) == 1
+    assert calls == [DATA, DATA]
 
 
 async def test_emitting_outside_the_context_is_a_clear_error() -> None:
@@ -203,12 +203,14 @@ def test_interval_and_timeout_come_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("RECOVERABLE_STATE_PERSIST_STATE_INTERVAL", "2.5")
     monkeypatch.setenv("RECOVERABLE_STATE_SHUTDOWN_TIMEOUT", "7")
     service_locator.reset()
-    manager = EventManager()
+    manager = service_locator.get_event_manager()
     assert manager.persist_state_interval == timedelta(seconds=2.5)
     assert manager.close_timeout == timedelta(seconds=7)
     assert Configuration().persist_state_interval == timedelta(seconds=2.5)
+    # A manager made by hand takes its settings as arguments only.
     explicit = EventManager(persist_state_interval=timedelta(seconds=1))
     assert explicit.persist_state_interval == timedelta(seconds=1)
+    assert explicit.close_timeout == timedelta(seconds=25)
 
 
 def test_payloads_use_camel_case_aliases() -> None:

@@ -161,3 +161,25 @@ def test_handling_signals_outside_the_main_thread_is_a_clear_error(backend: str)
     assert outcome["active"] is False
     assert outcome["again"] is False
     assert outcome["plain"] is True
+
+
+def test_run_can_be_called_again_in_the_same_process(backend: str) -> None:
+    managers: list[EventManager] = []
+
+    async def main() -> None:
+        managers.append(service_locator.get_event_manager())
+        assert managers[-1].active
+
+    recoverable_state.run(main, backend=backend)
+    recoverable_state.run(main, backend=backend)  # no ServiceConflictError: the first run let go
+    assert managers[0] is not managers[1]
+
+
+def test_run_refuses_when_states_already_use_another_default_manager(backend: str) -> None:
+    service_locator.get_event_manager()  # handed out before run(): states made now would never persist
+
+    async def main() -> None:
+        raise AssertionError("main must not run")
+
+    with pytest.raises(recoverable_state.ServiceConflictError, match="event manager"):
+        recoverable_state.run(main, backend=backend)

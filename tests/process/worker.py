@@ -30,7 +30,7 @@ import anyio
 from pydantic import BaseModel
 
 import recoverable_state
-from recoverable_state import Event, EventPersistStateData, RecoverableState, service_locator
+from recoverable_state import Event, EventManager, EventPersistStateData, RecoverableState, service_locator
 
 
 class Item(BaseModel):
@@ -116,8 +116,31 @@ async def main(opts: argparse.Namespace) -> None:
             raise SystemExit(f"loaded a torn record: {s.persist_state_key} = {s.current_value!r}")
     write_report(report_dir / "start.json", states)
     add_test_listeners(opts)
+    if opts.nested_signals:
+        # A second signal-handling manager, entered and left: the outer one must keep its handlers.
+        async with EventManager(handle_signals=True):
+            pass
     rng = random.Random()
     say("READY")
+    if opts.busy:
+        try:
+            busy(states)
+        finally:
+            write_report(report_dir / "final.json", states)
+            say("FINAL")
+    if opts.return_after is not None:
+        await anyio.sleep(opts.return_after)
+        write_report(report_dir / "final.json", states)
+        if opts.hang_on_exit:
+            never = threading.Event()
+
+            def hang_on_exit() -> None:
+                say("HANG")
+                never.wait()
+
+            service_locator.get_event_manager().on(event=Event.PERSIST_STATE, listener=hang_on_exit)
+        say("RETURN")
+        return
     try:
         while True:
             for state in rng.sample(states, min(opts.batch, len(states))):
@@ -137,6 +160,15 @@ async def main(opts: argparse.Namespace) -> None:
                 await anyio.sleep_forever()
 
 
+def busy(states: list[RecoverableState[Item]]) -> None:
+    """Work that never awaits: the event loop never gets control back."""
+    while True:
+        for state in states:
+            state.current_value.a += 1
+            state.current_value.b = state.current_value.a
+            state.current_value.digest = digest(state.current_value.a, state.current_value.note)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=["asyncio", "trio"], required=True)
@@ -149,12 +181,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slow-persist", type=float, default=0.0, help="a migrating persist listener sleeps")
     parser.add_argument("--hang", choices=["async", "sync"], default=None, help="a listener never returns")
     parser.add_argument("--stuck-body", action="store_true", help="the cancelled work never ends")
+    parser.add_argument("--busy", action="store_true", help="the work never awaits")
+    parser.add_argument("--nested-signals", action="store_true", help="enter and leave a second manager")
+    parser.add_argument("--no-sighup", action="store_true", help="run(handle_sighup=False)")
+    parser.add_argument("--return-after", type=float, default=None, help="main returns after this long")
+    parser.add_argument(
+        "--hang-on-exit", action="store_true", help="a sync listener hangs in the last persist"
+    )
     return parser.parse_args(argv)
 
 
 def run(argv: list[str]) -> Any:
     opts = parse(argv)
-    return recoverable_state.run(main, opts, backend=opts.backend)
+    return recoverable_state.run(main, opts, backend=opts.backend, handle_sighup=not opts.no_sighup)
 
 
 if __name__ == "__main__":

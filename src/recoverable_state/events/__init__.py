@@ -1,12 +1,20 @@
 """Events: the EventManager, the events it emits and their payloads."""
 
-from ._manager import EventManager, Listener, ShutdownSignalReceived
+from ._manager import (
+    EventManager,
+    Listener,
+    OnSignal,
+    PreemptionNoticeKind,
+    ShutdownSignalReceived,
+    exit_guard,
+)
 from ._preemption import (
     AWS_SPOT_NOTICE_URL,
     GCP_PREEMPTED_URL,
     PreemptionNotice,
     PreemptionNoticePoller,
 )
+from ._shutdown import EXIT_NOT_PERSISTED, EventLoopStarved
 from ._types import (
     Event,
     EventAbortingData,
@@ -20,18 +28,23 @@ from ._types import (
 
 __all__ = [
     "AWS_SPOT_NOTICE_URL",
+    "EXIT_NOT_PERSISTED",
     "GCP_PREEMPTED_URL",
     "Event",
     "EventAbortingData",
     "EventData",
     "EventExitData",
+    "EventLoopStarved",
     "EventManager",
     "EventMigratingData",
     "EventPersistStateData",
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
     "Listener",
+    "OnSignal",
     "PreemptionNotice",
+    "PreemptionNoticeKind",
     "PreemptionNoticePoller",
     "ShutdownSignalReceived",
+    "exit_guard",
 ]

@@ -1,12 +1,11 @@
-"""EventManager: a pyee event bus whose listeners run in an anyio task group."""
+"""EventManager: a pyee event bus whose listeners run as tasks of their own on anyio."""
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
-import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -14,12 +13,20 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-import anyio.to_thread
-from anyio.abc import TaskGroup
 from pyee import EventEmitter
 
+from .._config import as_timedelta
 from .._errors import RecoverableStateError
-from ._sources import system_info, tick, watch_signals
+from ._loop import LoopHandle, run_in_daemon_thread
+from ._shutdown import (
+    EXIT_GRACE,
+    EXIT_NOT_PERSISTED,
+    EventLoopStarved,
+    ExitWatchdog,
+    SignalHandlers,
+    shutdown_signals,
+)
+from ._sources import system_info, tick
 from ._types import (
     Event,
     EventAbortingData,
@@ -37,83 +44,26 @@ Listener = Callable[..., Any]
 """A sync or async callable taking the event data, or nothing."""
 
 OnSignal = Literal["exit", "raise", "return"]
+"""What leaving the manager does after a shutdown signal: exit the process, raise, or return."""
 
 PreemptionNoticeKind = Literal["auto", "aws", "gcp"]
 
-_EXIT_GRACE = 2.0
-"""Seconds the watchdog allows past the shutdown timeout, and past the end of the main thread."""
+NOT_ACTIVE = "the EventManager is not active: enter it first (`async with EventManager(...)`)"
+"""The message of every RuntimeError raised for using a manager that is not entered."""
 
+DEFAULT_PERSIST_STATE_INTERVAL = timedelta(seconds=60)
+DEFAULT_CLOSE_TIMEOUT = timedelta(seconds=25)
 
-def _hard_exit(code: int, message: str, *args: object) -> None:
-    """Log `message` and end the process now, without unwinding.
+_CANCEL_GRACE = 1.0
+"""Seconds a listener cancelled at its timeout gets to unwind before it is left behind."""
 
-    The message is logged from a helper thread given half a second: a log
-    handler stuck on a full pipe (held by a thread that hangs) must not stop
-    the exit, which is all that matters here.
-    """
-    logging_thread = threading.Thread(target=logger.error, args=(message, *args), daemon=True)
-    logging_thread.start()
-    logging_thread.join(0.5)
-    os._exit(code)
-
-
-class _ExitWatchdog:
-    """Ends the process when shutting down after a signal hangs past its deadline.
-
-    Until the manager has persisted, it fires at `deadline` (a time.monotonic()
-    value) plus `grace`. Once the manager has persisted and raised SystemExit, it
-    waits for the main thread to end and then gives the interpreter `grace` seconds
-    to exit: a thread that cannot be cancelled (a sync listener stuck in a call)
-    would otherwise keep the process alive for good, as Python waits for such
-    threads. A main thread still running past the deadline caught the SystemExit;
-    the watchdog then stands down.
-    """
-
-    def __init__(self, code: int, deadline: float, grace: float = _EXIT_GRACE) -> None:
-        self._code = code
-        self._deadline = deadline
-        self._grace = grace
-        self._persisted = threading.Event()
-        self._cancelled = False
-        self._thread = threading.Thread(target=self._watch, name="recoverable-state-watchdog", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def persisted(self) -> None:
-        """The manager is done; from now on only a stuck interpreter exit is ended."""
-        self._persisted.set()
-
-    def cancel(self) -> None:
-        """The process goes on (no exit follows): stand down."""
-        self._cancelled = True
-        self._persisted.set()
-
-    def _watch(self) -> None:
-        if not self._persisted.wait(max(self._deadline - time.monotonic(), 0.0) + self._grace):
-            _hard_exit(
-                self._code, "shutdown did not finish in time; ending the process now (exit %d)", self._code
-            )
-        if self._cancelled:
-            return
-        # SystemExit is on its way; if the main thread is still running well past the
-        # deadline, someone caught it and the process goes on: stand down then.
-        main = threading.main_thread()
-        main.join(max(self._deadline + self._grace - time.monotonic(), self._grace))
-        if main.is_alive():
-            return
-        time.sleep(self._grace)
-        _hard_exit(
-            self._code,
-            "the process did not end %.0f s after its main thread (a thread still runs); "
-            "ending it now (exit %d)",
-            self._grace,
-            self._code,
-        )
+_current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "recoverable_state_current_listener_call", default=None
+)
 
 
 class ShutdownSignalReceived(RecoverableStateError):
-    """The process got SIGTERM or SIGINT; raised on leaving the manager with on_signal='raise'."""
+    """The process got a shutdown signal; raised on leaving the manager with on_signal='raise'."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"received {signal.Signals(signum).name}; every state was persisted")
@@ -121,26 +71,27 @@ class ShutdownSignalReceived(RecoverableStateError):
 
 
 class _Listener:
-    """A user's listener, adapted so that the manager can always `await it(data)`."""
+    """One registration of a user's listener, adapted so that the manager can `await it(data)`."""
 
-    __slots__ = ("event", "is_async", "name", "once", "takes_data", "target")
+    __slots__ = ("event", "is_async", "name", "once", "takes_data", "target", "while_entered")
 
-    def __init__(self, event: Event, target: Listener, once: bool) -> None:
+    def __init__(self, event: Event, target: Listener, *, once: bool, while_entered: bool) -> None:
         self.event = event
         self.target = target
         self.once = once
+        self.while_entered = while_entered
         self.name = getattr(target, "__qualname__", None) or repr(target)
         self.is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
             getattr(target, "__call__", None)  # noqa: B004 - objects with an async __call__
         )
         self.takes_data = _takes_data(target)
 
-    async def __call__(self, event_data: Any) -> None:
+    async def __call__(self, event_data: Any, loop: LoopHandle) -> None:
         args = (event_data,) if self.takes_data else ()
         if self.is_async:
             await self.target(*args)
         else:
-            await anyio.to_thread.run_sync(lambda: self.target(*args), abandon_on_cancel=True)
+            await run_in_daemon_thread(loop, lambda: self.target(*args), self.name)
 
 
 def _takes_data(fn: Callable[..., Any]) -> bool:
@@ -156,8 +107,23 @@ def _takes_data(fn: Callable[..., Any]) -> bool:
     return any(p.kind in positional for p in params)
 
 
-class _TaskGroupEmitter(EventEmitter):
-    """pyee's emitter, with each listener call handed to the manager's task group.
+class _Call:
+    """One running call of a listener: its cancel scope, and whether it finished and how."""
+
+    __slots__ = ("done", "failed", "listener", "scope")
+
+    def __init__(self, listener: _Listener) -> None:
+        self.listener = listener
+        # Shielded: a listener started while the surrounding scope is being cancelled
+        # (the last persist on the way out) must still run; only its own scope, which
+        # the timeouts cancel, stops it.
+        self.scope = anyio.CancelScope(shield=True)
+        self.done = anyio.Event()
+        self.failed = False
+
+
+class _Emitter(EventEmitter):
+    """pyee's emitter, with each listener call handed to the manager.
 
     pyee itself calls `emit("new_listener", ...)` positionally; that path stays
     untouched, only `_emit_run` (how one listener is called) is overridden.
@@ -172,97 +138,133 @@ class _TaskGroupEmitter(EventEmitter):
 
 
 class EventManager:
-    """Emits events to listeners, each listener call a task in an anyio task group.
+    """Emits events to listeners, each listener call a task of its own.
 
-    Enter it (`async with EventManager() as events:`) to open the task group and
-    start the sources: the PERSIST_STATE timer and, with `handle_signals=True`,
-    SIGTERM and SIGINT. Leaving it stops them, emits one last PERSIST_STATE and
-    waits for the listeners, shielded from cancellation and bounded by
-    `close_timeout`. Entering it again while entered only counts the nesting.
+    Enter it (`async with EventManager() as events:`) to start the sources: the
+    PERSIST_STATE timer (its first tick as the manager is entered), SYSTEM_INFO
+    when asked for, and with `handle_signals=True` SIGTERM, SIGINT and SIGHUP.
+    Leaving it stops them, emits one last PERSIST_STATE and waits for the
+    listeners, shielded from cancellation and bounded by `close_timeout`;
+    listeners still running after it (and a second of grace) are left behind and
+    logged. Entering it again while entered nests: every exit emits PERSIST_STATE
+    and waits for it, only the last exit tears down (and forgets the listeners
+    registered while entered). The manager may be left from any task, also from
+    inside one of its listeners.
 
-    On the first SIGTERM (SIGINT) the manager emits MIGRATING (ABORTING), cancels
-    the body of the `async with` block, persists with `is_migrating=True`, and
-    then, by `on_signal`: ends the process with 128 + the signal number
-    (`"exit"`, the default), raises ShutdownSignalReceived (`"raise"`), or lets the
-    block end normally (`"return"`). The whole shutdown is bounded by
-    `close_timeout`, counted from the signal. A second SIGINT ends the process at
-    once; a second SIGTERM is ignored. With `"exit"`, a watchdog thread ends the
-    process if anything (a stuck thread, say) keeps it alive past the timeout.
+    Timer ticks coalesce: while a PERSIST_STATE started by the timer is still
+    running, further ticks leave at most one pending, however long the store
+    stalls. A PERSIST_STATE emitted by hand always runs.
 
-    With a preemption notice URL (`preemption_notice_url`, or
-    RECOVERABLE_STATE_PREEMPTION_NOTICE_URL), the manager polls the cloud's
-    metadata service and, on the first notice, emits MIGRATING once (with the
-    time remaining when the notice tells it), which persists every state with
-    `is_migrating=True`. The body goes on: the platform's SIGTERM ends it.
+    On the first SIGTERM or SIGHUP (SIGINT) the manager emits MIGRATING
+    (ABORTING), cancels the body of the `async with` block, persists with
+    `is_migrating=True`, and then, by `on_signal`: ends the process with 128 +
+    the signal number (`"exit"`, the default; EXIT_NOT_PERSISTED, 75, when the
+    last persist failed or timed out), raises ShutdownSignalReceived
+    (`"raise"`), or lets the block end normally (`"return"`). The shutdown is
+    bounded by `close_timeout`, counted from the signal. A second SIGINT ends the
+    process at once; other repeated signals are ignored. With `"exit"`, a
+    watchdog thread ends the process if anything keeps it alive past the timeout
+    plus a grace of 2 s. A signal is noticed even when the loop never yields: the
+    running code is interrupted with EventLoopStarved after a second.
+
+    With a preemption notice URL the manager polls the cloud's metadata service
+    and, on the first notice, emits MIGRATING once, which persists every state
+    with `is_migrating=True`. The body goes on: the platform's SIGTERM ends it.
     """
 
     def __init__(
         self,
         *,
-        persist_state_interval: timedelta | None = None,
-        close_timeout: timedelta | None = None,
+        persist_state_interval: timedelta | float | None = None,
+        close_timeout: timedelta | float | None = None,
         handle_signals: bool = False,
+        handle_sighup: bool = True,
         on_signal: OnSignal = "exit",
-        system_info_interval: timedelta | None = None,
+        system_info_interval: timedelta | float | None = None,
         preemption_notice_url: str | None = None,
-        preemption_notice_kind: PreemptionNoticeKind | None = None,
-        preemption_poll_interval: timedelta | None = None,
+        preemption_notice_kind: PreemptionNoticeKind = "auto",
+        preemption_poll_interval: timedelta | float | None = None,
     ) -> None:
-        """Make a manager; intervals and timeouts default to the configuration.
+        """Make a manager. Durations are timedeltas or seconds.
+
+        The manager reads no configuration: `service_locator.get_event_manager()`
+        and `run()` build it from RECOVERABLE_STATE_* settings.
 
         Args:
-            persist_state_interval: how often PERSIST_STATE is emitted on its own
-                (RECOVERABLE_STATE_PERSIST_STATE_INTERVAL, 60 s by default).
-            close_timeout: how long the last persist on leaving, or on a signal,
-                may take (RECOVERABLE_STATE_SHUTDOWN_TIMEOUT, 25 s by default).
-            handle_signals: handle SIGTERM and SIGINT while entered (main thread only).
+            persist_state_interval: how often PERSIST_STATE is emitted on its own (60 s).
+            close_timeout: how long the last persist on leaving, or on a signal, may take (25 s).
+            handle_signals: handle SIGTERM, SIGINT (and SIGHUP) while entered (main thread only).
+            handle_sighup: with handle_signals, handle SIGHUP like SIGTERM (exit 129).
             on_signal: what leaving the manager does after a signal: "exit",
                 "raise" or "return".
-            system_info_interval: emit SYSTEM_INFO this often (None: never).
+            system_info_interval: emit SYSTEM_INFO this often, the first as the
+                manager is entered (None: never).
             preemption_notice_url: poll this metadata URL for a preemption notice;
-                `"aws"` and `"gcp"` stand for the clouds' well-known URLs, `""` turns
-                polling off (RECOVERABLE_STATE_PREEMPTION_NOTICE_URL, off by default).
-            preemption_notice_kind: `"aws"`, `"gcp"`, or `"auto"` to tell it from the
-                URL (RECOVERABLE_STATE_PREEMPTION_NOTICE_KIND).
-            preemption_poll_interval: how often to poll
-                (RECOVERABLE_STATE_PREEMPTION_POLL_INTERVAL, 5 s by default).
+                `"aws"` and `"gcp"` stand for the clouds' well-known URLs (None or "": off).
+            preemption_notice_kind: `"aws"`, `"gcp"`, or `"auto"` to tell it from the URL.
+            preemption_poll_interval: how often to poll (5 s).
         """
-        from .._locator import service_locator
-
-        config = service_locator.get_configuration()
-        self._persist_state_interval = persist_state_interval or config.persist_state_interval
-        self._close_timeout = close_timeout or config.shutdown_timeout
+        self._persist_state_interval = as_timedelta(
+            DEFAULT_PERSIST_STATE_INTERVAL if persist_state_interval is None else persist_state_interval,
+            name="persist_state_interval",
+        )
+        self._close_timeout = as_timedelta(
+            DEFAULT_CLOSE_TIMEOUT if close_timeout is None else close_timeout, name="close_timeout"
+        )
+        self._system_info_interval = (
+            None
+            if system_info_interval is None
+            else as_timedelta(system_info_interval, name="system_info_interval")
+        )
+        if on_signal not in ("exit", "raise", "return"):
+            raise ValueError(f"on_signal must be 'exit', 'raise' or 'return', not {on_signal!r}")
         self._handle_signals = handle_signals
+        self._handle_sighup = handle_sighup
         self._on_signal: OnSignal = on_signal
-        self._system_info_interval = system_info_interval
-        url = config.preemption_notice_url if preemption_notice_url is None else preemption_notice_url
         self._preemption: PreemptionNoticePoller | None = None
-        if url:
+        if preemption_notice_url:
             from ._preemption import PreemptionNoticePoller
 
-            kind = config.preemption_notice_kind if preemption_notice_kind is None else preemption_notice_kind
-            interval = preemption_poll_interval
-            if interval is None:
-                interval = config.preemption_poll_interval
-            self._preemption = PreemptionNoticePoller(url, kind=kind, interval=interval)
-        self._emitter = _TaskGroupEmitter(self._spawn)
-        self._listeners: dict[tuple[Event, Listener], _Listener] = {}
+            interval = as_timedelta(
+                5.0 if preemption_poll_interval is None else preemption_poll_interval,
+                name="preemption_poll_interval",
+            )
+            self._preemption = PreemptionNoticePoller(
+                preemption_notice_url, kind=preemption_notice_kind, interval=interval
+            )
+        self._emitter = _Emitter(self._spawn)
+        self._listeners: dict[tuple[Event, Listener], list[_Listener]] = {}
         self._depth = 0
-        self._task_group: TaskGroup | None = None
+        self._loop: LoopHandle | None = None
+        self._entered_by: int | None = None  # the task that entered (its body scope lives there)
         self._body_scope: anyio.CancelScope | None = None
+        self._body_scope_left_open = False
         self._sources_scope: anyio.CancelScope | None = None
-        self._running: dict[anyio.CancelScope, _Listener] = {}
-        self._idle: anyio.Event | None = None
+        self._sources_done: anyio.Event | None = None
+        self._signal_handlers: SignalHandlers | None = None
+        self._running: dict[_Call, None] = {}
+        self._waiting: set[_Call] = set()
+        self._changed: anyio.Event | None = None
+        self._round_running = False
+        self._round_pending = False
+        self._round_done: anyio.Event | None = None
+        self._skipping_logged = False
         self._signal: int | None = None
         self._signal_deadline: float | None = None  # time.monotonic() by which shutdown must be done
-        self._watchdog: _ExitWatchdog | None = None
+        self._watchdog: ExitWatchdog | None = None
+        self._unfinished: list[str] = []
+        self._persisted_all = True
+        self._left_by_other_task = False
+        self._started: list[_Call] = []  # the calls the emit in progress starts
+        self._closing = False
+        self._session = 0  # counts enterings, so that a task left behind cannot touch a later one
 
     # -- state ---------------------------------------------------------------
 
     @property
     def active(self) -> bool:
-        """Whether the manager is entered (its task group is open)."""
-        return self._task_group is not None
+        """Whether the manager is entered (and not yet left for the last time)."""
+        return self._loop is not None
 
     @property
     def persist_state_interval(self) -> timedelta:
@@ -284,10 +286,20 @@ class EventManager:
         """The shutdown signal received while entered, if any."""
         return self._signal
 
+    @property
+    def unfinished_listeners(self) -> list[str]:
+        """Listeners still running when the last exit stopped waiting for them (left behind)."""
+        return list(self._unfinished)
+
+    @property
+    def persisted_all(self) -> bool:
+        """Whether the last exit's PERSIST_STATE listeners all finished without failing."""
+        return self._persisted_all
+
     # -- listeners -----------------------------------------------------------
 
     def on(self, *, event: Event, listener: Listener) -> None:
-        """Call `listener` on every `event` (registering the same one twice does nothing)."""
+        """Call `listener` on every `event`; registered twice, it is called twice."""
         self._add(event, listener, once=False)
 
     def once(self, *, event: Event, listener: Listener) -> None:
@@ -296,26 +308,35 @@ class EventManager:
 
     def _add(self, event: Event, listener: Listener, *, once: bool) -> None:
         event = Event(event)
-        if (event, listener) in self._listeners:
-            return
-        wrapped = _Listener(event, listener, once)
-        self._listeners[(event, listener)] = wrapped
+        wrapped = _Listener(event, listener, once=once, while_entered=self.active)
+        self._listeners.setdefault((event, listener), []).append(wrapped)
         self._emitter.add_listener(event.value, wrapped)
 
     def off(self, *, event: Event, listener: Listener | None = None) -> None:
-        """Stop calling `listener` on `event`; without a listener, stop calling any."""
+        """Stop calling `listener` on `event` (every registration of it); without one, any."""
         event = Event(event)
         if listener is None:
             for key in [k for k in self._listeners if k[0] is event]:
                 del self._listeners[key]
             self._emitter.remove_all_listeners(event.value)
             return
-        wrapped = self._listeners.pop((event, listener), None)
-        if wrapped is not None:
+        for wrapped in self._listeners.pop((event, listener), []):
             self._emitter.remove_listener(event.value, wrapped)
 
+    def _remove(self, wrapped: _Listener) -> None:
+        registrations = self._listeners.get((wrapped.event, wrapped.target), [])
+        if wrapped in registrations:
+            registrations.remove(wrapped)
+            if not registrations:
+                del self._listeners[(wrapped.event, wrapped.target)]
+            self._emitter.remove_listener(wrapped.event.value, wrapped)
+
+    def is_listening(self, *, event: Event, listener: Listener) -> bool:
+        """Whether `listener` is registered for `event` (the last exit forgets those added while entered)."""
+        return (Event(event), listener) in self._listeners
+
     def listener_count(self, event: Event) -> int:
-        """How many listeners `event` has."""
+        """How many listeners `event` has (a listener registered twice counts twice)."""
         return len(self._emitter.listeners(Event(event).value))
 
     # -- emitting ------------------------------------------------------------
@@ -331,122 +352,150 @@ class EventManager:
         if event is Event.MIGRATING:
             self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=True))
 
-    def _emit(self, event: Event, event_data: Any) -> None:
-        if self._task_group is None:
-            raise RuntimeError(
-                f"cannot emit {event.name}: the EventManager is not active; "
-                "emit inside `async with EventManager(...)`"
-            )
-        self._emitter.emit(event.value, event_data)
+    def _emit(self, event: Event, event_data: Any) -> list[_Call]:
+        if self._loop is None:
+            raise RuntimeError(NOT_ACTIVE)
+        started: list[_Call] = []
+        outer, self._started = self._started, started
+        try:
+            self._emitter.emit(event.value, event_data)
+        finally:
+            self._started = outer
+        return started
 
     def _spawn(self, listener: _Listener, event_data: Any) -> None:
-        assert self._task_group is not None
+        assert self._loop is not None
         if listener.once:
-            self.off(event=listener.event, listener=listener.target)
+            self._remove(listener)
+        call = _Call(listener)
         # Counted as running from now on, so that waiting right after emit waits for it.
-        # Shielded: a listener started while the surrounding scope is being cancelled
-        # (the last persist on the way out) must still run; only its own scope, which
-        # the timeouts cancel, can stop it.
-        scope = anyio.CancelScope(shield=True)
-        self._running[scope] = listener
-        self._task_group.start_soon(self._run, listener, event_data, scope)
+        self._running[call] = None
+        self._started.append(call)
+        self._loop.spawn(lambda: self._run(call, event_data))
 
-    async def _run(self, listener: _Listener, event_data: Any, scope: anyio.CancelScope) -> None:
+    async def _run(self, call: _Call, event_data: Any) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        listener = call.listener
+        _current_call.set(call)
         try:
-            with scope:
-                await listener(event_data)
+            with call.scope:
+                await listener(event_data, loop)
         except Exception:
+            call.failed = True
             logger.exception("listener %s of event %s failed", listener.name, listener.event.value)
+        except EventLoopStarved:
+            call.failed = True
+            logger.error("listener %s of event %s was interrupted", listener.name, listener.event.value)
         finally:
-            del self._running[scope]
-            if not self._running and self._idle is not None:
-                self._idle.set()
-                self._idle = None
-        if scope.cancelled_caught:
+            self._running.pop(call, None)
+            call.done.set()
+            self._notify_changed()
+        if call.scope.cancelled_caught:
+            call.failed = True
             logger.warning(
                 "listener %s of event %s was cancelled before it finished",
                 listener.name,
                 listener.event.value,
             )
 
-    async def wait_for_all_listeners_to_complete(self, *, timeout: timedelta | None = None) -> None:
-        """Wait until no listener runs; after `timeout`, cancel those still running and log them."""
-        with anyio.move_on_after(timeout.total_seconds() if timeout is not None else None):
-            await self._idle_listeners()
-            return
-        for scope, listener in list(self._running.items()):
-            logger.error(
-                "listener %s of event %s did not finish within %.1f s; cancelling it",
-                listener.name,
-                listener.event.value,
-                timeout.total_seconds() if timeout is not None else 0,
-            )
-            scope.cancel()
-        # Give the cancelled listeners a moment to unwind; threads are abandoned.
-        with anyio.move_on_after(1.0):
-            await self._idle_listeners()
+    def _notify_changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
-    async def _idle_listeners(self) -> None:
-        """Return once no listener runs."""
-        while self._running:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
+    async def wait_for_all_listeners_to_complete(self, *, timeout: timedelta | float | None = None) -> None:
+        """Wait until no listener runs; after `timeout`, cancel those still running and log them.
 
-    # -- entering and leaving --------------------------------------------------
+        Called from inside a listener, it does not wait for that listener, nor
+        for any other listener that is itself waiting.
 
-    async def __aenter__(self) -> Self:
-        self._depth += 1
-        if self._depth > 1:
-            return self
-        self._signal = None
-        self._signal_deadline = None
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        Raises:
+            RuntimeError: the manager is not active.
+        """
+        if self._loop is None:
+            raise RuntimeError(NOT_ACTIVE)
+        seconds = None if timeout is None else as_timedelta(timeout, name="timeout").total_seconds()
+        await self._wait_for_listeners(seconds)
+
+    async def _wait_for_listeners(self, seconds: float | None) -> list[_Call]:
+        """Wait for the running listeners (not the waiting ones); return those left behind."""
+        me = _current_call.get()
+        if me is not None and me in self._running:
+            self._waiting.add(me)
+            self._notify_changed()  # someone waiting for this listener may be done now
         try:
-            self._sources_scope = anyio.CancelScope()
-            await task_group.start(self._run_sources, self._sources_scope)
-            if self._handle_signals:
-                # Outside the sources' scope: signals stay handled during the last persist
-                # (a second SIGINT ends the process, a second SIGTERM is ignored), until
-                # the task group closes.
-                await task_group.start(watch_signals, self._on_shutdown_signal)
-        except BaseException as exc:
-            self._task_group = None
-            self._depth -= 1
-            task_group.cancel_scope.cancel()
-            await task_group.__aexit__(None, None, None)
-            if self._handle_signals and threading.current_thread() is not threading.main_thread():
-                raise RuntimeError(
-                    "EventManager(handle_signals=True) must be entered in the main thread, "
-                    "where signals are delivered"
-                ) from exc
-            raise
-        self._body_scope = anyio.CancelScope()
-        self._body_scope.__enter__()
-        return self
+            with anyio.move_on_after(seconds):
+                await self._until_idle()
+                return []
+            stragglers = self._busy()
+            for call in stragglers:
+                logger.error(
+                    "listener %s of event %s did not finish within %.1f s; cancelling it",
+                    call.listener.name,
+                    call.listener.event.value,
+                    seconds or 0.0,
+                )
+                call.scope.cancel()
+            # Give the cancelled listeners a moment to unwind; what still runs is left behind.
+            with anyio.move_on_after(_CANCEL_GRACE):
+                await self._until_idle()
+            return self._busy()
+        finally:
+            if me is not None:
+                self._waiting.discard(me)
 
-    async def _run_sources(
-        self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
-    ) -> None:
-        with scope:
-            async with anyio.create_task_group() as sources:
-                await sources.start(tick, self._persist_state_interval, self._persist_on_timer)
-                if self._system_info_interval is not None:
-                    await sources.start(tick, self._system_info_interval, self._emit_system_info)
-                if self._preemption is not None:
-                    await sources.start(self._preemption.watch, self._on_preemption_notice)
-                task_status.started()
+    def _busy(self) -> list[_Call]:
+        return [call for call in self._running if call not in self._waiting]
+
+    async def _until_idle(self) -> None:
+        while self._busy():
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    # -- the timer, coalesced ---------------------------------------------------
 
     def _persist_on_timer(self) -> None:
-        self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=False))
+        if self._loop is None or self._closing:
+            return
+        if self._round_running:
+            self._round_pending = True
+            if not self._skipping_logged:
+                self._skipping_logged = True
+                logger.warning(
+                    "a PERSIST_STATE is still running; timer ticks are coalesced while it runs (at most "
+                    "one pending); logged once per entering"
+                )
+            return
+        self._start_round()
+
+    def _start_round(self) -> None:
+        assert self._loop is not None
+        self._round_running = True
+        self._round_done = anyio.Event()
+        calls = self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=False))
+        session = self._session
+        self._loop.spawn(lambda: self._finish_round(calls, session))
+
+    async def _finish_round(self, calls: list[_Call], session: int) -> None:
+        for call in calls:
+            await call.done.wait()
+        if session != self._session:
+            return  # left behind by an earlier entering
+        self._round_running = False
+        if self._round_done is not None:
+            self._round_done.set()
+        if self._round_pending and self._loop is not None and not self._closing:
+            self._round_pending = False
+            self._start_round()
 
     def _emit_system_info(self) -> None:
-        self._emit(Event.SYSTEM_INFO, EventSystemInfoData(info=system_info()))
+        if self._loop is not None:
+            self._emit(Event.SYSTEM_INFO, EventSystemInfoData(info=system_info()))
 
     def _on_preemption_notice(self, notice: PreemptionNotice) -> None:
-        if self._task_group is None:
+        if self._loop is None:
             return
         remaining = (
             f"{notice.time_remaining.total_seconds():.0f} s left"
@@ -456,34 +505,92 @@ class EventManager:
         logger.warning("preemption notice from %s (%s): persisting every state", notice.kind, remaining)
         self.emit(event=Event.MIGRATING, event_data=EventMigratingData(time_remaining=notice.time_remaining))
 
-    def _on_shutdown_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        if self._signal is not None:
-            if signum == signal.SIGINT:
-                _hard_exit(128 + signum, "second SIGINT: exiting at once, without persisting")
-            logger.warning("%s received again; still persisting before exit", name)
+    # -- sources -----------------------------------------------------------------
+
+    async def _run_sources(self, scope: anyio.CancelScope, done: anyio.Event) -> None:
+        try:
+            with scope:
+                async with anyio.create_task_group() as sources:
+                    sources.start_soon(tick, self._persist_state_interval, self._persist_on_timer)
+                    if self._system_info_interval is not None:
+                        sources.start_soon(tick, self._system_info_interval, self._emit_system_info)
+                    if self._preemption is not None:
+                        sources.start_soon(self._preemption.watch, self._on_preemption_notice)
+        except Exception:
+            logger.exception("an event source of the EventManager failed")
+        finally:
+            done.set()
+
+    # -- signals -------------------------------------------------------------------
+
+    def _on_shutdown_signal(self, signum: int, received: float) -> None:
+        if self._signal is not None or self._loop is None:
             return
+        name = signal.Signals(signum).name
         self._signal = signum
         timeout = self._close_timeout
-        self._signal_deadline = time.monotonic() + timeout.total_seconds()
+        self._signal_deadline = received + timeout.total_seconds()
         logger.warning("%s received: persisting every state (at most %.1f s)", name, timeout.total_seconds())
         # A backstop: whatever hangs, the process is gone shortly after the timeout.
         if self._on_signal == "exit":
-            self._watchdog = _ExitWatchdog(128 + signum, self._signal_deadline)
+            self._watchdog = ExitWatchdog(128 + signum, self._signal_deadline)
             self._watchdog.start()
-        if signum == signal.SIGTERM:
-            self._emit(Event.MIGRATING, EventMigratingData(time_remaining=timeout))
-        else:
+        if signum == signal.SIGINT:
             self._emit(Event.ABORTING, EventAbortingData())
+        else:
+            self._emit(Event.MIGRATING, EventMigratingData(time_remaining=timeout))
         if self._body_scope is not None:
             self._body_scope.cancel()
 
-    def _time_left(self) -> timedelta:
+    def _time_left(self) -> float:
         """The last persist's time: the close timeout, or what is left of it since a signal."""
+        seconds = self._close_timeout.total_seconds()
         if self._signal_deadline is None:
-            return self._close_timeout
-        left = max(self._signal_deadline - time.monotonic(), 0.0)
-        return min(self._close_timeout, timedelta(seconds=left))
+            return seconds
+        return min(seconds, max(self._signal_deadline - time.monotonic(), 0.0))
+
+    # -- entering and leaving --------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._depth += 1
+        if self._depth > 1:
+            return self
+        try:
+            loop = LoopHandle()
+            handlers: SignalHandlers | None = None
+            if self._handle_signals:
+                handlers = SignalHandlers(
+                    shutdown_signals(handle_sighup=self._handle_sighup),
+                    self._on_shutdown_signal,
+                    loop,
+                    deadline_after=self._close_timeout.total_seconds(),
+                )
+                handlers.install()
+        except BaseException:
+            self._depth -= 1
+            raise
+        self._session += 1
+        self._closing = False
+        self._signal = None
+        self._signal_deadline = None
+        self._unfinished = []
+        self._persisted_all = True
+        self._round_running = self._round_pending = self._skipping_logged = False
+        self._loop = loop
+        self._signal_handlers = handlers
+        self._entered_by = anyio.get_current_task().id
+        self._left_by_other_task = False
+        sources_scope, sources_done = anyio.CancelScope(), anyio.Event()
+        self._sources_scope, self._sources_done = sources_scope, sources_done
+        loop.spawn(lambda: self._run_sources(sources_scope, sources_done))
+        # The first tick of each timer comes as the manager is entered, as in Crawlee.
+        self._persist_on_timer()
+        if self._system_info_interval is not None:
+            self._emit_system_info()
+        if handlers is not None:
+            self._body_scope = anyio.CancelScope()
+            self._body_scope.__enter__()
+        return self
 
     async def __aexit__(
         self,
@@ -491,37 +598,114 @@ class EventManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        in_entering_task = anyio.get_current_task().id == self._entered_by
         if self._depth == 0:
-            raise RuntimeError("EventManager exited more often than it was entered")
+            if self._left_by_other_task and in_entering_task:
+                # Left from a listener already: close what belongs to this task, nothing else.
+                self._left_by_other_task = False
+                return self._close_body_scope(exc_type, exc, tb)
+            raise RuntimeError(NOT_ACTIVE)
         self._depth -= 1
+        data = EventPersistStateData(is_migrating=self._signal is not None)
         if self._depth > 0:
+            # A nested exit: the component that shared the manager saves as it finishes.
+            with anyio.CancelScope(shield=True):
+                calls = self._emit(Event.PERSIST_STATE, data)
+                with anyio.move_on_after(self._time_left()):
+                    for call in calls:
+                        await call.done.wait()
             return False
-        assert self._task_group is not None
-        assert self._body_scope is not None
-        body_scope, self._body_scope = self._body_scope, None
-        swallowed = bool(body_scope.__exit__(exc_type, exc, tb))
+        swallowed = False
+        if in_entering_task:
+            swallowed = self._close_body_scope(exc_type, exc, tb)
+        else:
+            self._left_by_other_task = True  # the entering task's own `async with` still ends
+        if isinstance(exc, EventLoopStarved):
+            # The loop never took the signal: handle it now, its deadline counted from its arrival.
+            handlers = self._signal_handlers
+            received = handlers.received_at if handlers is not None else None
+            self._on_shutdown_signal(exc.signum, received if received is not None else time.monotonic())
+        final: list[_Call] = []
+        left_behind: list[_Call] = []
         try:
             with anyio.CancelScope(shield=True):
+                self._closing = True  # no more timer rounds: the last persist follows
                 if self._sources_scope is not None:
                     self._sources_scope.cancel()
-                self._emit(Event.PERSIST_STATE, EventPersistStateData(is_migrating=self._signal is not None))
-                await self.wait_for_all_listeners_to_complete(timeout=self._time_left())
+                self._round_pending = False
+                if self._round_running and self._round_done is not None:
+                    # The final persist comes after the one in flight.
+                    with anyio.move_on_after(self._time_left()):
+                        await self._round_done.wait()
+                data = EventPersistStateData(is_migrating=self._signal is not None)
+                final = self._emit(Event.PERSIST_STATE, data)
+                left_behind = await self._wait_for_listeners(self._time_left())
+                if self._sources_done is not None:
+                    with anyio.move_on_after(_CANCEL_GRACE):
+                        await self._sources_done.wait()
         finally:
-            task_group, self._task_group = self._task_group, None
-            task_group.cancel_scope.cancel()  # anything a listener left behind, the signal watcher
-            await task_group.__aexit__(None, None, None)
-            if self._watchdog is not None:
-                # With "exit" it stays on guard until the process is gone.
-                if self._signal is not None and self._on_signal == "exit":
-                    self._watchdog.persisted()
-                else:
-                    self._watchdog.cancel()
-                self._watchdog = None
+            self._close(final, left_behind)
         if self._signal is not None:
             signum = self._signal
             if self._on_signal == "exit":
-                raise SystemExit(128 + signum)
+                raise SystemExit(128 + signum if self._persisted_all else EXIT_NOT_PERSISTED)
             if self._on_signal == "raise":
                 raise ShutdownSignalReceived(signum)
             return True  # "return": the block ends as if it had finished
         return swallowed
+
+    def _close_body_scope(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        body_scope, self._body_scope = self._body_scope, None
+        if body_scope is None:
+            return False
+        return bool(body_scope.__exit__(exc_type, exc, tb))
+
+    def _close(self, final: list[_Call], left_behind: list[_Call]) -> None:
+        """The last exit's teardown: forget this session's listeners, restore signals, judge the persist."""
+        self._persisted_all = len(final) == len([c for c in final if c.done.is_set() and not c.failed])
+        self._persisted_all = self._persisted_all and not left_behind
+        self._unfinished = [f"{c.listener.name} ({c.listener.event.value})" for c in left_behind]
+        if left_behind:
+            logger.error(
+                "left behind, still running %.1f s after the close timeout: %s; not every state may be "
+                "persisted",
+                _CANCEL_GRACE,
+                ", ".join(self._unfinished),
+            )
+        elif not self._persisted_all:
+            logger.error(
+                "the last PERSIST_STATE did not finish for every listener; not every state was persisted"
+            )
+        for registrations in list(self._listeners.values()):
+            for wrapped in list(registrations):
+                if wrapped.while_entered:
+                    self._remove(wrapped)
+        self._round_running = self._round_pending = False
+        self._running.clear()
+        self._waiting.clear()
+        if self._signal_handlers is not None:
+            self._signal_handlers.remove()
+            self._signal_handlers = None
+        self._loop = None
+        self._sources_scope = self._sources_done = None
+        if self._watchdog is not None:
+            # With "exit" it stays on guard until the process is gone.
+            if self._signal is not None and self._on_signal == "exit":
+                code = 128 + self._signal if self._persisted_all else EXIT_NOT_PERSISTED
+                self._watchdog.persisted(complete=not left_behind, code=code)
+            else:
+                self._watchdog.cancel()
+            self._watchdog = None
+
+
+def exit_guard(code: int = EXIT_NOT_PERSISTED, grace: float = EXIT_GRACE) -> None:
+    """End the process with `code` if it is still alive `grace` seconds after its main thread stops.
+
+    For a shutdown that left a listener behind: a thread stuck in a call would
+    otherwise keep the interpreter from exiting.
+    """
+    watchdog = ExitWatchdog(code, time.monotonic(), grace)
+    watchdog.start()
+    watchdog.persisted(complete=False, code=code)

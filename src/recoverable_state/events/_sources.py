@@ -1,8 +1,9 @@
 """Event sources: what tells the manager that something happened.
 
-Each source is a small coroutine the manager runs in its task group. Sources
+Each source is a small coroutine the manager runs while it is entered. Sources
 only call back; deciding what an occurrence means is the manager's job. The
-preemption notice poller, which needs an HTTP client, is in _preemption.py.
+preemption notice poller, which needs an HTTP client, is in _preemption.py;
+signals are taken in _shutdown.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -19,8 +19,6 @@ from anyio.abc import TaskStatus
 
 logger = logging.getLogger("recoverable_state")
 
-SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 async def tick(
     interval: timedelta,
@@ -28,28 +26,12 @@ async def tick(
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call `on_tick` every `interval`, measured from the end of the previous call."""
+    """Call `on_tick` every `interval` (the first call one interval after starting)."""
     seconds = interval.total_seconds()
     task_status.started()
     while True:
         await anyio.sleep(seconds)
         on_tick()
-
-
-async def watch_signals(
-    on_signal: Callable[[int], None],
-    *,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Call `on_signal(signum)` for each SIGTERM and SIGINT while this runs.
-
-    Works on asyncio and trio alike, and only in the main thread (as any
-    signal handling does). The previous handlers come back when it ends.
-    """
-    with anyio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-        task_status.started()
-        async for signum in signals:
-            on_signal(int(signum))
 
 
 def system_info() -> dict[str, float | int]:

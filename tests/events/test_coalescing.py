@@ -1,0 +1,79 @@
+"""Timer ticks coalesce while a persist is running: one in flight, one pending, whatever the stall."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import pytest
+
+from recoverable_state import Event, EventManager, EventPersistStateData
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_ticks_during_a_stalled_persist_leave_one_in_flight_and_one_pending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = anyio.Event()
+    in_flight = 0
+    most_in_flight = 0
+    calls = 0
+
+    async def stalled(data: EventPersistStateData) -> None:
+        nonlocal in_flight, most_in_flight, calls
+        calls += 1
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            await release.wait()
+        finally:
+            in_flight -= 1
+
+    manager = EventManager(persist_state_interval=0.01, close_timeout=5)
+    manager.on(event=Event.PERSIST_STATE, listener=stalled)
+    with caplog.at_level(logging.WARNING, logger="recoverable_state"):
+        async with manager:
+            await anyio.sleep(0.5)  # some fifty ticks while the store stalls
+            assert calls == 1
+            assert most_in_flight == 1
+            release.set()
+            with anyio.fail_after(5):
+                while calls < 2:  # the one pending tick runs once the stall ends
+                    await anyio.sleep(0.005)
+            await anyio.sleep(0.05)
+    assert most_in_flight <= 2  # the last persist on leaving may join the one a tick started
+    assert caplog.text.count("coalesced") == 1
+
+
+async def test_an_explicit_emit_is_never_coalesced() -> None:
+    release = anyio.Event()
+    seen: list[Any] = []
+
+    async def stalled(data: EventPersistStateData) -> None:
+        seen.append(data)
+        await release.wait()
+
+    async with EventManager(persist_state_interval=3600) as manager:
+        manager.on(event=Event.PERSIST_STATE, listener=stalled)
+        for _ in range(3):
+            manager.emit(event=Event.PERSIST_STATE, event_data=EventPersistStateData())
+        await anyio.sleep(0.05)
+        assert len(seen) == 3
+        release.set()
+
+
+async def test_the_last_persist_runs_after_the_one_in_flight() -> None:
+    order: list[str] = []
+
+    async def listener(data: EventPersistStateData) -> None:
+        order.append("start")
+        await anyio.sleep(0.2)
+        order.append("end")
+
+    manager = EventManager(persist_state_interval=0.01, close_timeout=5)
+    manager.on(event=Event.PERSIST_STATE, listener=listener)
+    async with manager:
+        await anyio.sleep(0.05)
+    assert order == ["start", "end", "start", "end"]
