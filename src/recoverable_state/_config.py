@@ -67,6 +67,12 @@ class Configuration(BaseSettings):
     shutdown_timeout: Seconds = timedelta(seconds=25)
     """How long the last persist on a shutdown or migration signal may take."""
 
+    purge_on_start: bool = False
+    """Empty the default store when the first store of the process is opened, as Crawlee does
+    (`RECOVERABLE_STATE_PURGE_ON_START=1`): a worker then starts from its default state instead
+    of the last run's. Only the default store is emptied, never a named one, and only once per
+    storage backend: its records and their history go, the store stays."""
+
     storage_pool_size: int = Field(default=4, ge=1)
     """Connections a Redis or PostgreSQL backend keeps (worker threads use them)."""
 

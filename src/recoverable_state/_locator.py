@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ._config import Configuration
 from ._errors import ServiceConflictError
-from .storage import use_default_storage
+from .storage import use_default_storage, use_purge_on_start
 
 if TYPE_CHECKING:
     from .events import EventManager
@@ -129,3 +129,4 @@ service_locator = ServiceLocator()
 """The process-wide service locator."""
 
 use_default_storage(service_locator.get_storage)
+use_purge_on_start(lambda: service_locator.get_configuration().purge_on_start)

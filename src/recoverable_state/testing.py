@@ -137,8 +137,13 @@ class FaultInjectingBackend(StorageBackend):
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
         return await self.inner.delete(store_id, key, expected_version)
 
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
-        return await self.inner.list_records(store_id)
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
+        return await self.inner.list_records(store_id, exclusive_start_key=exclusive_start_key, limit=limit)
+
+    async def purge_store(self, store_id: str) -> None:
+        await self.inner.purge_store(store_id)
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         return await self.inner.read_history(store_id, key)

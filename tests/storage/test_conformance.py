@@ -730,3 +730,47 @@ async def test_a_dropped_store_fails_only_its_own_requests_in_a_batch(backend: S
     reads = await batcher_of(backend).read_many([RecordRead(gone.id, "b"), RecordRead(live.id, "a")])
     assert isinstance(reads[0], StoreNotFoundError)
     assert reads[1] is not None and not isinstance(reads[1], Exception) and reads[1].value == b"1"
+
+
+# -- listing pages and purges (issue 12) ----------------------------------------------
+
+
+async def test_listing_pages_and_purges_behave_like_a_sorted_dict(backend: StorageBackend) -> None:
+    """Random writes, deletes and purges; after each step every page of every listing matches a model.
+
+    Keys mix cases, punctuation and characters of every UTF-8 length, so that code point
+    order (Python's) is checked against each backend's own ordering.
+    """
+    rng = random.Random(12)
+    alphabet = ["a", "b", "A", "Z", "0", "-", ".", "/", "%", " ", "é", "ß", "日", "\uffff", "🙂", "𝄞"]
+    pool = list({"".join(rng.choices(alphabet, k=rng.randint(1, 4))) for _ in range(60)})
+    kvs = await open_store(backend)
+    bystander = await open_store(backend)
+    await bystander.set_value("stays", 1)
+    model: dict[str, int] = {}
+    for step in range(12):
+        if step % 5 == 4:
+            await kvs.purge()
+            model.clear()
+        else:
+            for key in rng.sample(pool, 15):
+                await kvs.set_value(key, step)
+                model[key] = model.get(key, 0) + 1
+            for key in rng.sample(sorted(model), min(3, len(model))):
+                await kvs.delete_value(key)
+                del model[key]
+        ordered = sorted(model)
+        for start in [None, *rng.sample(pool, 4)]:
+            limit = rng.choice([None, 0, 1, 4, 100])
+            infos = await backend.list_records(kvs.id, exclusive_start_key=start, limit=limit)
+            want = [k for k in ordered if start is None or k > start]
+            assert [i.key for i in infos] == (want if limit is None else want[:limit]), (step, start, limit)
+            assert all(i.version == model[i.key] for i in infos)
+        # Walking the whole store page by page visits every key once, in order.
+        walked: list[str] = []
+        while page := await backend.list_records(
+            kvs.id, exclusive_start_key=walked[-1] if walked else None, limit=7
+        ):
+            walked += [i.key for i in page]
+        assert walked == ordered
+    assert await bystander.get_value("stays") == 1

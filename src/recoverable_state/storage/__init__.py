@@ -28,6 +28,7 @@ from ._kvs import (
     is_json_content_type,
     use_auto_saved_values,
     use_default_storage,
+    use_purge_on_start,
 )
 from ._memory import MemoryBackend
 from ._sqlite import SQLiteBackend
@@ -61,4 +62,5 @@ __all__ = [
     "plan_writes",
     "use_auto_saved_values",
     "use_default_storage",
+    "use_purge_on_start",
 ]

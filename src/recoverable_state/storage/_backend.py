@@ -146,8 +146,28 @@ class StorageBackend(AsyncResource):
         """Delete a record and its history; False when absent or the version differs."""
 
     @abstractmethod
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
-        """Every record in a store, sorted by key."""
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
+        """The records of a store in key order, after `exclusive_start_key`, at most `limit`.
+
+        Keys sort by code point (Python's `sorted`, which is also the byte order of
+        their UTF-8). `exclusive_start_key` need not be a stored key; None starts at
+        the first key, and `limit` None means no limit. A backend answers with a range
+        query where it has one, so that paging through a large store stays cheap.
+        """
+
+    async def purge_store(self, store_id: str) -> None:
+        """Delete every record of a store and its history, keeping the store (its id and name).
+
+        This default deletes the records one by one; backends override it with one
+        statement or script.
+        """
+        start: str | None = None
+        while records := await self.list_records(store_id, exclusive_start_key=start, limit=1_000):
+            for info in records:
+                await self.delete(store_id, info.key)
+            start = records[-1].key
 
     @abstractmethod
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:

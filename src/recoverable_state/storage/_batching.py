@@ -173,6 +173,11 @@ class Batcher:
         )
         self._known_stores: dict[tuple[str, str], StoreInfo] = {}
         self._opening: dict[tuple[str, str], anyio.Event] = {}
+        self.open_stores: dict[str, object] = {}
+        """The object handed out for each open store, by store id (the KeyValueStore facade
+        keeps its objects here, so that opening a store twice gives one object)."""
+        self._started = False
+        self._starting: anyio.Event | None = None
 
     async def write(self, write: RecordWrite) -> WriteOutcome:
         """Write one record, batched with every write that arrives together."""
@@ -217,15 +222,38 @@ class Batcher:
             del self._opening[key]
             opening.set()
 
+    async def start_once(self, prepare: Callable[[], Awaitable[None]]) -> None:
+        """Run `prepare` before the first store of this backend is handed out, once.
+
+        Concurrent callers wait until it is done; if it fails, its caller gets the
+        error and the next caller tries again.
+        """
+        while not self._started:
+            starting = self._starting
+            if starting is not None:
+                await starting.wait()
+                continue
+            self._starting = starting = anyio.Event()
+            try:
+                await prepare()
+                self._started = True
+            finally:
+                self._starting = None
+                starting.set()
+
     async def drop_store(self, store_id: str) -> None:
-        """Drop a store, and forget it was known."""
+        """Drop a store, and forget it was known (also if it was opened again meanwhile)."""
         self.forget_store(store_id)
-        await self.backend.drop_store(store_id)
+        try:
+            await self.backend.drop_store(store_id)
+        finally:
+            self.forget_store(store_id)
 
     def forget_store(self, store_id: str) -> None:
-        """Forget a store's id and name (it was dropped)."""
+        """Forget a store's id, name and handed-out object (it was dropped)."""
         for key in [k for k, v in self._known_stores.items() if v.id == store_id]:
             del self._known_stores[key]
+        self.open_stores.pop(store_id, None)
 
 
 def batcher_of(backend: StorageBackend) -> Batcher:

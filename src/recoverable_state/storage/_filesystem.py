@@ -40,6 +40,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import anyio.to_thread
 
@@ -509,29 +510,91 @@ class FileSystemBackend(StorageBackend):
 
         return await self._run(delete, store_id)
 
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
+    def _record_info(self, path: Path, store_id: str) -> RecordInfo | None:
+        """What a record file's header tells; None when it is gone, a link, or unreadable."""
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return None  # gone meanwhile, or a link: not a record
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.readline()
+            size = os.fstat(fh.fileno()).st_size - len(head)
+        try:
+            key, content_type, version, updated_at = _parse_header(head)
+        except ValueError as exc:
+            _log.warning("file store %s: %s", self.url, self._corrupt(path, store_id, None, exc))
+            return None
+        if encode_key(key) != path.name:
+            _log.warning(
+                "file store %s: skipping %s, whose header names another key (%r)", self.url, path, key
+            )
+            return None
+        return RecordInfo(key, size, content_type, version, updated_at)
+
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
+        """Keys come from the file names (one directory scan), headers only for the page.
+
+        A hashed name (a long key) is the one kind whose key needs its header read.
+        """
+        start = exclusive_start_key
+
         def listing() -> list[RecordInfo]:
             directory = self._store_dir(store_id)
-            infos = []
-            for path in directory.iterdir():
-                if path.name.startswith(".") or not path.name.endswith(_SUFFIX):
+            named: dict[str, str] = {}  # key -> file name
+            headed: dict[str, RecordInfo] = {}  # what was read already, by key
+            for name in os.listdir(directory):
+                if name.startswith(".") or not name.endswith(_SUFFIX):
                     continue
-                try:
-                    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-                except OSError:
-                    continue  # gone meanwhile, or a link: not a record
-                with os.fdopen(fd, "rb") as fh:
-                    head = fh.readline()
-                    size = os.fstat(fh.fileno()).st_size - len(head)
-                try:
-                    key, content_type, version, updated_at = _parse_header(head)
-                except ValueError as exc:
-                    _log.warning("file store %s: %s", self.url, self._corrupt(path, store_id, None, exc))
-                    continue
-                infos.append(RecordInfo(key, size, content_type, version, updated_at))
-            return sorted(infos, key=lambda r: r.key)
+                if name.startswith("~"):
+                    info = self._record_info(directory / name, store_id)
+                    if info is None:
+                        continue
+                    key = info.key
+                    headed[key] = info
+                else:
+                    key = name[: -len(_SUFFIX)]
+                    if "%" in key:
+                        try:
+                            key = unquote(key, errors="strict")
+                        except UnicodeDecodeError:
+                            continue  # not a name this backend writes
+                    # A name this backend did not write is caught when its header is read.
+                if start is None or key > start:
+                    named[key] = name
+            # Smallest keys first (a heap: no sort of the whole store for one page); a file
+            # that turns out unreadable is skipped and the next key takes its place.
+            heap = list(named)
+            heapq.heapify(heap)
+            infos: list[RecordInfo] = []
+            while heap and (limit is None or len(infos) < limit):
+                key = heapq.heappop(heap)
+                info = headed.get(key) or self._record_info(directory / named[key], store_id)
+                if info is not None:
+                    infos.append(info)
+            return infos
 
         return await self._run(listing, store_id)
+
+    async def purge_store(self, store_id: str) -> None:
+        def purge() -> None:
+            directory = self._store_dir(store_id)
+            with self._locked(directory):
+                hdir = directory / _HISTORY
+                if _real_dir(hdir):
+                    # Renamed first, so that a later write's history never lands in a dying directory.
+                    gone = directory / f".purged-{uuid.uuid4().hex}"
+                    os.replace(hdir, gone)
+                    shutil.rmtree(gone, ignore_errors=True)
+                elif os.path.lexists(hdir):
+                    hdir.unlink()  # a link planted there: remove the link, never its target
+                for name in os.listdir(directory):
+                    if not name.startswith(".") and name.endswith(_SUFFIX):
+                        (directory / name).unlink(missing_ok=True)  # a link is removed, not followed
+                _fsync_dir(directory)
+
+        await self._run(purge, store_id)
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         def history() -> list[StoredRecord]:

@@ -35,13 +35,26 @@ SCHEMA_VERSION_PARAM = "schema-version"
 MAX_KEY_LENGTH = 1024
 """The longest key, in characters, every backend accepts."""
 
+KEY_PAGE_SIZE = 1_000
+"""How many records `iterate_keys` asks the backend for at a time."""
+
 _default_storage: Callable[[], StorageBackend] | None = None
+_purge_on_start: Callable[[], bool] | None = None
 
 
 def use_default_storage(provider: Callable[[], StorageBackend]) -> None:
     """Where `KeyValueStore.open()` without `storage=` gets its backend (set by the service locator)."""
     global _default_storage
     _default_storage = provider
+
+
+def use_purge_on_start(provider: Callable[[], bool]) -> None:
+    """Where `KeyValueStore.open()` learns the `purge_on_start` setting (set by the service locator).
+
+    It is asked once per backend, when the first store of that backend is opened.
+    """
+    global _purge_on_start
+    _purge_on_start = provider
 
 
 AutoSaved = Callable[["KeyValueStore", str, Any], Awaitable[Any]]
@@ -84,6 +97,33 @@ def check_key(key: object, *, store: str | None) -> str:
     return key
 
 
+def _check_listing(store: str, limit: object, exclusive_start_key: object) -> None:
+    """Refuse a `limit` or `exclusive_start_key` that no backend could answer for."""
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise TypeError(f"limit must be an int or None, not {limit!r} (listing store {store!r})")
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit} (listing store {store!r})")
+    if exclusive_start_key is None:
+        return
+    if not isinstance(exclusive_start_key, str):
+        raise InvalidKeyError(
+            f"exclusive_start_key must be a str, not {type(exclusive_start_key).__name__}", store=store
+        )
+    if "\x00" in exclusive_start_key:
+        raise InvalidKeyError(
+            "exclusive_start_key must not hold NUL", store=store, key=repr(exclusive_start_key)
+        )
+    try:
+        exclusive_start_key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(
+            "exclusive_start_key must be valid Unicode text (it holds a lone surrogate)",
+            store=store,
+            key=repr(exclusive_start_key),
+        ) from None
+
+
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name or len(name) > 255 or "\x00" in name:
         raise StorageError(f"store name {name!r} is not valid: use 1 to 255 characters, no NUL")
@@ -107,8 +147,9 @@ class KeyValueStore:
     """A named store of records in a storage backend.
 
     Open one with `await KeyValueStore.open(name=..., id=...)`; without either,
-    the default store. Values are JSON, text or bytes, chosen by their type or by
-    an explicit content type.
+    the default store. Opening a store that is open already returns the same
+    object, until the store is dropped. Values are JSON, text or bytes, chosen by
+    their type or by an explicit content type.
     """
 
     def __init__(self, info: StoreInfo, storage: StorageBackend) -> None:
@@ -127,8 +168,13 @@ class KeyValueStore:
     ) -> KeyValueStore:
         """Open a store by id (StoreNotFoundError when there is none) or by name.
 
-        A store opened by name is created when missing. `storage` defaults to the
+        A store opened by name is created when missing. A store that is open
+        already (in this backend, by its name or its id) is returned as the same
+        object, as Crawlee does; `drop()` forgets it. `storage` defaults to the
         service locator's backend, built from `RECOVERABLE_STATE_STORAGE_URL`.
+
+        The first store opened in a backend first empties the default store when
+        the `purge_on_start` setting is on (`RECOVERABLE_STATE_PURGE_ON_START`).
         """
         if name is not None and id is not None:
             raise ValueError("open a store by name or by id, not both")
@@ -139,8 +185,15 @@ class KeyValueStore:
         if id is None:
             name = DEFAULT_STORE_NAME if name is None else name
             _check_name(name)
-        info = await batcher_of(storage).find_store(name=name, id=id)
-        return cls(info, storage)
+        batcher = batcher_of(storage)
+        await batcher.start_once(lambda: _purge_default_store_on_start(storage))
+        info = await batcher.find_store(name=name, id=id)
+        opened = batcher.open_stores.get(info.id)
+        if isinstance(opened, KeyValueStore):
+            return opened
+        kvs = cls(info, storage)
+        batcher.open_stores[info.id] = kvs
+        return kvs
 
     @property
     def id(self) -> str:
@@ -207,14 +260,41 @@ class KeyValueStore:
         """Whether a record is stored under `key`."""
         return await self.get_record(key) is not None
 
-    async def iterate_keys(self) -> AsyncIterator[RecordInfo]:
-        """Yield what is known of each record (key, size, type, version, time), by key."""
-        for info in await self._storage.list_records(self.id):
-            yield info
+    async def iterate_keys(
+        self, *, limit: int | None = None, exclusive_start_key: str | None = None
+    ) -> AsyncIterator[RecordInfo]:
+        """Yield what is known of each record (key, size, type, version, time), in key order.
 
-    async def list_keys(self) -> list[RecordInfo]:
-        """Every record's key, size, content type, version and time, sorted by key."""
-        return await self._storage.list_records(self.id)
+        Keys sort by code point (as Python's `sorted`); the listing starts after
+        `exclusive_start_key` (which need not be stored) and yields at most `limit`
+        records. The records are fetched a page at a time, never the whole store at
+        once; a record written while iterating is seen if its key is after the last
+        one yielded.
+        """
+        _check_listing(self.label, limit, exclusive_start_key)
+        start = exclusive_start_key
+        left = limit
+        while left is None or left > 0:
+            page = KEY_PAGE_SIZE if left is None else min(KEY_PAGE_SIZE, left)
+            infos = await self._storage.list_records(self.id, exclusive_start_key=start, limit=page)
+            for info in infos:
+                yield info
+            if len(infos) < page:
+                return
+            start = infos[-1].key
+            if left is not None:
+                left -= len(infos)
+
+    async def list_keys(
+        self, *, limit: int | None = None, exclusive_start_key: str | None = None
+    ) -> list[RecordInfo]:
+        """Each record's key, size, content type, version and time, in key order.
+
+        `limit` and `exclusive_start_key` as in `iterate_keys`; without them, every
+        record of the store (Crawlee stops at 1,000 unless told otherwise).
+        """
+        _check_listing(self.label, limit, exclusive_start_key)
+        return await self._storage.list_records(self.id, exclusive_start_key=exclusive_start_key, limit=limit)
 
     async def get_auto_saved_value(
         self, key: str, default: Any = None, *, default_value: Any = None
@@ -236,8 +316,20 @@ class KeyValueStore:
         return await KeyValueStore.open(name=self.label + QUARANTINE_SUFFIX, storage=self._storage)
 
     async def drop(self) -> None:
-        """Delete the store with every record in it."""
+        """Delete the store with every record in it and their history.
+
+        The store is forgotten: opening its name again makes a new, empty store
+        (with a new id), and this object fails with StoreNotFoundError from now on.
+        """
         await self._batcher.drop_store(self.id)
+
+    async def purge(self) -> None:
+        """Delete every record of the store and their history; the store stays, with its id and name.
+
+        A state still holding one of these records finds it gone, as after
+        `delete_value`: its next fenced write is refused.
+        """
+        await self._storage.purge_store(self.id)
 
     # -- whole records (used by RecoverableState and the CLI) ----------------
 
@@ -313,6 +405,14 @@ class KeyValueStore:
             for i, record in zip(indexes, await batcher_of(storage).read_many(reads), strict=True):
                 found[i] = record
         return found
+
+
+async def _purge_default_store_on_start(storage: StorageBackend) -> None:
+    """Empty the default store if the `purge_on_start` setting is on (Crawlee's behaviour)."""
+    if _purge_on_start is None or not _purge_on_start():
+        return
+    info = await batcher_of(storage).find_store(name=DEFAULT_STORE_NAME)
+    await storage.purge_store(info.id)
 
 
 def _by_backend(stores: Sequence[KeyValueStore]) -> list[tuple[StorageBackend, list[int]]]:

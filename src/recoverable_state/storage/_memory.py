@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -110,12 +111,24 @@ class MemoryBackend(StorageBackend):
         self._history.pop((store_id, key), None)
         return True
 
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
         await anyio.lowlevel.checkpoint()
+        records = self._store(store_id)
+        start = exclusive_start_key
+        keys = (k for k in records if start is None or k > start)
+        chosen = sorted(keys) if limit is None else heapq.nsmallest(limit, keys)
         return [
             RecordInfo(r.key, len(r.value), r.content_type, r.version, r.updated_at)
-            for _, r in sorted(self._store(store_id).items())
+            for r in (records[k] for k in chosen)
         ]
+
+    async def purge_store(self, store_id: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._store(store_id).clear()
+        for hkey in [k for k in self._history if k[0] == store_id]:
+            del self._history[hkey]
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         await anyio.lowlevel.checkpoint()

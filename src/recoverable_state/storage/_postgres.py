@@ -18,8 +18,9 @@ under a transaction-scoped advisory lock (so concurrent first users do not race)
 
 `key_hash` is the SHA-256 of the key's UTF-8 bytes: a 1024-character key may
 take 4 KiB, more than a B-tree index entry may hold (about 2.7 KiB), so the
-key itself is stored but not indexed. Listings sort by key in code point order
-(`COLLATE "C"`).
+key itself is not in the primary key. Listings sort by key in code point order
+(`COLLATE "C"`), paged through the index `records_by_key` on the store and the
+key's first 200 characters (at most 800 bytes, well within an index entry).
 
 A `write_batch` is one transaction of three round trips (the driver's pipeline
 mode sends each group of statements together): first the stores are checked
@@ -107,6 +108,8 @@ T = TypeVar("T")
 
 _SCHEMA = "recoverable_state"
 _LOCK_ID = 0x7265636F76657273  # advisory lock taken while creating the tables
+_KEY_INDEX = "records_by_key"  # made last: its presence says the schema is complete
+_KEY_PREFIX = 200  # characters of a key in the listing index: at most 800 bytes an entry
 
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {_SCHEMA};
@@ -134,6 +137,8 @@ CREATE TABLE IF NOT EXISTS {_SCHEMA}.history (
     updated_at timestamptz NOT NULL,
     PRIMARY KEY (store_id, key_hash, version)
 );
+CREATE INDEX IF NOT EXISTS {_KEY_INDEX} ON {_SCHEMA}.records
+    (store_id, (left(key, {_KEY_PREFIX})) COLLATE "C");
 """
 
 _FIND_STORES = f"SELECT id FROM {_SCHEMA}.stores WHERE id = ANY(%b)"
@@ -393,7 +398,7 @@ class PostgresBackend(ServerBackend):
             return
         with conn.transaction():
             _bound(conn, deadline)
-            found = conn.execute("SELECT to_regclass(%s)", (f"{_SCHEMA}.history",)).fetchone()
+            found = conn.execute("SELECT to_regclass(%s)", (f"{_SCHEMA}.{_KEY_INDEX}",)).fetchone()
             if found is None or found[0] is None:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
                 for statement in _DDL.split(";"):
@@ -670,17 +675,40 @@ class PostgresBackend(ServerBackend):
 
         return await self._run(self._label([store_id]), delete)
 
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
+        # The index holds each key's first characters (a whole key may be too long for a
+        # B-tree entry); ordering by that prefix, then by the key, is ordering by the key.
+        # A key after the start key has a prefix at least the start key's, which lets
+        # the index find where the page begins.
+        query = (
+            "SELECT key, octet_length(value), content_type, version, updated_at "
+            f"FROM {_SCHEMA}.records WHERE store_id = %(store)s "
+        )
+        if exclusive_start_key is not None:
+            query += (
+                f'AND left(key, {_KEY_PREFIX}) COLLATE "C" >= left(%(start)s, {_KEY_PREFIX}) '
+                'AND key COLLATE "C" > %(start)s '
+            )
+        query += f'ORDER BY left(key, {_KEY_PREFIX}) COLLATE "C", key COLLATE "C" LIMIT %(limit)s'
+        params = {"store": store_id, "start": exclusive_start_key, "limit": limit}
+
         def listing(conn: psycopg.Connection[Any]) -> list[RecordInfo]:
             self._require_stores(conn, {store_id})
-            cur = conn.execute(
-                "SELECT key, octet_length(value), content_type, version, updated_at "
-                f'FROM {_SCHEMA}.records WHERE store_id = %s ORDER BY key COLLATE "C"',
-                (store_id,),
-            )
+            cur = conn.execute(query, params)
             return [RecordInfo(k, size, ct, v, _utc(at)) for k, size, ct, v, at in cur]
 
         return await self._run(self._label([store_id]), listing, mutating=False)
+
+    async def purge_store(self, store_id: str) -> None:
+        def purge(conn: psycopg.Connection[Any]) -> None:
+            stores = conn.execute(_CHECK_STORES, ([store_id],))
+            for table in ("records", "history"):
+                conn.execute(f"DELETE FROM {_SCHEMA}.{table} WHERE store_id = %s", (store_id,))
+            self._require_stores(conn, {store_id}, stores)
+
+        await self._run(self._label([store_id]), purge)
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         def history(conn: psycopg.Connection[Any]) -> list[StoredRecord]:

@@ -23,7 +23,7 @@ outcomes. Redis runs a script atomically, so a reader sees each record whole,
 and a `read_batch` with claims bumps versions in the same atomic step as the read.
 Store creation by name is one script too (check-then-set inside Redis), so two
 processes opening the same name get the same id. Keys are built inside the
-scripts for listings and drops, so Redis Cluster is not supported.
+scripts for listings, drops and purges, so Redis Cluster is not supported.
 
 Durability: a write returns once Redis has acknowledged it. Whether that reply
 means "on disk" is the server's setting: with `appendonly yes` and
@@ -225,12 +225,13 @@ end
 return 1
 """
 
-# KEYS: rs:stores, index. ARGV: store id, record prefix.
+# KEYS: rs:stores, index. ARGV: store id, record prefix, lowest key ('-' for all, or
+# '(' .. key to start after key), count (-1: all).
 # Returns {0} when the store is missing, else {1, then per key: key, size, type, version, time}.
 _LIST = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
 local out = {1}
-for _, key in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+for _, key in ipairs(redis.call('ZRANGEBYLEX', KEYS[2], ARGV[3], '+', 'LIMIT', 0, ARGV[4])) do
   local rec = ARGV[2] .. key
   local meta = redis.call('HMGET', rec, 'content_type', 'version', 'updated_at')
   if meta[2] then
@@ -242,6 +243,17 @@ for _, key in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   end
 end
 return out
+"""
+
+# KEYS: rs:stores, index. ARGV: store id, record prefix, history prefix.
+# Returns 0 when the store is missing, else 1 (the store stays, empty).
+_PURGE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+for _, key in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  redis.call('DEL', ARGV[2] .. key, ARGV[3] .. key)
+end
+redis.call('DEL', KEYS[2])
+return 1
 """
 
 _CONNECT_TIMEOUT = 5.0
@@ -290,6 +302,7 @@ class RedisBackend(ServerBackend):
                     ("open", _OPEN),
                     ("drop", _DROP),
                     ("list", _LIST),
+                    ("purge", _PURGE),
                 ):
                     self._scripts[name] = client.register_script(source)
                 self._client = client
@@ -449,21 +462,31 @@ class RedisBackend(ServerBackend):
             raise StoreNotFoundError("no such store (was it dropped?)", store=label)
         return bool(reply[1])
 
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
+        # The index is a sorted set scored 0: ZRANGEBYLEX walks it in byte order,
+        # which for UTF-8 is code point order.
         label = self._label([store_id])
         keys = [_STORES, self._index_key(store_id)]
-        args = [store_id, self._record_key(store_id, "")]
+        lowest = "-" if exclusive_start_key is None else "(" + exclusive_start_key
+        args = [store_id, self._record_key(store_id, ""), lowest, -1 if limit is None else limit]
         reply = await self._run(label, lambda: self._script("list", keys, args))
         if reply[0] == 0:
             raise StoreNotFoundError("no such store (was it dropped?)", store=label)
-        infos = [
+        return [
             RecordInfo(_text(k), int(size), _text(ctype), int(version), _time(updated))
             for k, size, ctype, version, updated in (
                 reply[i : i + 5] for i in range(1, len(reply), 5)
             )
         ]
-        infos.sort(key=lambda info: info.key)  # byte order may differ for surrogates only
-        return infos
+
+    async def purge_store(self, store_id: str) -> None:
+        label = self._label([store_id])
+        keys = [_STORES, self._index_key(store_id)]
+        args = [store_id, self._record_key(store_id, ""), self._history_key(store_id, "")]
+        if not await self._run(label, lambda: self._script("purge", keys, args)):
+            raise StoreNotFoundError("no such store (was it dropped?)", store=label)
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         label = self._label([store_id])

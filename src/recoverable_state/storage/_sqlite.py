@@ -283,18 +283,35 @@ class SQLiteBackend(StorageBackend):
 
         return await self._run(delete, write=True)
 
-    async def list_records(self, store_id: str) -> list[RecordInfo]:
+    async def list_records(
+        self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
+    ) -> list[RecordInfo]:
+        # A range over the primary key (store_id, key); BINARY collation compares the
+        # UTF-8 bytes, which is code point order.
+        after = ""
+        params: tuple[Any, ...] = (store_id,)
+        if exclusive_start_key is not None:
+            after, params = "AND r.key > ? ", (store_id, exclusive_start_key)
+
         def listing(conn: sqlite3.Connection) -> list[RecordInfo]:
             self._require_stores(conn, {store_id})
             cur = conn.execute(
                 "SELECT r.key, length(r.value), r.content_type, v.version, r.updated_at "
                 "FROM records AS r JOIN versions AS v USING (store_id, key) "
-                "WHERE r.store_id = ? ORDER BY r.key",
-                (store_id,),
+                f"WHERE r.store_id = ? {after}ORDER BY r.key LIMIT ?",
+                (*params, -1 if limit is None else limit),
             )
             return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, v, u in cur]
 
         return await self._run(listing)
+
+    async def purge_store(self, store_id: str) -> None:
+        def purge(conn: sqlite3.Connection) -> None:
+            self._require_stores(conn, {store_id})
+            for table in ("records", "versions", "history"):
+                conn.execute(f"DELETE FROM {table} WHERE store_id = ?", (store_id,))
+
+        await self._run(purge, write=True)
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         def history(conn: sqlite3.Connection) -> list[StoredRecord]:
