@@ -320,3 +320,22 @@ async def test_get_auto_saved_value_is_the_same_object_on_every_call(store: str)
         assert await kvs.get_auto_saved_value("counts", {"a": 0}) is value  # type: ignore[attr-defined]
         value["a"] = 9
     assert await kvs.get_value("counts") == {"a": 9}
+
+
+def test_use_state_in_a_second_run_of_the_same_process_is_saved_by_that_run(anyio_backend: str) -> None:
+    import recoverable_state
+
+    service_locator.set_storage(MemoryBackend())
+
+    async def main() -> int:
+        progress = await use_state("progress", {"n": 0})
+        progress["n"] += 1
+        return int(progress["n"])
+
+    assert recoverable_state.run(main, backend=anyio_backend, handle_signals=False) == 1
+    assert recoverable_state.run(main, backend=anyio_backend, handle_signals=False) == 2
+
+    async def stored() -> object:
+        return await (await KeyValueStore.open()).get_value("progress")
+
+    assert anyio.run(stored, backend=anyio_backend) == {"n": 2}

@@ -12,7 +12,9 @@ from typing import Any
 
 import anyio
 
+from ._locator import service_locator
 from ._state import RecoverableState
+from .events import EventManager
 from .storage import KeyValueStore, StorageBackend, use_auto_saved_values
 
 JsonValue = dict[str, Any] | list[Any]
@@ -23,6 +25,8 @@ _values: weakref.WeakValueDictionary[tuple[StorageBackend, str, str], Recoverabl
     weakref.WeakValueDictionary()
 )
 _loading: dict[tuple[StorageBackend, str, str], anyio.Lock] = {}
+# The event manager each value was loaded under (the one that saves it).
+_saved_by: weakref.WeakKeyDictionary[RecoverableState[Any], EventManager] = weakref.WeakKeyDictionary()
 
 
 async def auto_saved_value(kvs: KeyValueStore, key: str, default: JsonValue | None = None) -> Any:
@@ -40,7 +44,13 @@ async def auto_saved_value(kvs: KeyValueStore, key: str, default: JsonValue | No
             f"(plain JSON), not {type(default).__name__}; use RecoverableState for other types"
         )
     ident = (kvs.storage, kvs.id, key)
+    manager = service_locator.get_event_manager()
     state = _values.get(ident)
+    if state is not None and _saved_by.get(state) is not manager:
+        # Loaded under an earlier run's manager, which no longer saves it: hand it over.
+        del _values[ident]
+        await state.teardown()
+        state = None
     if state is None:
         lock = _loading.setdefault(ident, anyio.Lock())
         try:
@@ -56,6 +66,7 @@ async def auto_saved_value(kvs: KeyValueStore, key: str, default: JsonValue | No
                     )
                     await state.initialize()
                     _values[ident] = state
+                    _saved_by[state] = manager
         finally:
             if not lock.locked():
                 _loading.pop(ident, None)
