@@ -80,3 +80,15 @@ def test_sigterm_worker_prints_whole_lines_in_order(
     stopped = [n for n, line in enumerate(lines) if line.startswith("stopping at")]
     assert len(noted) == 1 and len(stopped) == 1, lines
     assert noted[0] < stopped[0], lines
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_use_state_worker_resumes_at_the_next_page(tmp_path: Path, loop: str) -> None:
+    script = str(EXAMPLES / "use_state_worker.py")
+    first = run([script, "--pages", "3", "--delay", "0.01", "--backend", loop], tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "starting from scratch" in first.stdout
+    second = run([script, "--pages", "2", "--delay", "0.01", "--backend", loop], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resuming at page 4" in second.stdout
+    assert "done for now: 5 pages in total" in second.stdout
