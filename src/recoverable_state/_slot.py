@@ -35,6 +35,7 @@ from ._errors import (
     UnrepresentableStateError,
 )
 from ._schema import Migration, migrate
+from ._tracking import ChangeMark, watch
 from .storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
 
 
@@ -47,18 +48,23 @@ class StateSlot:
         "content_type",
         "enabled",
         "gate",
+        "handed",
         "history",
         "in_doubt",
         "key",
         "kvs",
         "log",
         "lost",
+        "mark",
         "migrations",
         "on_bad_record",
         "on_lost",
         "schema_version",
         "stored",
+        "synced",
         "timeout",
+        "track",
+        "tracked",
         "value",
         "version",
     )
@@ -76,6 +82,7 @@ class StateSlot:
         timeout: float | None,
         log: logging.Logger,
         on_lost: Callable[[StateOwnershipLost], None],
+        track: bool = True,
     ) -> None:
         self.key = key
         self.codec = codec
@@ -97,6 +104,41 @@ class StateSlot:
         self.lost = False
         self.gate = WriteGate()
         self._refusal: str | None = None  # the last refusal logged, to log each once
+        # Change tracking (see _tracking.py): a value not yet handed out cannot change; one
+        # handed out and `tracked` changed only if its `mark` is dirty; `synced`: the store
+        # holds what the value serialises to, as of the last look.
+        self.track = track
+        self.mark = ChangeMark()
+        self.handed = False
+        self.tracked = False
+        self.synced = False
+
+    def hand_out(self) -> Any:
+        """The live value, for the worker: from now on it may change, so it is watched."""
+        if not self.handed:
+            self.handed = True
+            if self.track and self.enabled:
+                self.tracked = watch(self, self.mark)
+        return self.value
+
+    def take(self, value: Any, *, synced: bool) -> None:
+        """Make `value` (nobody else holds it) the live value; `synced`: the store holds it."""
+        self.value = value
+        self.mark = ChangeMark()
+        self.handed = False
+        self.tracked = False
+        self.synced = synced
+
+    def changed(self) -> None:
+        """The value was changed in a way the mark cannot see (a reset): look at it next persist."""
+        self.synced = False
+        if self.handed and self.track and self.enabled:
+            self.tracked = watch(self, self.mark)
+
+    @property
+    def unchanged(self) -> bool:
+        """Whether the store is known to hold the value as it is, without serialising it."""
+        return self.synced and not self.mark.dirty and (self.tracked or not self.handed)
 
     @property
     def label(self) -> str:
@@ -112,7 +154,8 @@ class StateSlot:
         self.lost = False
         self.in_doubt = None
         if record is None:
-            self.value, self.version, self.stored = default(), 0, None
+            self.take(default(), synced=False)
+            self.version, self.stored = 0, None
             return
         try:
             data = record.value if record.content_type == self.content_type else migrate(
@@ -123,16 +166,20 @@ class StateSlot:
                 store=kvs.label,
                 key=self.key,
             )
-            value = self._validate(data)
+            value, dropped = self._validate(data)
         except RecordCorruptError as exc:
             if self.on_bad_record != "quarantine":
                 raise
             await self._quarantine(record, exc)
             # The default replaces the bad record on the next persist.
-            self.value, self.version, self.stored = default(), record.version, None
+            self.take(default(), synced=False)
+            self.version, self.stored = record.version, None
             return
-        self.value, self.version = value, record.version
-        self.stored = record.value if data is record.value else None  # migrated: written back
+        # A migrated record, or one with dropped fields, is written back at the next persist.
+        synced = data is record.value and not dropped
+        self.take(value, synced=synced)
+        self.version = record.version
+        self.stored = record.value if synced else None
 
     async def start_from_unreadable(self, error: RecordCorruptError, default: Callable[[], Any]) -> None:
         """A record the store itself could not parse (a damaged file): quarantine it, or raise."""
@@ -142,9 +189,10 @@ class StateSlot:
         await self._quarantine(unreadable, error)
         self.lost = False
         self.in_doubt = None
-        self.value, self.version, self.stored = default(), 0, None  # a write replaces the damage
+        self.take(default(), synced=False)  # a write replaces the damage
+        self.version, self.stored = 0, None
 
-    def _validate(self, data: bytes) -> Any:
+    def _validate(self, data: bytes) -> tuple[Any, bool]:
         try:
             value, dropped = self.codec.load(data)
         except ValidationError as exc:
@@ -163,7 +211,7 @@ class StateSlot:
                 ", ".join(repr(d) for d in dropped),
                 self.codec.name,
             )
-        return value
+        return value, bool(dropped)
 
     async def _quarantine(self, record: StoredRecord, error: Exception) -> None:
         assert self.kvs is not None
@@ -185,6 +233,11 @@ class StateSlot:
         `warned` records warnings: pydantic warns when a value does not have its
         declared type (it was assigned without validation), which calls for a full check.
         """
+        if self.unchanged:
+            return None
+        mark = self.mark
+        mark.dirty = False  # cleared before serialising: a change made from now on sets it again
+        self.synced = False
         codec = self.codec
         seen = len(warned)
         try:
@@ -194,7 +247,11 @@ class StateSlot:
                 data = codec.dump_leniently(self.value)
             except Refused as refused:
                 raise self._refuse(refused) from None
+        if self.handed and self.track and (mark.adopt or not self.tracked):
+            mark.adopt = False
+            self.tracked = watch(self, mark)  # watch the parts put in since the last look
         if data == self.stored:
+            self.synced = True
             return None
         suspect = len(warned) != seen
         if suspect or codec.needs_check:
@@ -224,6 +281,7 @@ class StateSlot:
         """Record a write's outcome; a lost compare-and-set gives the state up."""
         if outcome.applied:
             self.version, self.stored, self._refusal = outcome.version, data, None
+            self.synced = True
             return None
         self.lost = True
         self.enabled = False
@@ -264,7 +322,7 @@ async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> li
     for n, slot in enumerate(slots, 1):
         if n % 2000 == 0:
             await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-        if not slot.enabled:
+        if not slot.enabled or (slot.unchanged and slot.in_doubt is None):
             continue
         if slot.gate.try_enter():
             held.append(slot)

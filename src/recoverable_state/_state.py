@@ -89,6 +89,7 @@ class RecoverableState(Generic[TStateModel]):
         on_bad_record: Literal["raise", "quarantine"] = "raise",
         persistence_timeout: timedelta | float | None = DEFAULT_PERSISTENCE_TIMEOUT,
         state_type: Any = None,
+        change_detection: Literal["track", "compare"] = "track",
     ) -> None:
         """Describe a state; nothing is read or registered until `initialize()`.
 
@@ -115,6 +116,13 @@ class RecoverableState(Generic[TStateModel]):
                 manager's close timeout instead.
             state_type: the type to validate stored values as; by default the default's
                 class, `RecoverableState[T]`'s T, or a JSON dict or list.
+            change_detection: how a persist tells that the value changed. "track" (the
+                default) watches the lists, dicts, sets and models inside the value, so an
+                unchanged state costs nothing to persist; a value with parts that cannot be
+                watched (a dataclass, an unknown class) is compared as with "compare".
+                "compare" serialises the value on every persist and compares the bytes:
+                use it when the value is changed behind its containers' backs (by
+                `heapq`'s functions, or by unbound calls such as `list.append(v, x)`).
         """
         if persistence_enabled not in (True, False, "explicit_only"):
             raise ValueError(
@@ -128,6 +136,8 @@ class RecoverableState(Generic[TStateModel]):
             )
         if history < 0:
             raise ValueError("history must be 0 or more")
+        if change_detection not in ("track", "compare"):
+            raise ValueError(f"change_detection must be 'track' or 'compare', not {change_detection!r}")
         if on_bad_record not in ("raise", "quarantine"):
             raise ValueError(f"on_bad_record must be 'raise' or 'quarantine', not {on_bad_record!r}")
         self._default: Any = default_state
@@ -144,6 +154,7 @@ class RecoverableState(Generic[TStateModel]):
         self._event_manager = event_manager
         self._history = history
         self._timeout = _seconds(persistence_timeout, "persistence_timeout")
+        self._track = change_detection == "track"
 
         self._slot: StateSlot | None = None
         self._has_value = False
@@ -168,7 +179,7 @@ class RecoverableState(Generic[TStateModel]):
                 "call `await state.initialize()` (or use `async with`) first"
             )
         assert self._slot is not None
-        value: TStateModel = self._slot.value
+        value: TStateModel = self._slot.hand_out()
         return value
 
     @property
@@ -254,7 +265,7 @@ class RecoverableState(Generic[TStateModel]):
             return False
         slot = self._make_slot()
         if not self._persistence_enabled:
-            slot.value = self._fresh_default()
+            slot.take(self._fresh_default(), synced=False)
             self._begin()
             return False
         by = (self._kvs_name, self._kvs_id)
@@ -304,6 +315,7 @@ class RecoverableState(Generic[TStateModel]):
             timeout=self._timeout,
             log=self._log,
             on_lost=self._ownership_lost,
+            track=self._track,
         )
         return self._slot
 
@@ -386,6 +398,8 @@ class RecoverableState(Generic[TStateModel]):
         slot = self._make_slot()
         fresh = self._fresh_default()
         slot.value = slot.codec.reset_in_place(slot.value, fresh) if self._has_value else fresh
+        del fresh  # watching the reset value counts who holds its parts
+        slot.changed()
         self._has_value = True
         if not self._persistence_enabled or not self._active:
             return
