@@ -30,7 +30,7 @@ import sys
 import uuid
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, SupportsIndex
+from typing import Any, Self, SupportsIndex
 
 from pydantic import BaseModel
 
@@ -77,13 +77,13 @@ class TrackedList(list[Any]):
         self._mark.dirty = True
         super().__delitem__(index)
 
-    def __iadd__(self, other: Any) -> TrackedList:  # type: ignore[override,misc]
+    def __iadd__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.grown()
-        return super().__iadd__(other)  # type: ignore[return-value]
+        return super().__iadd__(other)
 
-    def __imul__(self, n: SupportsIndex) -> TrackedList:  # type: ignore[override,misc]
+    def __imul__(self, n: SupportsIndex) -> Self:
         self._mark.dirty = True
-        return super().__imul__(n)  # type: ignore[return-value]
+        return super().__imul__(n)
 
     def append(self, value: Any) -> None:
         self._mark.touched(value)
@@ -143,9 +143,9 @@ class TrackedDict(dict[Any, Any]):
         self._mark.dirty = True
         super().__delitem__(key)
 
-    def __ior__(self, other: Any) -> TrackedDict:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.grown()
-        return super().__ior__(other)  # type: ignore[return-value]
+        return super().__ior__(other)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         self._mark.grown()
@@ -221,21 +221,21 @@ class TrackedSet(set[Any]):
         self._mark.grown()
         super().symmetric_difference_update(other)
 
-    def __ior__(self, other: Any) -> TrackedSet:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.grown()
-        return super().__ior__(other)  # type: ignore[return-value]
+        return super().__ior__(other)
 
-    def __iand__(self, other: Any) -> TrackedSet:  # type: ignore[override,misc]
+    def __iand__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.dirty = True
-        return super().__iand__(other)  # type: ignore[return-value]
+        return super().__iand__(other)
 
-    def __isub__(self, other: Any) -> TrackedSet:  # type: ignore[override,misc]
+    def __isub__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.dirty = True
-        return super().__isub__(other)  # type: ignore[return-value]
+        return super().__isub__(other)
 
-    def __ixor__(self, other: Any) -> TrackedSet:  # type: ignore[override,misc]
+    def __ixor__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.grown()
-        return super().__ixor__(other)  # type: ignore[return-value]
+        return super().__ixor__(other)
 
     def __copy__(self) -> set[Any]:
         return set(self)
