@@ -15,9 +15,11 @@ checked against the store, without claiming, before the next write.
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -437,19 +439,39 @@ async def load_slots(
     if records is None:
         return [_timed_out(s, timeout, "loading") for s in slots]
     results: list[Exception | None] = []
-    for slot, record, default in zip(slots, records, defaults, strict=True):
-        try:
-            if isinstance(record, RecordCorruptError):
-                await slot.start_from_unreadable(record, default)
-            elif isinstance(record, StorageError):
-                raise record
+    with collector_paused():
+        for slot, record, default in zip(slots, records, defaults, strict=True):
+            try:
+                if isinstance(record, RecordCorruptError):
+                    await slot.start_from_unreadable(record, default)
+                elif isinstance(record, StorageError):
+                    raise record
+                else:
+                    await slot.start_from(record, default)
+            except Exception as exc:
+                results.append(exc)
             else:
-                await slot.start_from(record, default)
-        except Exception as exc:
-            results.append(exc)
-        else:
-            results.append(None)
+                results.append(None)
     return results
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a batch builds many long-lived objects.
+
+    Validating 100,000 records allocates millions of objects, and the collector
+    would scan the growing heap again and again (0.7 s of 2.7 s, and growing
+    faster than the batch). The batch makes no cycles; the collector runs as
+    usual afterwards.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _timed_out(slot: StateSlot, timeout: float | None, doing: str) -> PersistenceTimeoutError:
