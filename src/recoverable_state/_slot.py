@@ -324,7 +324,12 @@ async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> li
     for n, slot in enumerate(slots, 1):
         if n % 2000 == 0:
             await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-        if not slot.enabled or (slot.unchanged and slot.in_doubt is None):
+        if not slot.enabled or (  # `slot.unchanged`, inlined: this loop visits every state
+            slot.synced
+            and not slot.mark.dirty
+            and (slot.tracked or not slot.handed)
+            and slot.in_doubt is None
+        ):
             continue
         if slot.gate.try_enter():
             held.append(slot)
