@@ -18,6 +18,7 @@ import collections
 import contextlib
 import gc
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -356,52 +357,90 @@ async def _write_in_turn(slot: StateSlot, timeout: float | None, errors: list[Ex
             errors += await _write_held([slot], [slot] if slot.in_doubt is not None else [], timeout)
 
 
+SLICE_SECONDS = 0.005
+"""How long one slice of a big persist may hold the event loop before other tasks get a turn."""
+
+
 async def _write_held(
     slots: Sequence[StateSlot], doubtful: Sequence[StateSlot], timeout: float | None
 ) -> list[Exception]:
-    """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt."""
+    """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt.
+
+    The slots are serialised in slices of at most SLICE_SECONDS, each handed to the
+    group committer as it is ready, so the event loop keeps running during a persist
+    of 100,000 states, and the store writes one slice while the next is serialised
+    (the committer joins slices that wait into one batch).
+    """
     errors: list[Exception] = []
     if doubtful:
         errors += await _resolve_doubts(doubtful, timeout)
+    todo = [s for s in slots if not (doubtful and (s.in_doubt is not None or not s.enabled))]
+    failed: dict[tuple[type, str], Exception] = {}
+    with anyio.move_on_after(timeout) as scope:
+        async with anyio.create_task_group() as tg:
+            start = 0
+            while start < len(todo):
+                writing, puts, start = _prepare_slice(todo, start, errors)
+                if puts:
+                    tg.start_soon(_write_slice, writing, puts, errors, failed)
+                if start < len(todo):
+                    await anyio.lowlevel.checkpoint()
+    if scope.cancelled_caught:
+        errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
+    for error in failed.values():  # a whole-batch failure once, however many slices it failed
+        errors.append(error)
+    return errors
+
+
+def _prepare_slice(
+    slots: Sequence[StateSlot], start: int, errors: list[Exception]
+) -> tuple[list[tuple[StateSlot, bytes]], list[tuple[KeyValueStore, RecordWrite]], int]:
+    """Serialise slots from `start` on for up to SLICE_SECONDS: (their writes, where to go on)."""
     writing: list[tuple[StateSlot, bytes]] = []
     puts: list[tuple[KeyValueStore, RecordWrite]] = []
-    # One catch for the whole pass: entering it per state would cost more than the pass.
+    deadline = time.perf_counter() + SLICE_SECONDS
+    i = start
+    # One catch per slice: entering it per state would cost more than the slice.
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        for slot in slots:
-            if doubtful and (slot.in_doubt is not None or not slot.enabled):
-                continue
+        while i < len(slots):
+            slot = slots[i]
+            i += 1
             try:
                 prepared = slot.prepare(warned)
             except UnrepresentableStateError as exc:
                 errors.append(exc)
-                continue
+                prepared = None
             except Exception:  # a bug in a user's serializer must not spoil the batch
                 slot.log.exception("store %r, key %r: the state cannot be serialised", slot.label, slot.key)
-                continue
+                prepared = None
             if prepared is not None:
                 assert slot.kvs is not None
                 writing.append((slot, prepared[0]))
                 puts.append((slot.kvs, prepared[1]))
-    if not puts:
-        return errors
-    outcomes: Sequence[WriteOutcome | StorageError] | None = None
+            if not i % 64 and time.perf_counter() > deadline:
+                break
+    return writing, puts, i
+
+
+async def _write_slice(
+    writing: Sequence[tuple[StateSlot, bytes]],
+    puts: Sequence[tuple[KeyValueStore, RecordWrite]],
+    errors: list[Exception],
+    failed: dict[tuple[type, str], Exception],
+) -> None:
+    """Write one slice's records and settle each slot with its outcome."""
     try:
-        with anyio.move_on_after(timeout):
-            outcomes = await KeyValueStore.put_together(puts)
+        outcomes = await KeyValueStore.put_together(puts)
     except StorageError as exc:  # the whole batch failed: it may have landed before failing
         for slot, data in writing:
             slot.in_doubt = data
-        return [*errors, exc]
-    except BaseException:
+        failed.setdefault((type(exc), str(exc)), exc)
+        return
+    except BaseException:  # cancelled (a timeout): the outcome is unknown
         for slot, data in writing:
             slot.in_doubt = data
         raise
-    if outcomes is None:
-        for slot, data in writing:
-            slot.in_doubt = data
-            errors.append(_timed_out(slot, timeout, "saving"))
-        return errors
     for (slot, data), outcome in zip(writing, outcomes, strict=True):
         if isinstance(outcome, StorageError):
             errors.append(outcome)  # failed on its own: not applied, nothing changes
@@ -409,7 +448,6 @@ async def _write_held(
             lost = slot.settle(outcome, data)
             if lost is not None:
                 errors.append(lost)
-    return errors
 
 
 async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None) -> list[Exception]:
