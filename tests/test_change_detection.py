@@ -340,3 +340,21 @@ async def test_heapq_changes_are_persisted_with_change_detection_compare(store: 
 def test_change_detection_takes_track_or_compare() -> None:
     with pytest.raises(ValueError, match="change_detection"):
         RecoverableState(default_state=Crawl(), persist_state_key="k", change_detection="hash")  # type: ignore[arg-type]
+
+
+async def test_a_dropped_state_is_freed_by_reference_counting_alone(store: str) -> None:
+    import gc
+    import weakref
+
+    state = RecoverableState(default_state=loaded, persist_state_key="k", persistence_enabled="explicit_only")
+    value = await state.initialize()
+    value.queue.append("x")
+    await state.persist_state()
+    await state.teardown()
+    refs = [weakref.ref(state), weakref.ref(value)]
+    gc.disable()  # states are frozen out of the collector after a big load: they must hold no cycle
+    try:
+        del state, value
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()

@@ -314,7 +314,7 @@ class RecoverableState(Generic[TStateModel]):
             history=self._history,
             timeout=self._timeout,
             log=self._log,
-            on_lost=self._ownership_lost,
+            on_lost=_calls_weakly(self._ownership_lost),
             track=self._track,
         )
         return self._slot
@@ -487,6 +487,19 @@ class RecoverableState(Generic[TStateModel]):
     def __repr__(self) -> str:
         name = self._slot.codec.name if self._slot is not None else "?"
         return f"<RecoverableState {self._key!r} of {name}>"
+
+
+def _calls_weakly(method: Callable[[StateOwnershipLost], None]) -> Callable[[StateOwnershipLost], None]:
+    """`method`, called through a weak reference: a state and its slot then hold no cycle, so a
+    dropped state is freed by reference counting alone (also after `gc.freeze()`)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(error: StateOwnershipLost) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(error)
+
+    return call
 
 
 class _PersistGroup:
