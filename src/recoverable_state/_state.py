@@ -347,7 +347,7 @@ class RecoverableState(Generic[TStateModel]):
         slot.enabled = bool(self._persistence_enabled)
         if self._persistence_enabled is True:
             manager = self._event_manager or service_locator.get_event_manager()
-            _PersistGroup.of(manager).add(slot)
+            _PersistGroup.of(manager).add(slot, self)
             self._listening_on = manager
 
     def _ownership_lost(self, error: StateOwnershipLost) -> None:
@@ -514,7 +514,8 @@ class _PersistGroup:
 
     def __init__(self, manager: EventManager) -> None:
         self._manager = weakref.ref(manager)  # a strong one would keep the manager alive forever
-        self._slots: dict[StateSlot, None] = {}
+        # Each listening state's slot, and the state: held here, it stays alive while it listens.
+        self._slots: dict[StateSlot, RecoverableState[Any]] = {}
         self._heard = False  # a PERSIST_STATE came: the manager was entered
         self._watch: threading.Timer | None = None
 
@@ -530,7 +531,7 @@ class _PersistGroup:
         cls._last = (group._manager, group)
         return group
 
-    def add(self, slot: StateSlot) -> None:
+    def add(self, slot: StateSlot, state: RecoverableState[Any]) -> None:
         manager = self._manager()
         if not self._slots and manager is not None:
             manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
@@ -538,7 +539,7 @@ class _PersistGroup:
                 self._watch = threading.Timer(NOT_ENTERED_GRACE, self._warn_if_never_entered, (slot.key,))
                 self._watch.daemon = True
                 self._watch.start()
-        self._slots[slot] = None
+        self._slots[slot] = state
 
     def discard(self, slot: StateSlot) -> None:
         self._slots.pop(slot, None)
