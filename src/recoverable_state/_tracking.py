@@ -351,8 +351,11 @@ class _Adopter:
         self.children(tracked, depth)
         return tracked
 
-    def children(self, container: Any, depth: int) -> None:
+    def children(self, container: Any, depth: int, *, named: bool = False) -> None:
+        """Watch the items of a tracked container (`named`: a model's fields, keyed by name)."""
         if isinstance(container, list):
+            if set(map(type, container)) <= _LEAVES:  # the usual list of strings or numbers
+                return
             for i in range(len(container)):
                 child = container[i]
                 kind = type(child)
@@ -365,9 +368,13 @@ class _Adopter:
                 else:
                     self.node(child, depth + 1)
         elif isinstance(container, dict):
+            if not named and not set(map(type, container)) <= _LEAVES:
+                for key in container:
+                    if type(key) not in _LEAVES and not isinstance(key, enum.Enum):
+                        raise _Untrackable  # a key that could change in place
+            if set(map(type, container.values())) <= _LEAVES:
+                return
             for key in list(container):
-                if type(key) not in _LEAVES and not isinstance(key, enum.Enum):
-                    raise _Untrackable
                 child = container[key]
                 kind = type(child)
                 if kind in _LEAVES:
@@ -378,7 +385,7 @@ class _Adopter:
                     dict.__setitem__(container, key, self.replace(child, depth + 1))
                 else:
                     self.node(child, depth + 1)
-        else:  # a set: hashable items, which must not change in place
+        elif not set(map(type, container)) <= _LEAVES:  # a set: its items must not change in place
             for item in container:
                 if type(item) not in _LEAVES and not isinstance(item, enum.Enum):
                     raise _Untrackable
@@ -390,7 +397,7 @@ class _Adopter:
         if type(fields) is TrackedDict:
             if fields._mark is not self.mark:
                 raise _Untrackable
-            self.children(fields, depth)
+            self.children(fields, depth, named=True)
             return
         tracked = TrackedDict(fields)
         tracked._mark = self.mark
@@ -398,7 +405,7 @@ class _Adopter:
         if self.held_by_one(fields) <= _LOCAL:
             fields.clear()  # the old __dict__ is ours alone now: let its values have one holder
         del fields
-        self.children(tracked, depth)
+        self.children(tracked, depth, named=True)
 
 
 def _calibrate() -> tuple[int, int]:
