@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from _bench_stores import Place, Store
 from pydantic import BaseModel
 
@@ -378,8 +379,9 @@ async def raw_spawn(n: int) -> float:
 # -- memory -------------------------------------------------------------------
 
 
-async def memory_per_state(store: Store, n: int) -> tuple[float, float]:
-    """(bytes per initialized state beyond its model, bytes per model), by tracemalloc.
+async def memory_per_state(store: Store, n: int) -> tuple[float, float, float]:
+    """(bytes per initialized state beyond its model, bytes per model, the first once the value
+    was handed out and is watched for changes), by tracemalloc.
 
     First the `n` models alone are validated from the stored bytes; then `n`
     states are initialized from the same records. The difference, per state, is
@@ -409,14 +411,20 @@ async def memory_per_state(store: Store, n: int) -> tuple[float, float]:
                 base = tracemalloc.get_traced_memory()[0]
                 states = make_states(n, place, manager, default)
                 await RecoverableState.initialize_many(states)
+                for _ in range(3):  # the read batch's result is freed once the loop runs its callbacks
+                    await anyio.lowlevel.checkpoint()
                 gc.collect()
                 with_states = tracemalloc.get_traced_memory()[0] - base
+                for state in states:  # handed to the worker: now watched for changes
+                    state.current_value  # noqa: B018
+                gc.collect()
+                handed_out = tracemalloc.get_traced_memory()[0] - base
             finally:
                 tracemalloc.stop()
             await teardown_all(states)
     finally:
         await store.drop(place)
-    return (with_states - models_only) / n, models_only / n
+    return (with_states - models_only) / n, models_only / n, (handed_out - models_only) / n
 
 
 # -- heartbeat ----------------------------------------------------------------

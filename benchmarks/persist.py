@@ -114,6 +114,7 @@ ROW_ORDER = (
     "heartbeat max wait",
     "emit overhead",
     "memory per state",
+    "memory per state, watched",
     "SIGTERM to exit",
 )
 
@@ -443,7 +444,7 @@ def emit_rows(plan: Plan, loop: str, n: int) -> list[Row]:
 
 
 def memory_rows(plan: Plan, store: Store, loop: str, n: int) -> list[Row]:
-    per_state, per_model = anyio.run(partial(memory_per_state, store, n), backend=loop)
+    per_state, per_model, handed = anyio.run(partial(memory_per_state, store, n), backend=loop)
     return [
         Row(
             "memory per state",
@@ -455,7 +456,8 @@ def memory_rows(plan: Plan, store: Store, loop: str, n: int) -> list[Row]:
             target=f"<={MEMORY_TARGET_B:,.0f} B",
             limit_ms=MEMORY_TARGET_B,
             unit="B",
-        )
+        ),
+        Row("memory per state, watched", store.name, loop, n, handed, per_model, unit="B"),
     ]
 
 
@@ -608,8 +610,8 @@ def linearity_rows(rows: Sequence[Row]) -> list[Row]:
             and isinstance(row.n, int)
             and row.case != "SIGTERM to exit"
         ):
-            if row.case == "persist-1% vs raw-1%":
-                continue  # the same library figure as "persist-1% vs all"
+            if row.case in ("persist-1% vs raw-1%", "initialize-all vs diskcache"):
+                continue  # the same library figure as another row
             by_key.setdefault((row.case, row.store, row.loop), {})[row.n] = row.library
     out = []
     for (case, store, loop), figures in by_key.items():
@@ -895,7 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  SqliteSaver (one put per state), told which states changed; shown when installed.",
         "linearity rows: library (ms) is the N=100,000 time, raw (ms) the N=10,000 one.",
         "emit overhead: one PERSIST_STATE to N no-op listeners / N no-op tasks in an anyio task group.",
-        "memory per state: library = bytes per initialized state beyond its model, raw = the model alone.",
+        "memory per state: library = bytes per initialized state beyond its model, raw = the model alone;",
+        "  watched: the same once every value was handed out (its lists, dicts and models watched).",
         "SIGTERM to exit: figures from benchmarks/sigterm.py; its target is absolute",
         "  (the raw column, if any, is that script's own baseline).",
     ]

@@ -314,7 +314,7 @@ class RecoverableState(Generic[TStateModel]):
             history=self._history,
             timeout=self._timeout,
             log=self._log,
-            on_lost=_calls_weakly(self._ownership_lost),
+            on_lost=_LostHandler(self),
             track=self._track,
         )
         return self._slot
@@ -489,17 +489,20 @@ class RecoverableState(Generic[TStateModel]):
         return f"<RecoverableState {self._key!r} of {name}>"
 
 
-def _calls_weakly(method: Callable[[StateOwnershipLost], None]) -> Callable[[StateOwnershipLost], None]:
-    """`method`, called through a weak reference: a state and its slot then hold no cycle, so a
-    dropped state is freed by reference counting alone (also after `gc.freeze()`)."""
-    ref = weakref.WeakMethod(method)
+class _LostHandler:
+    """Tells a state it lost its record, through a weak reference: a state and its slot then
+    hold no cycle, so a dropped state is freed by reference counting alone (also after
+    `gc.freeze()`). The weak reference is the one `_owners` holds already (CPython shares it)."""
 
-    def call(error: StateOwnershipLost) -> None:
-        bound = ref()
-        if bound is not None:
-            bound(error)
+    __slots__ = ("_state",)
 
-    return call
+    def __init__(self, state: RecoverableState[Any]) -> None:
+        self._state = weakref.ref(state)
+
+    def __call__(self, error: StateOwnershipLost) -> None:
+        state = self._state()
+        if state is not None:
+            state._ownership_lost(error)
 
 
 class _PersistGroup:
