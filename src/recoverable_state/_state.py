@@ -24,7 +24,7 @@ from ._errors import (
 from ._locator import service_locator
 from ._metrics import error_kinds
 from ._schema import Migration, check_migrations, content_type_for, model_schema_version
-from ._slot import StateSlot, load_slots, persist_slots, smallest_timeout
+from ._slot import StateSlot, fingerprinted_size, load_slots, persist_slots, smallest_timeout
 from ._sync import current_portal
 from .events import (
     Event,
@@ -46,6 +46,9 @@ NOT_ENTERED_GRACE = 10.0
 """Seconds after which a state saving on PERSIST_STATE warns that its manager was never entered."""
 
 _package_logger = logging.getLogger("recoverable_state")
+
+FULL_COMPARE_EVERY = 10
+"""Every this many PERSIST_STATE events, every state is serialised and compared, changed or not."""
 
 _editing_made = threading.Lock()
 
@@ -104,6 +107,7 @@ class RecoverableState(Generic[TStateModel]):
         on_bad_record: Literal["raise", "quarantine"] = "raise",
         persistence_timeout: timedelta | float | None = DEFAULT_PERSISTENCE_TIMEOUT,
         state_type: Any = None,
+        change_detection: Literal["track", "compare"] = "track",
     ) -> None:
         """Describe a state; nothing is read or registered until `initialize()`.
 
@@ -130,6 +134,13 @@ class RecoverableState(Generic[TStateModel]):
                 manager's close timeout instead.
             state_type: the type to validate stored values as; by default the default's
                 class, `RecoverableState[T]`'s T, or a JSON dict or list.
+            change_detection: how a persist tells that the value changed. "track" (the
+                default) watches the lists, dicts, sets and models inside the value, so an
+                unchanged state costs nothing to persist; a value with parts that cannot be
+                watched (a dataclass, an unknown class) is compared as with "compare".
+                "compare" serialises the value on every persist and compares the bytes:
+                use it when the value is changed behind its containers' backs (by
+                `heapq`'s functions, or by unbound calls such as `list.append(v, x)`).
         """
         if persistence_enabled not in (True, False, "explicit_only"):
             raise ValueError(
@@ -143,6 +154,8 @@ class RecoverableState(Generic[TStateModel]):
             )
         if history < 0:
             raise ValueError("history must be 0 or more")
+        if change_detection not in ("track", "compare"):
+            raise ValueError(f"change_detection must be 'track' or 'compare', not {change_detection!r}")
         if on_bad_record not in ("raise", "quarantine"):
             raise ValueError(f"on_bad_record must be 'raise' or 'quarantine', not {on_bad_record!r}")
         self._default: Any = default_state
@@ -159,6 +172,7 @@ class RecoverableState(Generic[TStateModel]):
         self._event_manager = event_manager
         self._history = history
         self._timeout = _seconds(persistence_timeout, "persistence_timeout")
+        self._track = change_detection == "track"
 
         self._slot: StateSlot | None = None
         self._has_value = False
@@ -183,7 +197,7 @@ class RecoverableState(Generic[TStateModel]):
                 "call `await state.initialize()` (or use `async with`) first"
             )
         assert self._slot is not None
-        value: TStateModel = self._slot.value
+        value: TStateModel = self._slot.hand_out()
         return value
 
     @property
@@ -269,7 +283,7 @@ class RecoverableState(Generic[TStateModel]):
             return False
         slot = self._make_slot()
         if not self._persistence_enabled:
-            slot.value = self._fresh_default()
+            slot.take(self._fresh_default(), synced=False)
             self._begin()
             return False
         by = (self._kvs_name, self._kvs_id)
@@ -318,7 +332,8 @@ class RecoverableState(Generic[TStateModel]):
             history=self._history,
             timeout=self._timeout,
             log=self._log,
-            on_lost=self._ownership_lost,
+            on_lost=_LostHandler(self),
+            track=self._track,
         )
         return self._slot
 
@@ -350,7 +365,7 @@ class RecoverableState(Generic[TStateModel]):
         slot.enabled = bool(self._persistence_enabled)
         if self._persistence_enabled is True:
             manager = self._event_manager or service_locator.get_event_manager()
-            _PersistGroup.of(manager).add(slot)
+            _PersistGroup.of(manager).add(slot, self)
             self._listening_on = manager
 
     def _ownership_lost(self, error: StateOwnershipLost) -> None:
@@ -387,7 +402,8 @@ class RecoverableState(Generic[TStateModel]):
         before the failures are raised: one as it is, several as an ExceptionGroup.
         """
         slots = [slot for state in states if (slot := state._slot) is not None]
-        errors = await persist_slots(slots, smallest_timeout(slots))
+        # Asked for by the worker: compare every state, whether a change was seen or not.
+        errors = await persist_slots(slots, smallest_timeout(slots), full=True)
         if len(errors) == 1:
             raise errors[0]
         if errors:
@@ -404,6 +420,8 @@ class RecoverableState(Generic[TStateModel]):
         slot = self._make_slot()
         fresh = self._fresh_default()
         slot.value = slot.codec.reset_in_place(slot.value, fresh) if self._has_value else fresh
+        del fresh  # watching the reset value counts who holds its parts
+        slot.changed()
         self._has_value = True
         if not self._persistence_enabled or not self._active:
             return
@@ -446,7 +464,7 @@ class RecoverableState(Generic[TStateModel]):
         assert slot is not None
         try:
             manager = self._event_manager or service_locator.get_event_manager()
-            errors = await persist_slots([slot], manager.close_timeout.total_seconds())
+            errors = await persist_slots([slot], manager.close_timeout.total_seconds(), full=True)
             if errors:
                 raise errors[0]
         finally:
@@ -539,6 +557,22 @@ class RecoverableState(Generic[TStateModel]):
         return f"<RecoverableState {self._key!r} of {name}>"
 
 
+class _LostHandler:
+    """Tells a state it lost its record, through a weak reference: a state and its slot then
+    hold no cycle, so a dropped state is freed by reference counting alone (also while the
+    collector is paused). The weak reference is the one `_owners` holds already (CPython shares it)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: RecoverableState[Any]) -> None:
+        self._state = weakref.ref(state)
+
+    def __call__(self, error: StateOwnershipLost) -> None:
+        state = self._state()
+        if state is not None:
+            state._ownership_lost(error)
+
+
 class _PersistGroup:
     """The one PERSIST_STATE listener of a manager, persisting all its states in a batch.
 
@@ -551,8 +585,10 @@ class _PersistGroup:
 
     def __init__(self, manager: EventManager) -> None:
         self._manager = weakref.ref(manager)  # a strong one would keep the manager alive forever
-        self._slots: dict[StateSlot, None] = {}
+        # Each listening state's slot, and the state: held here, it stays alive while it listens.
+        self._slots: dict[StateSlot, RecoverableState[Any]] = {}
         self._heard = False  # a PERSIST_STATE came: the manager was entered
+        self._ticks = 0  # PERSIST_STATE events heard
         self._watch: threading.Timer | None = None
 
     @classmethod
@@ -567,7 +603,7 @@ class _PersistGroup:
         cls._last = (group._manager, group)
         return group
 
-    def add(self, slot: StateSlot) -> None:
+    def add(self, slot: StateSlot, state: RecoverableState[Any]) -> None:
         manager = self._manager()
         # Registered once per manager; again after a last exit forgot a registration made while entered.
         listening = manager is not None and manager.is_listening(
@@ -579,7 +615,7 @@ class _PersistGroup:
                 self._watch = threading.Timer(NOT_ENTERED_GRACE, self._warn_if_never_entered, (slot.key,))
                 self._watch.daemon = True
                 self._watch.start()
-        self._slots[slot] = None
+        self._slots[slot] = state
 
     def discard(self, slot: StateSlot) -> None:
         self._slots.pop(slot, None)
@@ -609,8 +645,13 @@ class _PersistGroup:
         # A shutdown's persist is bounded by the manager's close timeout alone.
         migrating = event_data is not None and event_data.is_migrating
         started, versions = time.perf_counter(), [slot.version for slot in slots]
+        # Every FULL_COMPARE_EVERY-th tick, and before a move or stop, every state is compared
+        # whether a change was seen or not: a change made behind the watched containers' backs
+        # (heapq, unbound list methods) is saved then at the latest.
+        self._ticks += 1
+        full = migrating or self._ticks % FULL_COMPARE_EVERY == 0
         try:
-            errors = await persist_slots(slots, None if migrating else smallest_timeout(slots))
+            errors = await persist_slots(slots, None if migrating else smallest_timeout(slots), full=full)
         except BaseException as exc:  # cancelled at the close timeout, or a bug: a failed persist
             self._count(slots, versions, [exc], time.perf_counter() - started, migrating)
             raise
@@ -650,7 +691,7 @@ class _PersistGroup:
             EventPersistedData(
                 duration=timedelta(seconds=took),
                 states_written=len(written),
-                bytes_written=sum(len(slot.stored or b"") for slot in written),
+                bytes_written=sum(fingerprinted_size(slot.stored) for slot in written),
                 failures=error_kinds(errors),
                 is_migrating=migrating,
             )

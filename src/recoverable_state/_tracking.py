@@ -1,0 +1,444 @@
+"""Change tracking: knowing that a state did not change without serialising it.
+
+A persist with 1% of 10,000 states changed used to serialise all 10,000 to
+compare bytes (80% of its time). Instead, when a state's value is first handed
+to the worker, its mutable parts are put under watch: each list, dict and set
+becomes a `TrackedList`, `TrackedDict` or `TrackedSet` (subclasses, so
+`isinstance`, equality and pydantic's serializer see no difference), and each
+pydantic model gets a `TrackedDict` as its `__dict__`, which is where pydantic's
+`__setattr__` writes a field. Every mutating method sets the state's
+`ChangeMark`; a persist serialises only the states whose mark is set.
+
+Anything that cannot be watched leaves the state untracked, and an untracked
+state compares serialised bytes on every persist as before (correct, slower):
+a dataclass, an object of an unknown class, a bytearray, a model with
+`validate_assignment`, `extra="allow"`, computed fields or custom serializers,
+a container that another state watches, or a plain container that something
+besides the state still references (replacing it would cut that reference off).
+
+Warning:
+    Code that bypasses a list's or dict's methods is not seen: the C functions
+    of `heapq` (which call the list's C API directly) and unbound calls such as
+    `list.append(value.items, x)`. Use `change_detection="compare"` for states
+    changed that way.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import uuid
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, Self, SupportsIndex
+
+from pydantic import BaseModel
+
+MAX_DEPTH = 200
+"""Nesting beyond which a value is left untracked."""
+
+_LEAVES: frozenset[type] = frozenset(
+    {str, int, float, bool, type(None), bytes, Decimal, datetime, date, time, timedelta, uuid.UUID}
+)
+"""Types whose values cannot change in place."""
+
+
+class ChangeMark:
+    """Set by a watched container when its state changes; cleared by the persist that reads it."""
+
+    __slots__ = ("adopt", "dirty")
+
+    def __init__(self) -> None:
+        self.dirty = False
+        self.adopt = False
+        """Something other than a leaf value was put in: watch the state's new parts too."""
+
+    def touched(self, value: Any) -> None:
+        self.dirty = True
+        if type(value) not in _LEAVES:
+            self.adopt = True
+
+    def grown(self) -> None:
+        self.dirty = True
+        self.adopt = True
+
+
+class TrackedList(list[Any]):
+    """A list that tells its state's mark when it changes; copies and pickles are plain lists."""
+
+    __slots__ = ("_mark",)
+    _mark: ChangeMark
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._mark.grown() if isinstance(index, slice) else self._mark.touched(value)
+        super().__setitem__(index, value)
+
+    def __delitem__(self, index: Any) -> None:
+        self._mark.dirty = True
+        super().__delitem__(index)
+
+    def __iadd__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.grown()
+        return super().__iadd__(other)
+
+    def __imul__(self, n: SupportsIndex) -> Self:
+        self._mark.dirty = True
+        return super().__imul__(n)
+
+    def append(self, value: Any) -> None:
+        self._mark.touched(value)
+        super().append(value)
+
+    def extend(self, values: Any) -> None:
+        self._mark.grown()
+        super().extend(values)
+
+    def insert(self, index: SupportsIndex, value: Any) -> None:
+        self._mark.touched(value)
+        super().insert(index, value)
+
+    def pop(self, index: SupportsIndex = -1) -> Any:
+        self._mark.dirty = True
+        return super().pop(index)
+
+    def remove(self, value: Any) -> None:
+        self._mark.dirty = True
+        super().remove(value)
+
+    def clear(self) -> None:
+        self._mark.dirty = True
+        super().clear()
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        self._mark.dirty = True
+        super().sort(*args, **kwargs)
+
+    def reverse(self) -> None:
+        self._mark.dirty = True
+        super().reverse()
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        import copy
+
+        return [copy.deepcopy(v, memo) for v in self]
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (list, (list(self),))
+
+
+class TrackedDict(dict[Any, Any]):
+    """A dict (or a model's `__dict__`) that tells its state's mark when it changes."""
+
+    __slots__ = ("_mark",)
+    _mark: ChangeMark
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._mark.touched(value)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._mark.dirty = True
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.grown()
+        return super().__ior__(other)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._mark.grown()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._mark.touched(default)
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self._mark.dirty = True
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[Any, Any]:
+        self._mark.dirty = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._mark.dirty = True
+        super().clear()
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        import copy
+
+        return {copy.deepcopy(k, memo): copy.deepcopy(v, memo) for k, v in self.items()}
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (dict, (dict(self),))
+
+
+class TrackedSet(set[Any]):
+    """A set that tells its state's mark when it changes (its items are leaf values)."""
+
+    __slots__ = ("_mark",)
+    _mark: ChangeMark
+
+    def add(self, value: Any) -> None:
+        self._mark.touched(value)
+        super().add(value)
+
+    def discard(self, value: Any) -> None:
+        self._mark.dirty = True
+        super().discard(value)
+
+    def remove(self, value: Any) -> None:
+        self._mark.dirty = True
+        super().remove(value)
+
+    def pop(self) -> Any:
+        self._mark.dirty = True
+        return super().pop()
+
+    def clear(self) -> None:
+        self._mark.dirty = True
+        super().clear()
+
+    def update(self, *others: Any) -> None:
+        self._mark.grown()
+        super().update(*others)
+
+    def difference_update(self, *others: Any) -> None:
+        self._mark.dirty = True
+        super().difference_update(*others)
+
+    def intersection_update(self, *others: Any) -> None:
+        self._mark.dirty = True
+        super().intersection_update(*others)
+
+    def symmetric_difference_update(self, other: Any) -> None:
+        self._mark.grown()
+        super().symmetric_difference_update(other)
+
+    def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.grown()
+        return super().__ior__(other)
+
+    def __iand__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.dirty = True
+        return super().__iand__(other)
+
+    def __isub__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.dirty = True
+        return super().__isub__(other)
+
+    def __ixor__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.grown()
+        return super().__ixor__(other)
+
+    def __copy__(self) -> set[Any]:
+        return set(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> set[Any]:
+        return set(self)  # the items are leaves
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (set, (set(self),))
+
+
+_TRACKED = (TrackedList, TrackedDict, TrackedSet)
+
+
+def _refs(obj: Any) -> int:
+    return sys.getrefcount(obj)
+
+
+class _Untrackable(Exception):
+    pass
+
+
+_model_ok: dict[type, bool] = {}
+
+
+def _model_trackable(cls: type[BaseModel]) -> bool:
+    """Whether a model class writes its fields only through `__dict__[name] = value`."""
+    ok = _model_ok.get(cls)
+    if ok is None:
+        config = cls.model_config
+        ok = (
+            cls.__setattr__ is BaseModel.__setattr__
+            and cls.__delattr__ is BaseModel.__delattr__
+            and not config.get("validate_assignment")
+            and config.get("extra") != "allow"
+            and not cls.__pydantic_computed_fields__
+            and not _has_custom_serialization(cls.__pydantic_core_schema__)
+        )
+        _model_ok[cls] = ok
+    return ok
+
+
+def _has_custom_serialization(schema: Any) -> bool:
+    """Whether a core schema serialises anything through user code (which may read anything)."""
+    stack = [schema]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            if "serialization" in node or node.get("computed_fields"):
+                return True
+            stack.extend(v for k, v in node.items() if k not in ("metadata", "cls", "default", "config"))
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return False
+
+
+class _Adopter:
+    """One walk over a value, putting its mutable parts under `mark`'s watch.
+
+    A plain container is replaced by a tracked copy only when nothing but its
+    parent references it (CPython's reference count, against a baseline measured
+    on the same code path at import): replacing one that the worker also holds
+    would cut the worker's reference off from the state.
+    """
+
+    __slots__ = ("mark",)
+
+    def __init__(self, mark: ChangeMark) -> None:
+        self.mark = mark
+
+    @staticmethod
+    def held_by_one(child: Any) -> int:
+        """References to `child` beyond this call's own (the caller's local included)."""
+        return _refs(child)
+
+    def node(self, value: Any, depth: int) -> None:
+        """Watch the parts of `value`, which is kept as it is (a leaf, model, tuple or tracked container)."""
+        kind = type(value)
+        if kind in _LEAVES or isinstance(value, enum.Enum):
+            return
+        if depth > MAX_DEPTH:
+            raise _Untrackable
+        if isinstance(value, BaseModel):
+            self.model(value, depth)
+        elif kind in _TRACKED:
+            if value._mark is not self.mark:
+                raise _Untrackable  # watched by another state
+            self.children(value, depth)
+        elif kind is tuple or kind is frozenset:
+            for item in value:
+                if type(item) in (list, dict, set):
+                    raise _Untrackable  # a tuple's items cannot be replaced
+                self.node(item, depth + 1)
+        else:
+            raise _Untrackable  # a plain container held elsewhere, a dataclass, a bytearray, ...
+
+    def replace(self, plain: Any, depth: int) -> Any:
+        """A tracked copy of a plain container that nothing else holds (emptied: it is unreachable)."""
+        kind = type(plain)
+        tracked: TrackedList | TrackedDict | TrackedSet
+        if kind is list:
+            tracked = TrackedList(plain)
+        elif kind is dict:
+            tracked = TrackedDict(plain)
+        else:
+            tracked = TrackedSet(plain)
+        plain.clear()  # its items now have one holder, the copy
+        tracked._mark = self.mark
+        self.children(tracked, depth)
+        return tracked
+
+    def children(self, container: Any, depth: int, *, named: bool = False) -> None:
+        """Watch the items of a tracked container (`named`: a model's fields, keyed by name)."""
+        if isinstance(container, list):
+            if set(map(type, container)) <= _LEAVES:  # the usual list of strings or numbers
+                return
+            for i in range(len(container)):
+                child = container[i]
+                kind = type(child)
+                if kind in _LEAVES:
+                    continue
+                if kind is list or kind is dict or kind is set:
+                    if self.held_by_one(child) > _IN_PARENT:
+                        raise _Untrackable
+                    list.__setitem__(container, i, self.replace(child, depth + 1))
+                else:
+                    self.node(child, depth + 1)
+        elif isinstance(container, dict):
+            if not named and not set(map(type, container)) <= _LEAVES:
+                for key in container:
+                    if type(key) not in _LEAVES and not isinstance(key, enum.Enum):
+                        raise _Untrackable  # a key that could change in place
+            if set(map(type, container.values())) <= _LEAVES:
+                return
+            for key in list(container):
+                child = container[key]
+                kind = type(child)
+                if kind in _LEAVES:
+                    continue
+                if kind is list or kind is dict or kind is set:
+                    if self.held_by_one(child) > _IN_PARENT:
+                        raise _Untrackable
+                    dict.__setitem__(container, key, self.replace(child, depth + 1))
+                else:
+                    self.node(child, depth + 1)
+        elif not set(map(type, container)) <= _LEAVES:  # a set: its items must not change in place
+            for item in container:
+                if type(item) not in _LEAVES and not isinstance(item, enum.Enum):
+                    raise _Untrackable
+
+    def model(self, model: BaseModel, depth: int) -> None:
+        if not _model_trackable(type(model)):
+            raise _Untrackable
+        fields = model.__dict__
+        if type(fields) is TrackedDict:
+            if fields._mark is not self.mark:
+                raise _Untrackable
+            self.children(fields, depth, named=True)
+            return
+        tracked = TrackedDict(fields)
+        tracked._mark = self.mark
+        object.__setattr__(model, "__dict__", tracked)
+        if self.held_by_one(fields) <= _LOCAL:
+            fields.clear()  # the old __dict__ is ours alone now: let its values have one holder
+        del fields
+        self.children(tracked, depth, named=True)
+
+
+def _calibrate() -> tuple[int, int]:
+    adopter = _Adopter(ChangeMark())
+    parent = [[]]  # type: ignore[var-annotated]
+    child = parent[0]
+    in_parent = adopter.held_by_one(child)
+    del parent
+    local = adopter.held_by_one(child)
+    return in_parent, local
+
+
+_IN_PARENT, _LOCAL = _calibrate()
+"""The references a container has when held by one parent (and a local), or by a local alone."""
+
+
+def watch(holder: Any, mark: ChangeMark) -> bool:
+    """Put `holder.value` under `mark`'s watch; whether every part of it is watched.
+
+    A plain list, dict or set at the top is replaced by a tracked copy when
+    nothing but `holder` references it (it has not been handed out yet).
+    """
+    adopter = _Adopter(mark)
+    try:
+        value = holder.value
+        kind = type(value)
+        if kind is list or kind is dict or kind is set:
+            if adopter.held_by_one(value) > _IN_PARENT:
+                return False  # the worker holds this very object
+            holder.value = adopter.replace(value, 0)
+        else:
+            del kind
+            adopter.node(value, 0)
+    except (_Untrackable, RecursionError):
+        return False
+    return True
