@@ -419,7 +419,8 @@ async def _write_held(
     failed: dict[tuple[type, str], Exception] = {}
     # A big pass keeps its slices' objects alive while they are written: with the collector
     # on they would reach the oldest generation and set off full scans of every live state.
-    with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=len(todo) >= PAUSE_COLLECTOR_AT):
+    big = len(todo) >= PAUSE_COLLECTOR_AT
+    with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=big):
         async with anyio.create_task_group() as tg:
             start = 0
             while start < len(todo):

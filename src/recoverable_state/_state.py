@@ -557,6 +557,17 @@ class RecoverableState(Generic[TStateModel]):
         return f"<RecoverableState {self._key!r} of {name}>"
 
 
+def _name_unsaved(slots: Sequence[StateSlot], why: str) -> None:
+    """Log the states whose last write is in doubt (the first _NAMED_FAILURES, then a count)."""
+    failed = [slot for slot in slots if slot.in_doubt is not None]
+    for slot in failed[:_NAMED_FAILURES]:
+        _package_logger.error(
+            "store %r, key %r: not persisted: %s", slot.label, slot.key, why, extra=slot.log_fields
+        )
+    if len(failed) > _NAMED_FAILURES:
+        _package_logger.error("and %d more states not persisted: %s", len(failed) - _NAMED_FAILURES, why)
+
+
 class _LostHandler:
     """Tells a state it lost its record, through a weak reference: a state and its slot then
     hold no cycle, so a dropped state is freed by reference counting alone (also while the
@@ -654,6 +665,7 @@ class _PersistGroup:
             errors = await persist_slots(slots, None if migrating else smallest_timeout(slots), full=full)
         except BaseException as exc:  # cancelled at the close timeout, or a bug: a failed persist
             self._count(slots, versions, [exc], time.perf_counter() - started, migrating)
+            _name_unsaved(slots, "interrupted before it was known to be stored")
             raise
         self._count(slots, versions, errors, time.perf_counter() - started, migrating)
         for error in errors:
@@ -664,15 +676,7 @@ class _PersistGroup:
                 _package_logger.error("not persisted: %s", error, extra={"store": store, "key": key})
                 continue
             # A whole batch failed: name the states it held (their writes are now in doubt).
-            failed = [slot for slot in slots if slot.in_doubt is not None]
-            for slot in failed[:_NAMED_FAILURES]:
-                _package_logger.error(
-                    "store %r, key %r: not persisted: %s", slot.label, slot.key, error, extra=slot.log_fields
-                )
-            if len(failed) > _NAMED_FAILURES:
-                _package_logger.error(
-                    "and %d more states not persisted: %s", len(failed) - _NAMED_FAILURES, error
-                )
+            _name_unsaved(slots, str(error))
 
     def _count(
         self,
