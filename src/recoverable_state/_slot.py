@@ -596,6 +596,11 @@ class WriteGate:
         self._busy = False
         self._waiting: collections.deque[anyio.Event] | None = None  # made when first contended
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write of the state is under way."""
+        return self._busy
+
     def try_enter(self) -> bool:
         """Enter if no write is in flight; never waits."""
         if self._busy:

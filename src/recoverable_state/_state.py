@@ -634,6 +634,14 @@ class _PersistGroup:
         if not self._slots and manager is not None:
             manager.off(event=Event.PERSIST_STATE, listener=self.persist_all)
 
+    def describe_unfinished(self) -> list[str]:
+        """The states whose write is still under way, for the manager's log when it leaves it behind."""
+        busy = [slot for slot in self._slots if slot.gate.busy]
+        named = [f"store {slot.label!r}, key {slot.key!r}" for slot in busy[:_NAMED_FAILURES]]
+        if len(busy) > _NAMED_FAILURES:
+            named.append(f"and {len(busy) - _NAMED_FAILURES} more states")
+        return named
+
     def _warn_if_never_entered(self, key: str) -> None:
         # Runs in the timer's thread: reads flags only, and logs.
         manager = self._manager()

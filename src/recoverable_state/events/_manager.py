@@ -708,6 +708,9 @@ class EventManager:
                 _CANCEL_GRACE,
                 ", ".join(self._unfinished),
             )
+            for call in left_behind:  # a listener may say what it has not finished (the states' keys)
+                for what in _unfinished_work(call.listener.target):
+                    logger.error("not persisted (left behind): %s", what)
         elif not self._persisted_all:
             logger.error(
                 "the last PERSIST_STATE did not finish for every listener; not every state was persisted"
@@ -732,6 +735,19 @@ class EventManager:
             else:
                 self._watchdog.cancel()
             self._watchdog = None
+
+
+def _unfinished_work(target: Listener) -> list[str]:
+    """What a listener left behind says it has not finished (`describe_unfinished()`), if it can."""
+    owner = getattr(target, "__self__", target)
+    describe = getattr(owner, "describe_unfinished", None)
+    if not callable(describe):
+        return []
+    try:
+        return [str(item) for item in describe()]
+    except Exception:  # a listener's own report must never break the exit
+        logger.exception("a listener's describe_unfinished() failed")
+        return []
 
 
 def exit_guard(code: int = EXIT_NOT_PERSISTED, grace: float = EXIT_GRACE) -> None:
