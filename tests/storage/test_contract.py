@@ -90,7 +90,7 @@ class PlannerMachine(RuleBasedStateMachine):
             change = plan.history.get(pair)
             if change is not None:
                 old = self.store.history.get(pair, [])
-                kept = old if change.keep_old is None else old[: change.keep_old]
+                kept = old[: change.keep_old]
                 self.store.history[pair] = [(v, hw.value) for v, hw in change.added] + kept
 
         # The model: one write after another; a record that failed keeps its old self.

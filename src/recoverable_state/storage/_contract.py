@@ -44,13 +44,13 @@ class HistoryPlan(NamedTuple):
 
     added: list[tuple[int, RecordWrite]]
     """New snapshots to keep, newest first, as (version, write)."""
-    keep_old: int | None
-    """How many of the snapshots kept before the batch survive, newest first (None: all)."""
+    keep_old: int
+    """How many of the snapshots kept before the batch survive, newest first."""
 
     @property
-    def keep_total(self) -> int | None:
-        """How many snapshots the key keeps after the batch, newest first (None: all)."""
-        return None if self.keep_old is None else self.keep_old + len(self.added)
+    def keep_total(self) -> int:
+        """How many snapshots the key keeps after the batch, newest first."""
+        return self.keep_old + len(self.added)
 
 
 class WritePlan(NamedTuple):
@@ -101,9 +101,8 @@ def plan_writes(
         if w.keep_history > 0:
             plan = history.get(pair)
             added = [(version, w), *(plan.added if plan else ())][: w.keep_history]
-            room = w.keep_history - len(added)
-            keep_old = room if plan is None or plan.keep_old is None else min(plan.keep_old, room)
-            history[pair] = HistoryPlan(added, max(keep_old, 0))
+            room = w.keep_history - len(added)  # never below 0: `added` is cut to keep_history
+            history[pair] = HistoryPlan(added, room if plan is None else min(plan.keep_old, room))
     existing = {pair for pair in rows if stored.get(pair, 0) > 0}
     return WritePlan(outcomes, rows, existing, history, applied)
 

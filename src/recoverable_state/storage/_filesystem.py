@@ -475,12 +475,11 @@ class FileSystemBackend(StorageBackend):
         return fail_records(plan, failed)
 
     @staticmethod
-    def _trim(hdir: Path, keep: int | None) -> None:
+    def _trim(hdir: Path, keep: int) -> None:
         """Delete all but the newest `keep` snapshots in a history directory, then sync it."""
-        if keep is not None:
-            versions = sorted((p.name for p in hdir.iterdir() if p.name.endswith(_SUFFIX)), reverse=True)
-            for name in versions[keep:]:
-                (hdir / name).unlink(missing_ok=True)
+        versions = sorted((p.name for p in hdir.iterdir() if p.name.endswith(_SUFFIX)), reverse=True)
+        for name in versions[keep:]:
+            (hdir / name).unlink(missing_ok=True)
         _fsync_dir(hdir)
 
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:

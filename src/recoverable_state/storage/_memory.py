@@ -98,7 +98,7 @@ class MemoryBackend(StorageBackend):
         for pair, change in plan.history.items():
             kept = self._history.get(pair, [])
             new = [StoredRecord(pair[1], bytes(w.value), w.content_type, v, now) for v, w in change.added]
-            self._history[pair] = new + (kept if change.keep_old is None else kept[: change.keep_old])
+            self._history[pair] = new + kept[: change.keep_old]
         return plan.outcomes
 
     async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:

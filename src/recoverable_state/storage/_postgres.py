@@ -612,7 +612,7 @@ class PostgresBackend(ServerBackend):
             plan = plan_writes(writes, stored, missing)
             upd = [p for p in plan.rows if p in plan.existing]
             ins = [p for p in plan.rows if p not in plan.existing]
-            trim = [(p, h.keep_old) for p, h in plan.history.items() if h.keep_old is not None]
+            trim = [(p, h.keep_old) for p, h in plan.history.items()]
             hist = [(p, v, w) for p, h in plan.history.items() for v, w in h.added]
             rows = plan.rows
             inserted = 0

@@ -246,9 +246,8 @@ class SQLiteBackend(StorageBackend):
                 "DELETE FROM history WHERE store_id = ? AND key = ? AND version NOT IN "
                 "(SELECT version FROM history WHERE store_id = ? AND key = ? ORDER BY version DESC LIMIT ?)",
                 [
-                    (sid, key, sid, key, keep)
+                    (sid, key, sid, key, change.keep_total)
                     for (sid, key), change in plan.history.items()
-                    if (keep := change.keep_total) is not None
                 ],
             )
             return plan.outcomes
