@@ -267,3 +267,23 @@ async def test_an_empty_store_meta_file_spoils_only_its_own_store(tmp_path: Path
     assert {s.name for s in await fresh.list_stores()} == {"good", "other"}
     await backend.aclose()
     await fresh.aclose()
+
+
+async def test_a_store_directory_replaced_by_a_link_is_not_used(tmp_path: Path) -> None:
+    import shutil
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    backend = open_backend(f"file://{root}")
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    await kvs.set_value("k", 1)
+    await backend.aclose()
+    shutil.copytree(root / kvs.id, outside)  # a look-alike store elsewhere
+    shutil.rmtree(root / kvs.id)
+    (root / kvs.id).symlink_to(outside)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    fresh = open_backend(f"file://{root}")
+    with pytest.raises(StorageError):  # StoreNotFoundError: a link is not a store
+        await KeyValueStore.open(id=kvs.id, storage=fresh)
+    assert "jobs" not in {s.name for s in await fresh.list_stores()}
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+    await fresh.aclose()
