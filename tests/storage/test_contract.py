@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -22,6 +22,7 @@ from recoverable_state.storage import (
     StoredRecord,
     WriteOutcome,
     compare_and_set,
+    expected_outcomes,
     fail_records,
     plan_reads,
     plan_writes,
@@ -170,3 +171,30 @@ class PlannerMachine(RuleBasedStateMachine):
 
 TestPlanner = PlannerMachine.TestCase
 TestPlanner.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+# -- batches that expect every version ---------------------------------------------
+
+expected_batch = st.lists(
+    st.tuples(st.sampled_from(STORES[:2]), st.sampled_from(KEYS), st.integers(0, 6), st.integers(0, 2)),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(batch=expected_batch, expect_none=st.booleans())
+def test_expected_outcomes_are_the_planners_when_every_expectation_holds(
+    batch: list[tuple[str, str, int, int]], expect_none: bool
+) -> None:
+    writes = [RecordWrite(s, k, b"v", "t", e, h) for s, k, e, h in batch]
+    if expect_none:
+        writes[0] = writes[0]._replace(expected_version=None)
+    answer = expected_outcomes(writes)
+    eligible = (
+        all(w.expected_version is not None and w.keep_history == 0 for w in writes)
+        and len({(w.store_id, w.key) for w in writes}) == len(writes)
+    )
+    assert (answer is not None) == eligible
+    if answer is not None:
+        stored = {(w.store_id, w.key): w.expected_version for w in writes if w.expected_version}
+        assert answer == plan_writes(writes, stored, {}).outcomes

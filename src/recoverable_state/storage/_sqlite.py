@@ -23,7 +23,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
-from ._contract import by_store, compare_and_set, plan_reads, plan_writes
+from ._contract import by_store, compare_and_set, expected_outcomes, plan_reads, plan_writes
 
 T = TypeVar("T")
 
@@ -38,10 +38,14 @@ CREATE TABLE IF NOT EXISTS records (
     value BLOB NOT NULL,
     content_type TEXT NOT NULL,
     updated_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (store_id, key)
 );
--- Versions live in a narrow table of their own: claiming 10,000 records on load then
--- rewrites 10,000 small rows instead of 10,000 whole records (9 ms against 41 ms).
+-- A record's version is the larger of its own and its row here, if any. A claim bumps the
+-- version here, in a narrow table: claiming 10,000 records on load rewrites 10,000 small rows
+-- instead of 10,000 whole records. A write sets the record's own version, past any claim,
+-- and writes nothing here: a persist then touches the records' pages alone.
+-- (Databases of 0.1 kept every version here; their records' own version reads 0.)
 CREATE TABLE IF NOT EXISTS versions (
     store_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -58,6 +62,19 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (store_id, key, version)
 );
 """
+
+_UPSERT_RECORD = (
+    "INSERT INTO records (store_id, key, value, content_type, updated_at, version) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, key) DO UPDATE SET "
+    "value = excluded.value, content_type = excluded.content_type, "
+    "updated_at = excluded.updated_at, version = excluded.version"
+)
+
+_VERSION = (
+    "max(records.version, coalesce((SELECT v.version FROM versions AS v "
+    "WHERE v.store_id = records.store_id AND v.key = records.key), 0))"
+)
+"""A record's version, in a query over `records`: its own, or a later claim's."""
 
 _BUSY_SECONDS = 30.0  # how long a writer waits for another process's transaction
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
@@ -99,6 +116,7 @@ class SQLiteBackend(StorageBackend):
                         conn.execute("PRAGMA journal_mode=WAL")
                         conn.execute("PRAGMA synchronous=FULL")
                         conn.executescript(_SCHEMA)
+                        self._add_record_versions(conn)
                         break
                     except sqlite3.OperationalError as exc:
                         if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -109,6 +127,22 @@ class SQLiteBackend(StorageBackend):
                 raise
             self._conn = conn
         return self._conn
+
+    @staticmethod
+    def _add_record_versions(conn: sqlite3.Connection) -> None:
+        """Give a database of 0.1 (every version in `versions`) the records' own version column."""
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(records)")]
+        if "version" in columns:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(records)")]
+            if "version" not in columns:  # another process may have added it meanwhile
+                conn.execute("ALTER TABLE records ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         def call() -> T:
@@ -193,20 +227,13 @@ class SQLiteBackend(StorageBackend):
         def read(conn: sqlite3.Connection) -> list[StoredRecord | StorageError | None]:
             missing = self._missing_stores(conn, {r.store_id for r in reads})
             pairs = [(r.store_id, r.key) for r in reads if r.store_id not in missing]
-            found = {
-                (sid, key): StoredRecord(key, value, ctype, version, _ts(updated))
-                for sid, key, value, ctype, version, updated in self._select(
-                    conn,
-                    "value, content_type, (SELECT version FROM versions AS v WHERE v.store_id = "
-                    "records.store_id AND v.key = records.key), updated_at",
-                    "records",
-                    pairs,
-                )
-            }
+            rows = self._select(conn, f"value, content_type, {_VERSION}, updated_at", "records", pairs)
+            found = {(r[0], r[1]): StoredRecord(r[1], r[2], r[3], r[4], _ts(r[5])) for r in rows}
             results, bumped = plan_reads(reads, found, missing)
             conn.executemany(
-                "UPDATE versions SET version = ? WHERE store_id = ? AND key = ?",
-                [(version, sid, key) for (sid, key), version in bumped.items()],
+                "INSERT INTO versions (store_id, key, version) VALUES (?, ?, ?) "
+                "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
+                [(sid, key, version) for (sid, key), version in bumped.items()],
             )
             return results
 
@@ -215,23 +242,16 @@ class SQLiteBackend(StorageBackend):
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         def write(conn: sqlite3.Connection) -> list[WriteOutcome | StorageError]:
             missing = self._missing_stores(conn, {w.store_id for w in writes})
+            expected = None if missing else expected_outcomes(writes)
+            if expected is not None and self._write_as_expected(conn, writes):
+                return list(expected)
             pairs = [(w.store_id, w.key) for w in writes if w.store_id not in missing]
-            versions = self._select(conn, "version", "versions", pairs)
-            stored = {(sid, key): version for sid, key, version in versions}
+            stored = {(sid, key): v for sid, key, v in self._select(conn, _VERSION, "records", pairs)}
             plan = plan_writes(writes, stored, missing)
             now = time.time()
-            rows = [(sid, key, w.value, w.content_type, now) for (sid, key), (w, _) in plan.rows.items()]
             conn.executemany(
-                "INSERT INTO records (store_id, key, value, content_type, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (store_id, key) DO UPDATE SET "
-                "value = excluded.value, content_type = excluded.content_type, "
-                "updated_at = excluded.updated_at",
-                rows,
-            )
-            conn.executemany(
-                "INSERT INTO versions (store_id, key, version) VALUES (?, ?, ?) "
-                "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
-                [(sid, key, version) for (sid, key), (_, version) in plan.rows.items()],
+                _UPSERT_RECORD,
+                [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()],
             )
             conn.executemany(
                 "INSERT OR REPLACE INTO history (store_id, key, value, content_type, version, updated_at) "
@@ -254,6 +274,35 @@ class SQLiteBackend(StorageBackend):
 
         return await self._run(write, write=True)
 
+    @staticmethod
+    def _write_as_expected(conn: sqlite3.Connection, writes: Sequence[RecordWrite]) -> bool:
+        """Apply a batch that `expected_outcomes` answers, if every write finds its expected version.
+
+        Each version moves on only where it is the expected one; when the count of moves
+        falls short, nothing is kept and the caller plans the batch from the stored versions.
+        Skipping that read of every version saves a third of a big batch's time.
+        """
+        now = time.time()
+        conn.execute("SAVEPOINT expected")
+        done = conn.executemany(
+            "UPDATE records SET value = ?, content_type = ?, updated_at = ?, version = ? "
+            f"WHERE store_id = ? AND key = ? AND {_VERSION} = ?",
+            [
+                (w.value, w.content_type, now, w.expected_version + 1, w.store_id, w.key, w.expected_version)
+                for w in writes
+                if w.expected_version
+            ],
+        ).rowcount
+        done += conn.executemany(
+            "INSERT INTO records (store_id, key, value, content_type, updated_at, version) "
+            "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT DO NOTHING",
+            [(w.store_id, w.key, w.value, w.content_type, now) for w in writes if not w.expected_version],
+        ).rowcount
+        if done != len(writes):
+            conn.execute("ROLLBACK TO expected")
+        conn.execute("RELEASE expected")
+        return done == len(writes)
+
     @classmethod
     def _missing_stores(cls, conn: sqlite3.Connection, store_ids: set[str]) -> dict[str, StorageError]:
         """An error for each of these stores that does not exist."""
@@ -272,7 +321,7 @@ class SQLiteBackend(StorageBackend):
         def delete(conn: sqlite3.Connection) -> bool:
             self._require_stores(conn, {store_id})
             row = conn.execute(
-                "SELECT version FROM versions WHERE store_id = ? AND key = ?", (store_id, key)
+                f"SELECT {_VERSION} FROM records WHERE store_id = ? AND key = ?", (store_id, key)
             ).fetchone()
             if row is None or not compare_and_set(expected_version, row[0]):
                 return False
@@ -290,14 +339,13 @@ class SQLiteBackend(StorageBackend):
         after = ""
         params: tuple[Any, ...] = (store_id,)
         if exclusive_start_key is not None:
-            after, params = "AND r.key > ? ", (store_id, exclusive_start_key)
+            after, params = "AND key > ? ", (store_id, exclusive_start_key)
 
         def listing(conn: sqlite3.Connection) -> list[RecordInfo]:
             self._require_stores(conn, {store_id})
             cur = conn.execute(
-                "SELECT r.key, length(r.value), r.content_type, v.version, r.updated_at "
-                "FROM records AS r JOIN versions AS v USING (store_id, key) "
-                f"WHERE r.store_id = ? {after}ORDER BY r.key LIMIT ?",
+                f"SELECT key, length(value), content_type, {_VERSION}, updated_at FROM records "
+                f"WHERE store_id = ? {after}ORDER BY key LIMIT ?",
                 (*params, -1 if limit is None else limit),
             )
             return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, v, u in cur]
