@@ -262,12 +262,14 @@ class RecoverableState(Generic[TStateModel]):
                 for state in loading:
                     state._release_owner()
                 raise
+            begun: list[RecoverableState[Any]] = []
             for state, error in zip(loading, results, strict=True):
                 if error is None:
-                    state._begin()
+                    begun.append(state)
                 else:
                     state._release_owner()
                     errors.append(error)
+            RecoverableState._begin_many(begun)
         if len(errors) == 1:
             raise errors[0]
         if errors:
@@ -358,15 +360,27 @@ class RecoverableState(Generic[TStateModel]):
 
     def _begin(self) -> None:
         """The value is loaded: persist it from now on (on PERSIST_STATE when enabled)."""
-        slot = self._slot
-        assert slot is not None
-        self._has_value = True
-        self._active = True
-        slot.enabled = bool(self._persistence_enabled)
-        if self._persistence_enabled is True:
-            manager = self._event_manager or service_locator.get_event_manager()
-            _PersistGroup.of(manager).add(slot, self)
-            self._listening_on = manager
+        self._begin_many([self])
+
+    @staticmethod
+    def _begin_many(states: Sequence[RecoverableState[Any]]) -> None:
+        """`_begin` for many states, joining each manager's persist group once."""
+        joining: dict[EventManager, dict[StateSlot, RecoverableState[Any]]] = {}
+        default_manager: EventManager | None = None
+        for state in states:
+            slot = state._slot
+            assert slot is not None
+            state._has_value = True
+            state._active = True
+            slot.enabled = bool(state._persistence_enabled)
+            if state._persistence_enabled is True:
+                manager = state._event_manager
+                if manager is None:
+                    manager = default_manager = default_manager or service_locator.get_event_manager()
+                joining.setdefault(manager, {})[slot] = state
+                state._listening_on = manager
+        for manager, members in joining.items():
+            _PersistGroup.of(manager).add(members)
 
     def _ownership_lost(self, error: StateOwnershipLost) -> None:
         manager = self._listening_on
@@ -614,7 +628,8 @@ class _PersistGroup:
         cls._last = (group._manager, group)
         return group
 
-    def add(self, slot: StateSlot, state: RecoverableState[Any]) -> None:
+    def add(self, members: dict[StateSlot, RecoverableState[Any]]) -> None:
+        """Listen for these states (slot -> state) from now on."""
         manager = self._manager()
         # Registered once per manager; again after a last exit forgot a registration made while entered.
         listening = manager is not None and manager.is_listening(
@@ -623,10 +638,11 @@ class _PersistGroup:
         if manager is not None and not listening:
             manager.on(event=Event.PERSIST_STATE, listener=self.persist_all)
             if not manager.active and not self._heard and self._watch is None:
-                self._watch = threading.Timer(NOT_ENTERED_GRACE, self._warn_if_never_entered, (slot.key,))
+                key = next(iter(members)).key
+                self._watch = threading.Timer(NOT_ENTERED_GRACE, self._warn_if_never_entered, (key,))
                 self._watch.daemon = True
                 self._watch.start()
-        self._slots[slot] = state
+        self._slots.update(members)
 
     def discard(self, slot: StateSlot) -> None:
         self._slots.pop(slot, None)
