@@ -383,11 +383,12 @@ class KeyValueStore:
 
         A write that failed on its own is answered with its error in its place.
         """
-        outcomes: dict[int, WriteOutcome | StorageError] = {}
+        outcomes: list[WriteOutcome | StorageError | None] = [None] * len(puts)
         for storage, indexes in _by_backend([kvs for kvs, _ in puts]):
             results = await batcher_of(storage).write_many([puts[i][1] for i in indexes])
-            outcomes.update(zip(indexes, results, strict=True))
-        return [outcomes[i] for i in range(len(puts))]
+            for i, result in zip(indexes, results, strict=True):
+                outcomes[i] = result
+        return outcomes  # type: ignore[return-value]  # every position was filled
 
     @staticmethod
     async def get_together(
@@ -415,9 +416,13 @@ async def _purge_default_store_on_start(storage: StorageBackend) -> None:
     await storage.purge_store(info.id)
 
 
-def _by_backend(stores: Sequence[KeyValueStore]) -> list[tuple[StorageBackend, list[int]]]:
+def _by_backend(stores: Sequence[KeyValueStore]) -> list[tuple[StorageBackend, Sequence[int]]]:
     """The positions of `stores` grouped by the backend each store lives in."""
+    distinct = {id(kvs): kvs for kvs in stores}  # a few stores, whatever the number of states
+    backends = {id(kvs._storage): kvs._storage for kvs in distinct.values()}
+    if len(backends) == 1:  # the usual case: every position, without a look at each
+        return [(next(iter(backends.values())), range(len(stores)))]
     groups: dict[int, tuple[StorageBackend, list[int]]] = {}
     for i, kvs in enumerate(stores):
-        groups.setdefault(id(kvs.storage), (kvs.storage, []))[1].append(i)
+        groups.setdefault(id(kvs._storage), (kvs._storage, []))[1].append(i)
     return list(groups.values())
