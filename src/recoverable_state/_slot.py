@@ -402,10 +402,11 @@ async def _write_held(
 ) -> list[Exception]:
     """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt.
 
-    The slots are serialised in slices of at most SLICE_SECONDS, each handed to the
-    group committer as it is ready, so the event loop keeps running during a persist
-    of 100,000 states, and the store writes one slice while the next is serialised
-    (the committer joins slices that wait into one batch).
+    The slots are serialised in slices of at most SLICE_SECONDS, so the event loop
+    keeps running during a persist of 100,000 states, and then written in one batch.
+    (Writing each slice while the next one is serialised was slower: the store's
+    thread and the event loop took the GIL from each other at every row, and each
+    slice cost a commit of its own.)
     """
     errors: list[Exception] = []
     if doubtful:
@@ -421,27 +422,31 @@ async def _write_held(
     # on they would reach the oldest generation and set off full scans of every live state.
     big = len(todo) >= PAUSE_COLLECTOR_AT
     with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=big):
-        async with anyio.create_task_group() as tg:
-            start = 0
-            while start < len(todo):
-                writing, puts, start = _prepare_slice(todo, start, errors, full)
-                if puts:
-                    tg.start_soon(_write_slice, writing, puts, errors, failed)
-                if start < len(todo):
-                    await anyio.lowlevel.checkpoint()
+        writing: list[tuple[StateSlot, bytes]] = []
+        puts: list[tuple[KeyValueStore, RecordWrite]] = []
+        start = 0
+        while start < len(todo):
+            start = _prepare_slice(todo, start, errors, writing, puts, full)
+            if start < len(todo):
+                await anyio.lowlevel.checkpoint()
+        if puts:
+            await _write_prepared(writing, puts, errors, failed)
     if scope.cancelled_caught:
         errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
-    for error in failed.values():  # a whole-batch failure once, however many slices it failed
+    for error in failed.values():  # a whole-batch failure, once
         errors.append(error)
     return errors
 
 
 def _prepare_slice(
-    slots: Sequence[StateSlot], start: int, errors: list[Exception], full: bool = False
-) -> tuple[list[tuple[StateSlot, bytes]], list[tuple[KeyValueStore, RecordWrite]], int]:
-    """Serialise slots from `start` on for up to SLICE_SECONDS: (their writes, where to go on)."""
-    writing: list[tuple[StateSlot, bytes]] = []
-    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    slots: Sequence[StateSlot],
+    start: int,
+    errors: list[Exception],
+    writing: list[tuple[StateSlot, bytes]],
+    puts: list[tuple[KeyValueStore, RecordWrite]],
+    full: bool = False,
+) -> int:
+    """Serialise slots from `start` on for up to SLICE_SECONDS into `writing` and `puts`; where to go on."""
     deadline = time.perf_counter() + SLICE_SECONDS
     i = start
     # One catch per slice: entering it per state would cost more than the slice.
@@ -467,16 +472,16 @@ def _prepare_slice(
                 puts.append((slot.kvs, prepared[1]))
             if not i % 64 and time.perf_counter() > deadline:
                 break
-    return writing, puts, i
+    return i
 
 
-async def _write_slice(
+async def _write_prepared(
     writing: Sequence[tuple[StateSlot, bytes]],
     puts: Sequence[tuple[KeyValueStore, RecordWrite]],
     errors: list[Exception],
     failed: dict[tuple[type, str], Exception],
 ) -> None:
-    """Write one slice's records and settle each slot with its outcome."""
+    """Write the prepared records and settle each slot with its outcome."""
     try:
         outcomes = await KeyValueStore.put_together(puts)
     except StorageError as exc:  # the whole batch failed: it may have landed before failing
@@ -488,13 +493,19 @@ async def _write_slice(
         for slot, data in writing:
             slot.in_doubt = data
         raise
-    for (slot, data), outcome in zip(writing, outcomes, strict=True):
+    # Settled in slices too: 100,000 settles in one go held the event loop for 300 ms.
+    deadline = time.perf_counter() + SLICE_SECONDS
+    for n, ((slot, data), outcome) in enumerate(zip(writing, outcomes, strict=True), 1):
         if isinstance(outcome, StorageError):
             errors.append(outcome)  # failed on its own: not applied, nothing changes
         else:
             lost = slot.settle(outcome, data)
             if lost is not None:
                 errors.append(lost)
+        if not n % 64 and time.perf_counter() > deadline:
+            with anyio.CancelScope(shield=True):  # what landed is settled, also when cancelled
+                await anyio.lowlevel.checkpoint()
+            deadline = time.perf_counter() + SLICE_SECONDS
 
 
 async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None) -> list[Exception]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import pydantic_core
@@ -383,6 +383,9 @@ class KeyValueStore:
 
         A write that failed on its own is answered with its error in its place.
         """
+        backends = _backends_of(kvs for kvs, _ in puts)
+        if len(backends) == 1:  # the usual case: no per-write grouping
+            return list(await batcher_of(backends[0]).write_many([w for _, w in puts]))
         outcomes: list[WriteOutcome | StorageError | None] = [None] * len(puts)
         for storage, indexes in _by_backend([kvs for kvs, _ in puts]):
             results = await batcher_of(storage).write_many([puts[i][1] for i in indexes])
@@ -416,12 +419,17 @@ async def _purge_default_store_on_start(storage: StorageBackend) -> None:
     await storage.purge_store(info.id)
 
 
+def _backends_of(stores: Iterable[KeyValueStore]) -> list[StorageBackend]:
+    """The distinct backends of `stores` (a few stores, whatever the number of states)."""
+    distinct = {id(kvs): kvs for kvs in stores}
+    return list({id(kvs._storage): kvs._storage for kvs in distinct.values()}.values())
+
+
 def _by_backend(stores: Sequence[KeyValueStore]) -> list[tuple[StorageBackend, Sequence[int]]]:
     """The positions of `stores` grouped by the backend each store lives in."""
-    distinct = {id(kvs): kvs for kvs in stores}  # a few stores, whatever the number of states
-    backends = {id(kvs._storage): kvs._storage for kvs in distinct.values()}
+    backends = _backends_of(stores)
     if len(backends) == 1:  # the usual case: every position, without a look at each
-        return [(next(iter(backends.values())), range(len(stores)))]
+        return [(backends[0], range(len(stores)))]
     groups: dict[int, tuple[StorageBackend, list[int]]] = {}
     for i, kvs in enumerate(stores):
         groups.setdefault(id(kvs._storage), (kvs._storage, []))[1].append(i)
