@@ -344,13 +344,19 @@ def smallest_timeout(slots: Iterable[StateSlot]) -> float | None:
 
 
 async def persist_slots(
-    slots: Iterable[StateSlot], timeout: float | None, *, full: bool = False
+    slots: Iterable[StateSlot],
+    timeout: float | None,
+    *,
+    full: bool = False,
+    looked_at: list[tuple[StateSlot, int]] | None = None,
 ) -> list[Exception]:
     """Write every changed slot, in one batch per backend; return the errors, one a failure.
 
     A slot whose write is in flight is written after it, in order. Each batch
     (and each check of a write in doubt) is bounded by `timeout` seconds. With
     `full`, every slot is serialised and compared, whether a change was seen or not.
+    `looked_at` receives (slot, its version before) of every slot that may have been
+    written: the others are known unchanged, without a second pass over them.
     """
     held: list[StateSlot] = []
     busy: list[StateSlot] = []
@@ -372,6 +378,9 @@ async def persist_slots(
                 doubtful.append(slot)
         else:
             busy.append(slot)
+    if looked_at is not None:
+        looked_at += [(slot, slot.version) for slot in held]
+        looked_at += [(slot, slot.version) for slot in busy]
     errors: list[Exception] = []
     try:
         errors += await _write_held(held, doubtful, timeout, full)

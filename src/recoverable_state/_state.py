@@ -615,6 +615,7 @@ class _PersistGroup:
         self._heard = False  # a PERSIST_STATE came: the manager was entered
         self._ticks = 0  # PERSIST_STATE events heard
         self._watch: threading.Timer | None = None
+        self._timeout: tuple[float | None] | None = None  # the members' smallest persistence_timeout
 
     @classmethod
     def of(cls, manager: EventManager) -> _PersistGroup:
@@ -643,9 +644,11 @@ class _PersistGroup:
                 self._watch.daemon = True
                 self._watch.start()
         self._slots.update(members)
+        self._timeout = None
 
     def discard(self, slot: StateSlot) -> None:
         self._slots.pop(slot, None)
+        self._timeout = None
         manager = self._manager()
         if not self._slots and manager is not None:
             manager.off(event=Event.PERSIST_STATE, listener=self.persist_all)
@@ -679,19 +682,22 @@ class _PersistGroup:
         slots = list(self._slots)
         # A shutdown's persist is bounded by the manager's close timeout alone.
         migrating = event_data is not None and event_data.is_migrating
-        started, versions = time.perf_counter(), [slot.version for slot in slots]
+        if self._timeout is None:
+            self._timeout = (smallest_timeout(slots),)
+        started, looked_at = time.perf_counter(), list[tuple[StateSlot, int]]()
         # Every FULL_COMPARE_EVERY-th tick, and before a move or stop, every state is compared
         # whether a change was seen or not: a change made behind the watched containers' backs
         # (heapq, unbound list methods) is saved then at the latest.
         self._ticks += 1
         full = migrating or self._ticks % FULL_COMPARE_EVERY == 0
         try:
-            errors = await persist_slots(slots, None if migrating else smallest_timeout(slots), full=full)
+            timeout = None if migrating else self._timeout[0]
+            errors = await persist_slots(slots, timeout, full=full, looked_at=looked_at)
         except BaseException as exc:  # cancelled at the close timeout, or a bug: a failed persist
-            self._count(slots, versions, [exc], time.perf_counter() - started, migrating)
+            self._count(looked_at, [exc], time.perf_counter() - started, migrating)
             _name_unsaved(slots, "interrupted before it was known to be stored")
             raise
-        self._count(slots, versions, errors, time.perf_counter() - started, migrating)
+        self._count(looked_at, errors, time.perf_counter() - started, migrating)
         for error in errors:
             if isinstance(error, StateOwnershipLost | UnrepresentableStateError):
                 continue  # logged already
@@ -704,8 +710,7 @@ class _PersistGroup:
 
     def _count(
         self,
-        slots: list[StateSlot],
-        versions: list[int],
+        looked_at: list[tuple[StateSlot, int]],
         errors: Sequence[BaseException],
         took: float,
         migrating: bool,
@@ -714,7 +719,7 @@ class _PersistGroup:
         manager = self._manager()
         if manager is None:
             return
-        written = [slot for slot, version in zip(slots, versions, strict=True) if slot.version != version]
+        written = [slot for slot, version in looked_at if slot.version != version]
         manager.record_persist(
             EventPersistedData(
                 duration=timedelta(seconds=took),
