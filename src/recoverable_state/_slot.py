@@ -158,8 +158,11 @@ class StateSlot:
 
     # -- loading ---------------------------------------------------------------
 
-    async def start_from(self, record: StoredRecord | None, default: Callable[[], Any]) -> None:
-        """Take the loaded record (None: nothing stored) as the live value; see `load_slots`."""
+    def start_from(self, record: StoredRecord | None, default: Callable[[], Any]) -> None:
+        """Take the loaded record (None: nothing stored) as the live value; see `load_slots`.
+
+        Raises RecordCorruptError for a record that does not load (see `start_over`).
+        """
         kvs = self.kvs
         assert kvs is not None
         self.lost = False
@@ -168,40 +171,38 @@ class StateSlot:
             self.take(default(), synced=False)
             self.version, self.stored = 0, None
             return
-        try:
-            data = record.value if record.content_type == self.content_type else migrate(
-                record.value,
-                record.content_type,
-                code_version=self.schema_version,
-                migrations=self.migrations,
-                store=kvs.label,
-                key=self.key,
-            )
-            value, dropped = self._validate(data)
-        except RecordCorruptError as exc:
-            if self.on_bad_record != "quarantine":
-                raise
-            await self._quarantine(record, exc)
-            # The default replaces the bad record on the next persist.
-            self.take(default(), synced=False)
-            self.version, self.stored = record.version, None
-            return
+        data = record.value if record.content_type == self.content_type else migrate(
+            record.value,
+            record.content_type,
+            code_version=self.schema_version,
+            migrations=self.migrations,
+            store=kvs.label,
+            key=self.key,
+        )
+        value, dropped = self._validate(data)
         # A migrated record, or one with dropped fields, is written back at the next persist.
         synced = data is record.value and not dropped
         self.take(value, synced=synced)
         self.version = record.version
         self.stored = fingerprint(record.value) if synced else None
 
-    async def start_from_unreadable(self, error: RecordCorruptError, default: Callable[[], Any]) -> None:
-        """A record the store itself could not parse (a damaged file): quarantine it, or raise."""
-        if self.on_bad_record != "quarantine" or error.raw is None:
+    async def start_over(
+        self, record: StoredRecord | None, error: RecordCorruptError, default: Callable[[], Any]
+    ) -> None:
+        """A record that does not load: quarantine it and start from the default, or raise.
+
+        `record` is None when the store itself could not parse it (a damaged file).
+        """
+        if self.on_bad_record != "quarantine" or (record is None and error.raw is None):
             raise error
-        unreadable = StoredRecord(self.key, error.raw, "application/octet-stream", 0, datetime.now(UTC))
-        await self._quarantine(unreadable, error)
+        if record is None:
+            assert error.raw is not None
+            record = StoredRecord(self.key, error.raw, "application/octet-stream", 0, datetime.now(UTC))
+        await self._quarantine(record, error)
         self.lost = False
         self.in_doubt = None
-        self.take(default(), synced=False)  # a write replaces the damage
-        self.version, self.stored = 0, None
+        self.take(default(), synced=False)  # the default replaces the bad record on the next persist
+        self.version, self.stored = record.version, None
 
     def _validate(self, data: bytes) -> tuple[Any, bool]:
         try:
@@ -553,11 +554,14 @@ async def load_slots(
         for slot, record, default in zip(slots, records, defaults, strict=True):
             try:
                 if isinstance(record, RecordCorruptError):
-                    await slot.start_from_unreadable(record, default)
+                    await slot.start_over(None, record, default)
                 elif isinstance(record, StorageError):
                     raise record
                 else:
-                    await slot.start_from(record, default)
+                    try:
+                        slot.start_from(record, default)
+                    except RecordCorruptError as exc:
+                        await slot.start_over(record, exc, default)
             except Exception as exc:
                 results.append(exc)
             else:

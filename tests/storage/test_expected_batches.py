@@ -107,3 +107,35 @@ async def test_a_new_key_expected_absent_is_refused_when_it_exists(backend: Stor
     assert outcomes == [WriteOutcome(False, 1), WriteOutcome(True, 1)]
     taken = await kvs.get_record("taken")
     assert taken is not None and (taken.value, taken.version) == (b"first", 1)
+
+
+@pytest.mark.parametrize("share", [0.95, 0.3], ids=["most-of-the-store", "part-of-it"])
+async def test_a_big_claiming_read_answers_as_the_planner(
+    backend: StorageBackend, backend_kind: str, share: float
+) -> None:
+    """Big reads take another path on some backends (SQLite reads the store's whole range)."""
+    model = open_backend("memory://")
+    kvs, ref = await _store(backend), await _store(model)
+    rng = random.Random(f"{backend_kind}-{share}")
+    keys = [f"key-{i:05d}" for i in range(1200)]
+    try:
+        for store, target in ((kvs, backend), (ref, model)):
+            outcomes = await target.write_batch(
+                [RecordWrite(store.id, k, k.encode(), BYTES, 0) for k in keys]
+            )
+            assert all(isinstance(o, WriteOutcome) and o.applied for o in outcomes)
+        asked = rng.sample(keys, int(len(keys) * share)) + [f"absent-{i}" for i in range(20)]
+        asked += asked[:5]  # a key claimed twice in one batch is bumped twice
+        rng.shuffle(asked)
+        claims = [rng.random() < 0.8 for _ in asked]
+        got = await backend.read_batch([RecordRead(kvs.id, k, c) for k, c in zip(asked, claims, strict=True)])
+        want = await model.read_batch([RecordRead(ref.id, k, c) for k, c in zip(asked, claims, strict=True)])
+        assert [r and (r.key, r.value, r.version) for r in got] == [  # type: ignore[union-attr]
+            r and (r.key, r.value, r.version)
+            for r in want  # type: ignore[union-attr]
+        ]
+        assert [(i.key, i.version) for i in await kvs.list_keys()] == [
+            (i.key, i.version) for i in await ref.list_keys()
+        ]
+    finally:
+        await model.aclose()
