@@ -251,9 +251,9 @@ class StateSlot:
         `full`: serialise and compare even if no change was seen (a change made behind
         the watched containers' backs, as `heapq` does, is found this way).
         """
-        if self.unchanged and not full:
-            return None
         mark = self.mark
+        if not full and self.synced and not mark.dirty and (self.tracked or not self.handed):
+            return None  # `unchanged`, inlined: a big persist asks every state
         mark.dirty = False  # cleared before serialising: a change made from now on sets it again
         self.synced = False
         codec = self.codec
@@ -268,7 +268,7 @@ class StateSlot:
         if self.handed and self.track and (mark.adopt or not self.tracked):
             mark.adopt = False
             self.tracked = watch(self, mark)  # watch the parts put in since the last look
-        if fingerprint(data) == self.stored:
+        if (hash(data) & _HASH_BITS) | (len(data) << 64) == self.stored:  # fingerprint(), inlined
             self.synced = True
             return None
         suspect = len(warned) != seen
@@ -277,10 +277,9 @@ class StateSlot:
                 codec.check(self.value, data, suspect=suspect)
             except Refused as refused:
                 raise self._refuse(refused) from None
-        assert self.kvs is not None
-        return data, self.kvs.prepare_put(
-            self.key, data, self.content_type, expected_version=self.version, keep_history=self.history
-        )
+        kvs = self.kvs
+        assert kvs is not None
+        return data, RecordWrite(kvs.id, self.key, data, self.content_type, self.version, self.history)
 
     def _refuse(self, refused: Refused) -> UnrepresentableStateError:
         error = UnrepresentableStateError(
@@ -330,7 +329,10 @@ def fingerprint(data: bytes) -> int:
     in 2**64 a changed persist) would be taken as unchanged and not written.
     Python's bytes hash is computed once per bytes object and kept in it.
     """
-    return (hash(data) & 0xFFFF_FFFF_FFFF_FFFF) | (len(data) << 64)
+    return (hash(data) & _HASH_BITS) | (len(data) << 64)
+
+
+_HASH_BITS = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def fingerprinted_size(stored: int | None) -> int:
