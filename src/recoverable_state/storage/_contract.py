@@ -117,10 +117,15 @@ def expected_outcomes(writes: Sequence[RecordWrite]) -> list[WriteOutcome] | Non
     without reading the stored versions first.
     """
     outcomes: list[WriteOutcome] = []
+    made: dict[int, WriteOutcome] = {}  # immutable, so shared: most writes of a batch reach one version
     for w in writes:
-        if w.expected_version is None or w.keep_history > 0:
+        expected = w.expected_version
+        if expected is None or w.keep_history > 0:
             return None
-        outcomes.append(WriteOutcome(True, w.expected_version + 1))
+        outcome = made.get(expected)
+        if outcome is None:
+            outcome = made[expected] = WriteOutcome(True, expected + 1)
+        outcomes.append(outcome)
     if len({(w.store_id, w.key) for w in writes}) != len(writes):
         return None
     return outcomes
