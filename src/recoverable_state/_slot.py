@@ -241,9 +241,7 @@ class StateSlot:
 
     # -- writing ---------------------------------------------------------------
 
-    def prepare(
-        self, warned: list[warnings.WarningMessage], full: bool = False
-    ) -> tuple[bytes, RecordWrite] | None:
+    def prepare(self, warned: list[warnings.WarningMessage], full: bool = False) -> RecordWrite | None:
         """The write this slot needs now (None: nothing changed); raises UnrepresentableStateError.
 
         `warned` records warnings: pydantic warns when a value does not have its
@@ -279,7 +277,7 @@ class StateSlot:
                 raise self._refuse(refused) from None
         kvs = self.kvs
         assert kvs is not None
-        return data, RecordWrite(kvs.id, self.key, data, self.content_type, self.version, self.history)
+        return RecordWrite(kvs.id, self.key, data, self.content_type, self.version, self.history)
 
     def _refuse(self, refused: Refused) -> UnrepresentableStateError:
         error = UnrepresentableStateError(
@@ -313,12 +311,14 @@ class StateSlot:
         self.on_lost(error)
         return error
 
-    def resolve(self, record: StoredRecord | None) -> None:
-        """Settle a write in doubt from what the store holds (read without claiming)."""
+    def resolve(self, record: StoredRecord | None) -> bool:
+        """Settle a write in doubt from what the store holds (read without claiming); whether it landed."""
         data, self.in_doubt = self.in_doubt, None
         if record is not None and record.version == self.version + 1 and record.value == data:
             self.version, self.stored = record.version, fingerprint(data)  # it had landed
+            return True
         # Otherwise it had not; a successor, if any, shows in the next write's compare-and-set.
+        return False
 
 
 def fingerprint(data: bytes) -> int:
@@ -346,21 +346,35 @@ def smallest_timeout(slots: Iterable[StateSlot]) -> float | None:
     return min(bounded) if bounded else None
 
 
+class Tally:
+    """What a persist wrote: states and bytes (for `manager.stats`), counted as it settles."""
+
+    __slots__ = ("bytes", "states")
+
+    def __init__(self) -> None:
+        self.states = 0
+        self.bytes = 0
+
+    def landed(self, size: int) -> None:
+        self.states += 1
+        self.bytes += size
+
+
 async def persist_slots(
     slots: Iterable[StateSlot],
     timeout: float | None,
     *,
     full: bool = False,
-    looked_at: list[tuple[StateSlot, int]] | None = None,
+    tally: Tally | None = None,
 ) -> list[Exception]:
     """Write every changed slot, in one batch per backend; return the errors, one a failure.
 
     A slot whose write is in flight is written after it, in order. Each batch
     (and each check of a write in doubt) is bounded by `timeout` seconds. With
     `full`, every slot is serialised and compared, whether a change was seen or not.
-    `looked_at` receives (slot, its version before) of every slot that may have been
-    written: the others are known unchanged, without a second pass over them.
+    `tally` counts the states and bytes that landed.
     """
+    tally = tally or Tally()
     held: list[StateSlot] = []
     busy: list[StateSlot] = []
     doubtful: list[StateSlot] = []
@@ -381,28 +395,29 @@ async def persist_slots(
                 doubtful.append(slot)
         else:
             busy.append(slot)
-    if looked_at is not None:
-        looked_at += [(slot, slot.version) for slot in held]
-        looked_at += [(slot, slot.version) for slot in busy]
     errors: list[Exception] = []
     try:
-        errors += await _write_held(held, doubtful, timeout, full)
+        errors += await _write_held(held, doubtful, timeout, tally, full)
     finally:
-        for slot in held:
-            slot.gate.leave()
+        with anyio.CancelScope(shield=True):  # every gate is left, also when cancelled
+            for n, slot in enumerate(held, 1):
+                slot.gate.leave()
+                if n % 5000 == 0:
+                    await anyio.lowlevel.checkpoint()
     if busy:
         async with anyio.create_task_group() as tg:
             for slot in busy:
-                tg.start_soon(_write_in_turn, slot, timeout, errors, full)
+                tg.start_soon(_write_in_turn, slot, timeout, errors, tally, full)
     return errors
 
 
 async def _write_in_turn(
-    slot: StateSlot, timeout: float | None, errors: list[Exception], full: bool = False
+    slot: StateSlot, timeout: float | None, errors: list[Exception], tally: Tally, full: bool = False
 ) -> None:
     async with slot.gate:
         if slot.enabled:
-            errors += await _write_held([slot], [slot] if slot.in_doubt is not None else [], timeout, full)
+            doubtful = [slot] if slot.in_doubt is not None else []
+            errors += await _write_held([slot], doubtful, timeout, tally, full)
 
 
 SLICE_SECONDS = 0.005
@@ -410,7 +425,11 @@ SLICE_SECONDS = 0.005
 
 
 async def _write_held(
-    slots: Sequence[StateSlot], doubtful: Sequence[StateSlot], timeout: float | None, full: bool = False
+    slots: Sequence[StateSlot],
+    doubtful: Sequence[StateSlot],
+    timeout: float | None,
+    tally: Tally,
+    full: bool = False,
 ) -> list[Exception]:
     """Write the enabled slots whose gates are held; `doubtful` are those with a write in doubt.
 
@@ -422,7 +441,7 @@ async def _write_held(
     """
     errors: list[Exception] = []
     if doubtful:
-        errors += await _resolve_doubts(doubtful, timeout)
+        errors += await _resolve_doubts(doubtful, timeout, tally)
     todo = [s for s in slots if not (doubtful and (s.in_doubt is not None or not s.enabled))]
     edits = await claim_edits(todo, timeout)  # never a snapshot while a worker is in editing()
     if edits.waited_out:
@@ -434,7 +453,7 @@ async def _write_held(
     # on they would reach the oldest generation and set off full scans of every live state.
     big = len(todo) >= PAUSE_COLLECTOR_AT
     with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=big):
-        writing: list[tuple[StateSlot, bytes]] = []
+        writing: list[StateSlot] = []
         puts: list[tuple[KeyValueStore, RecordWrite]] = []
         start = 0
         while start < len(todo):
@@ -442,7 +461,7 @@ async def _write_held(
             if start < len(todo):
                 await anyio.lowlevel.checkpoint()
         if puts:
-            await _write_prepared(writing, puts, errors, failed)
+            await _write_prepared(writing, puts, errors, failed, tally)
     if scope.cancelled_caught:
         errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
     for error in failed.values():  # a whole-batch failure, once
@@ -454,7 +473,7 @@ def _prepare_slice(
     slots: Sequence[StateSlot],
     start: int,
     errors: list[Exception],
-    writing: list[tuple[StateSlot, bytes]],
+    writing: list[StateSlot],
     puts: list[tuple[KeyValueStore, RecordWrite]],
     full: bool = False,
 ) -> int:
@@ -480,47 +499,59 @@ def _prepare_slice(
                 prepared = None
             if prepared is not None:
                 assert slot.kvs is not None
-                writing.append((slot, prepared[0]))
-                puts.append((slot.kvs, prepared[1]))
+                writing.append(slot)
+                puts.append((slot.kvs, prepared))
             if not i % 64 and time.perf_counter() > deadline:
                 break
     return i
 
 
+_SETTLE_CHUNK = 2048
+
+
 async def _write_prepared(
-    writing: Sequence[tuple[StateSlot, bytes]],
-    puts: Sequence[tuple[KeyValueStore, RecordWrite]],
+    writing: list[StateSlot],
+    puts: list[tuple[KeyValueStore, RecordWrite]],
     errors: list[Exception],
     failed: dict[tuple[type, str], Exception],
+    tally: Tally,
 ) -> None:
-    """Write the prepared records and settle each slot with its outcome."""
+    """Write the prepared records (`puts[i]` of `writing[i]`) and settle each slot with its outcome.
+
+    Empties both lists as it goes: their records are freed a chunk at a time.
+    """
     try:
-        outcomes = await KeyValueStore.put_together(puts)
+        outcomes = list(await KeyValueStore.put_together(puts))
     except StorageError as exc:  # the whole batch failed: it may have landed before failing
-        for slot, data in writing:
-            slot.in_doubt = data
+        for slot, (_, write) in zip(writing, puts, strict=True):
+            slot.in_doubt = write.value
         failed.setdefault((type(exc), str(exc)), exc)
         return
     except BaseException:  # cancelled (a timeout): the outcome is unknown
-        for slot, data in writing:
-            slot.in_doubt = data
+        for slot, (_, write) in zip(writing, puts, strict=True):
+            slot.in_doubt = write.value
         raise
-    # Settled in slices too: 100,000 settles in one go held the event loop for 300 ms.
+    # Settled (and freed) in slices too: 100,000 settles in one go held the event loop 300 ms.
     deadline = time.perf_counter() + SLICE_SECONDS
-    for n, ((slot, data), outcome) in enumerate(zip(writing, outcomes, strict=True), 1):
-        if isinstance(outcome, StorageError):
-            errors.append(outcome)  # failed on its own: not applied, nothing changes
-        else:
-            lost = slot.settle(outcome, data)
-            if lost is not None:
+    while writing:
+        chunk = zip(writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], strict=True)
+        for slot, (_, write), outcome in chunk:
+            if isinstance(outcome, StorageError):
+                errors.append(outcome)  # failed on its own: not applied, nothing changes
+                continue
+            lost = slot.settle(outcome, write.value)
+            if lost is None:
+                tally.landed(len(write.value))
+            else:
                 errors.append(lost)
-        if not n % 64 and time.perf_counter() > deadline:
+        del writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], chunk
+        if writing and time.perf_counter() > deadline:
             with anyio.CancelScope(shield=True):  # what landed is settled, also when cancelled
                 await anyio.lowlevel.checkpoint()
             deadline = time.perf_counter() + SLICE_SECONDS
 
 
-async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None) -> list[Exception]:
+async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None, tally: Tally) -> list[Exception]:
     """Read (without claiming) what the store holds for slots whose last write is in doubt."""
     records: Sequence[StoredRecord | StorageError | None] | None = None
     try:
@@ -534,8 +565,8 @@ async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None) -> 
     for slot, record in zip(slots, records, strict=True):
         if isinstance(record, StorageError):
             errors.append(record)
-        else:
-            slot.resolve(record)
+        elif slot.resolve(record):
+            tally.landed(fingerprinted_size(slot.stored))
     return errors
 
 

@@ -24,7 +24,7 @@ from ._errors import (
 from ._locator import service_locator
 from ._metrics import error_kinds
 from ._schema import Migration, check_migrations, content_type_for, model_schema_version
-from ._slot import StateSlot, fingerprinted_size, load_slots, persist_slots, smallest_timeout
+from ._slot import StateSlot, Tally, load_slots, persist_slots, smallest_timeout
 from ._sync import current_portal
 from .events import (
     Event,
@@ -615,7 +615,8 @@ class _PersistGroup:
         self._heard = False  # a PERSIST_STATE came: the manager was entered
         self._ticks = 0  # PERSIST_STATE events heard
         self._watch: threading.Timer | None = None
-        self._timeout: tuple[float | None] | None = None  # the members' smallest persistence_timeout
+        # The members' smallest persistence_timeout (None: to be found again after a member left).
+        self._timeout: tuple[float | None] | None = (None,)
 
     @classmethod
     def of(cls, manager: EventManager) -> _PersistGroup:
@@ -644,7 +645,9 @@ class _PersistGroup:
                 self._watch.daemon = True
                 self._watch.start()
         self._slots.update(members)
-        self._timeout = None
+        if self._timeout is not None:  # kept up to date without a pass over every member
+            old, new = self._timeout[0], smallest_timeout(members)
+            self._timeout = (new if old is None else old if new is None else min(old, new),)
 
     def discard(self, slot: StateSlot) -> None:
         self._slots.pop(slot, None)
@@ -684,7 +687,7 @@ class _PersistGroup:
         migrating = event_data is not None and event_data.is_migrating
         if self._timeout is None:
             self._timeout = (smallest_timeout(slots),)
-        started, looked_at = time.perf_counter(), list[tuple[StateSlot, int]]()
+        started, tally = time.perf_counter(), Tally()
         # Every FULL_COMPARE_EVERY-th tick, and before a move or stop, every state is compared
         # whether a change was seen or not: a change made behind the watched containers' backs
         # (heapq, unbound list methods) is saved then at the latest.
@@ -692,12 +695,12 @@ class _PersistGroup:
         full = migrating or self._ticks % FULL_COMPARE_EVERY == 0
         try:
             timeout = None if migrating else self._timeout[0]
-            errors = await persist_slots(slots, timeout, full=full, looked_at=looked_at)
+            errors = await persist_slots(slots, timeout, full=full, tally=tally)
         except BaseException as exc:  # cancelled at the close timeout, or a bug: a failed persist
-            self._count(looked_at, [exc], time.perf_counter() - started, migrating)
+            self._count(tally, [exc], time.perf_counter() - started, migrating)
             _name_unsaved(slots, "interrupted before it was known to be stored")
             raise
-        self._count(looked_at, errors, time.perf_counter() - started, migrating)
+        self._count(tally, errors, time.perf_counter() - started, migrating)
         for error in errors:
             if isinstance(error, StateOwnershipLost | UnrepresentableStateError):
                 continue  # logged already
@@ -710,7 +713,7 @@ class _PersistGroup:
 
     def _count(
         self,
-        looked_at: list[tuple[StateSlot, int]],
+        tally: Tally,
         errors: Sequence[BaseException],
         took: float,
         migrating: bool,
@@ -719,12 +722,11 @@ class _PersistGroup:
         manager = self._manager()
         if manager is None:
             return
-        written = [slot for slot, version in looked_at if slot.version != version]
         manager.record_persist(
             EventPersistedData(
                 duration=timedelta(seconds=took),
-                states_written=len(written),
-                bytes_written=sum(fingerprinted_size(slot.stored) for slot in written),
+                states_written=tally.states,
+                bytes_written=tally.bytes,
                 failures=error_kinds(errors),
                 is_migrating=migrating,
             )
