@@ -400,10 +400,10 @@ async def persist_slots(
         errors += await _write_held(held, doubtful, timeout, tally, full)
     finally:
         with anyio.CancelScope(shield=True):  # every gate is left, also when cancelled
-            for n, slot in enumerate(held, 1):
-                slot.gate.leave()
-                if n % 5000 == 0:
+            for n, slot in enumerate(held):
+                if n % 5000 == 4999:
                     await anyio.lowlevel.checkpoint()
+                slot.gate.leave()
     if busy:
         async with anyio.create_task_group() as tg:
             for slot in busy:
@@ -455,6 +455,8 @@ async def _write_held(
     with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=big):
         writing: list[StateSlot] = []
         puts: list[tuple[KeyValueStore, RecordWrite]] = []
+        if big:
+            await anyio.lowlevel.checkpoint()  # the passes above took a slice's time already
         start = 0
         while start < len(todo):
             start = _prepare_slice(todo, start, errors, writing, puts, full)
@@ -462,6 +464,11 @@ async def _write_held(
                 await anyio.lowlevel.checkpoint()
         if puts:
             await _write_prepared(writing, puts, errors, failed, tally)
+    if big:  # the collector wakes to a young generation as big as the batch: let it run alone
+        with anyio.CancelScope(shield=True):
+            await anyio.lowlevel.checkpoint()
+            gc.collect(0)
+            await anyio.lowlevel.checkpoint()
     if scope.cancelled_caught:
         errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
     for error in failed.values():  # a whole-batch failure, once
@@ -506,7 +513,7 @@ def _prepare_slice(
     return i
 
 
-_SETTLE_CHUNK = 2048
+_SETTLE_CHUNK = 1024
 
 
 async def _write_prepared(
