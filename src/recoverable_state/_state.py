@@ -248,7 +248,10 @@ class RecoverableState(Generic[TStateModel]):
         stores: dict[tuple[str | None, str | None], KeyValueStore] = {}  # opened once per call
         for state in states:
             try:
-                if await state._claim_for_loading(stores, claimed):
+                ready = state._claim_in_known_store(stores, claimed)  # no await for the usual state
+                if ready is None:
+                    ready = await state._claim_for_loading(stores, claimed)
+                if ready:
                     loading.append(state)
             except Exception as exc:
                 errors.append(exc)
@@ -274,6 +277,23 @@ class RecoverableState(Generic[TStateModel]):
             raise errors[0]
         if errors:
             raise ExceptionGroup(f"{len(errors)} of {len(states)} states failed to initialize", errors)
+
+    def _claim_in_known_store(
+        self,
+        stores: dict[tuple[str | None, str | None], KeyValueStore],
+        claimed: set[tuple[str, str, str]],
+    ) -> bool | None:
+        """`_claim_for_loading` for a state whose store this call has opened already; None otherwise."""
+        if self._active or not self._persistence_enabled or self._kvs_factory is not None:
+            return None
+        kvs = stores.get((self._kvs_name, self._kvs_id))
+        if kvs is None:
+            return None
+        slot = self._make_slot()
+        slot.kvs = kvs
+        check_key(self._key, store=kvs.label)
+        self._take_owner(kvs, claimed)
+        return True
 
     async def _claim_for_loading(
         self,
