@@ -72,6 +72,7 @@ from typing import TypeVar
 from urllib.parse import quote, unquote
 
 import anyio.to_thread
+import pydantic_core
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
 from ._backend import (
@@ -172,14 +173,25 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_bytes(path: Path, limit: int = -1) -> bytes | None:
-    """A file's bytes (its first line only, with `limit=0`); None when absent. Links are refused."""
+def _read_bytes(path: str | Path, limit: int = -1) -> bytes | None:
+    """A file's bytes (its first line only, with `limit=0`); None when absent. Links are refused.
+
+    Plain `os.read` calls: a buffered file object costs more than the read itself.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        return fh.readline() if limit == 0 else fh.read()
+    try:
+        chunks = []
+        while chunk := os.read(fd, 8192 if limit == 0 else 65536):
+            if limit == 0 and (end := chunk.find(b"\n")) >= 0:
+                chunks.append(chunk[: end + 1])
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _parse_header(head: bytes) -> tuple[str, str, int, datetime]:
@@ -187,7 +199,7 @@ def _parse_header(head: bytes) -> tuple[str, str, int, datetime]:
     if not head.strip():
         raise ValueError("no header line")
     try:
-        meta = json.loads(head)
+        meta = pydantic_core.from_json(head, cache_strings="keys")  # about 5x json.loads on a header
         return (
             meta["key"],
             meta["content_type"],
@@ -498,14 +510,16 @@ class FileSystemBackend(StorageBackend):
         for _ in self._pool.map(fn, items):
             pass
 
-    def _corrupt(self, path: Path, store_id: str, key: str | None, problem: object) -> RecordCorruptError:
+    def _corrupt(
+        self, path: str | Path, store_id: str, key: str | None, problem: object
+    ) -> RecordCorruptError:
         return RecordCorruptError(
             f"record file {str(path)!r} has no readable header ({problem})",
             store=self._label(store_id),
             key=key,
         )
 
-    def _read_file(self, path: Path, store_id: str, key: str | None = None) -> StoredRecord | None:
+    def _read_file(self, path: str | Path, store_id: str, key: str | None = None) -> StoredRecord | None:
         """The record in a file; None when absent; RecordCorruptError (with `raw`) when unreadable."""
         data = _read_bytes(path)
         if data is None:
@@ -615,13 +629,14 @@ class FileSystemBackend(StorageBackend):
             broken: dict[str, StorageError] = {}
             headers: dict[str, int] = {}  # file name -> header version, of the records read
             claimed = journal.versions
+            base = f"{directory}{os.sep}"  # string paths: a Path per file costs as much as reading it
             for r in reads:
                 pair = (store_id, r.key)
                 if pair in found or r.key in broken:
                     continue
                 name = encode_key(r.key)
                 try:
-                    record = self._read_file(directory / name, store_id, r.key)
+                    record = self._read_file(base + name, store_id, r.key)
                 except RecordCorruptError as exc:
                     broken[r.key] = exc
                     continue
