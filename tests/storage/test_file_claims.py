@@ -180,7 +180,7 @@ async def test_a_line_torn_by_a_crash_is_ignored_then_cut_off(files: StorageBack
     store = (await files.open_store(name="jobs")).id
     await put(files, store, "a", b"a1")
     assert await claim(files, store, "a") == [2]
-    append_bytes(root / store / ".claims", b"99 a.r")  # SIGKILL mid-append: no newline
+    append_bytes(root / store / ".claims", b"99 a.rec-a-long-torn-line")  # SIGKILL mid-append: no newline
     reader = open_backend(f"file://{root}")
     try:
         assert await version_of(reader, store, "a") == 2
