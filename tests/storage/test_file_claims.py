@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -211,6 +212,17 @@ async def test_a_link_planted_at_the_journal_is_never_followed(
     journal = root / store / ".claims"
     assert stat.S_ISREG(os.lstat(journal).st_mode)
     assert stat.S_IMODE(os.lstat(journal).st_mode) == 0o600
+    assert await put(files, store, "a", b"stale", expected=1) == WriteOutcome(False, 2)
+
+
+async def test_a_fifo_planted_at_the_journal_hangs_nothing(files: StorageBackend, root: Path) -> None:
+    store = (await files.open_store(name="jobs")).id
+    await put(files, store, "a", b"a1")
+    os.mkfifo(root / store / ".claims", 0o600)
+    with anyio.fail_after(10):
+        assert await version_of(files, store, "a") == 1
+        assert await claim(files, store, "a") == [2]
+    assert stat.S_ISREG(os.lstat(root / store / ".claims").st_mode)
     assert await put(files, store, "a", b"stale", expected=1) == WriteOutcome(False, 2)
 
 

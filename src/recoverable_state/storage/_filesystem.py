@@ -266,18 +266,22 @@ class _ClaimsJournal:
     def refresh(self, *, repair: bool) -> None:
         """Mirror what was appended since the last call; `repair` (exclusive lock) cuts a torn tail off."""
         try:
-            fd = os.open(self.path, (os.O_RDWR if repair else os.O_RDONLY) | _NOFOLLOW)
+            # O_NONBLOCK: a FIFO planted there must not hang the store (no effect on a file).
+            fd = os.open(self.path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_NONBLOCK | _NOFOLLOW)
         except FileNotFoundError:
             self._restart(None)
             return
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.EISDIR):
                 raise
-            _log.warning("claims journal %s is not a file: not followed; a claim replaces it", self.path)
-            self._restart(None)
-            return
+            fd = -1
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd) if fd >= 0 else None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                _log.warning("claims journal %s is not a file: not followed; a claim replaces it", self.path)
+                self._restart(None)
+                return
+            size = st.st_size
             head = os.pread(fd, 128, 0)
             end = head.find(b"\n")
             if end < 0 or not head.startswith(_CLAIMS_MAGIC):
@@ -297,7 +301,8 @@ class _ClaimsJournal:
                     os.ftruncate(fd, self.offset)
                     os.fsync(fd)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def _mirror(self, data: bytes) -> None:
         versions, superseded = self.versions, self.superseded
