@@ -33,9 +33,10 @@ they are, every other character is percent-encoded with upper-case hex (so
 bytes is replaced by `~` and the SHA-256 of the key; no encoded key holds a
 `~`, so the two kinds never meet. The real key is in each file's header.
 
-Links: nothing is followed out of a store. Record, history and lock files are
-opened with O_NOFOLLOW, directories are checked with lstat, and a link planted
-in place of a record is replaced by the record, never written through.
+Links: nothing is followed out of a store. Record, history, lock and journal
+files are opened with O_NOFOLLOW, directories are checked with lstat, and a link
+planted in place of a record (or of the journal) is replaced by the record (or
+by a new journal at the next claim), never written through.
 
 Modes: a new record file is made private (0600) and a new directory 0700,
 since state often holds tokens and cursors; a record rewritten keeps the mode
@@ -45,7 +46,10 @@ One bad file spoils one record: a record file whose header cannot be read is
 answered with a RecordCorruptError for that key alone (the error carries the
 file's bytes as `raw`); a write to that key replaces it like an absent record.
 A disk that fills up in the middle of a batch fails the records that could not
-be written; the others are stored and answered as such.
+be written; the others are stored and answered as such. A claim that cannot be
+made durable is cut back off the journal, and the whole read fails. A journal
+line damaged on disk is skipped with a warning (its record falls back to its
+header's version) rather than failing every record of the store.
 """
 
 from __future__ import annotations
