@@ -3,13 +3,28 @@
 Layout under the root directory::
 
     <store id>/.store.json             {"id": ..., "name": ..., "format": 2}
-    <store id>/.lock                   flock held while a batch changes the store
+    <store id>/.lock                   flock: held shared to read, exclusive to change the store
+    <store id>/.claims                 the claims journal (see below)
     <store id>/<encoded key>.rec       one record: a JSON header line, then the value
     <store id>/.history/<encoded key>/<version>.rec
 
 A record is written to a temporary file in the same directory, fsynced, renamed
 over the old one, and the directory is fsynced: after a crash (SIGKILL or power
 loss) the file holds the whole old snapshot or the whole new one.
+
+Claims (fencing) do not rewrite record files: a claiming batch appends one
+line per claimed record, `<new version> <file name>`, to the store's journal
+`.claims` and syncs it once. While a record file exists, its version is the
+larger of the version in its header and its last journal line; a write stores
+`that + 1` in the header as ever. A record created afresh (absent or unreadable
+before) first appends `0 <file name>`, so that claims of a deleted record never
+reach its successor. The journal starts with a line naming its generation; it is
+written whole (temporary file and rename) when created and when compacted, which
+happens once it holds over twice as many lines as records it still raises (plus
+a slack), keeping only those lines. A line cut short by a crash is ignored, and
+cut off by the next process that changes the store. Each backend object keeps
+the journal in memory and reads, under the lock, only what other processes
+appended since; a new generation is read whole.
 
 Keys become file names one to one, also on a file system that ignores case
 (macOS, Windows): lower-case ASCII letters, digits, `-`, `_` and `.` stay as
@@ -18,9 +33,10 @@ they are, every other character is percent-encoded with upper-case hex (so
 bytes is replaced by `~` and the SHA-256 of the key; no encoded key holds a
 `~`, so the two kinds never meet. The real key is in each file's header.
 
-Links: nothing is followed out of a store. Record, history and lock files are
-opened with O_NOFOLLOW, directories are checked with lstat, and a link planted
-in place of a record is replaced by the record, never written through.
+Links: nothing is followed out of a store. Record, history, lock and journal
+files are opened with O_NOFOLLOW, directories are checked with lstat, and a link
+planted in place of a record (or of the journal) is replaced by the record (or
+by a new journal at the next claim), never written through.
 
 Modes: a new record file is made private (0600) and a new directory 0700,
 since state often holds tokens and cursors; a record rewritten keeps the mode
@@ -30,7 +46,10 @@ One bad file spoils one record: a record file whose header cannot be read is
 answered with a RecordCorruptError for that key alone (the error carries the
 file's bytes as `raw`); a write to that key replaces it like an absent record.
 A disk that fills up in the middle of a batch fails the records that could not
-be written; the others are stored and answered as such.
+be written; the others are stored and answered as such. A claim that cannot be
+made durable is cut back off the journal, and the whole read fails. A journal
+line damaged on disk is skipped with a warning (its record falls back to its
+header's version) rather than failing every record of the store.
 """
 
 from __future__ import annotations
@@ -46,9 +65,10 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +76,7 @@ from typing import TypeVar
 from urllib.parse import quote, unquote
 
 import anyio.to_thread
+import pydantic_core
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
 from ._backend import (
@@ -77,6 +98,9 @@ _FORMAT = 2  # 1: keys kept their case and "~" in file names
 _MAX_NAME = 200  # bytes of an encoded name before it is hashed (file names allow 255)
 _META = ".store.json"
 _LOCK = ".lock"
+_CLAIMS = ".claims"
+_CLAIMS_MAGIC = b"recoverable-state claims 1 "
+_CLAIMS_SLACK = 1024  # journal lines allowed beyond twice the live ones before it is compacted
 _HISTORY = ".history"
 _SUFFIX = ".rec"
 _FSYNC_THREADS = 8
@@ -153,14 +177,25 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_bytes(path: Path, limit: int = -1) -> bytes | None:
-    """A file's bytes (its first line only, with `limit=0`); None when absent. Links are refused."""
+def _read_bytes(path: str | Path, limit: int = -1) -> bytes | None:
+    """A file's bytes (its first line only, with `limit=0`); None when absent. Links are refused.
+
+    Plain `os.read` calls: a buffered file object costs more than the read itself.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        return fh.readline() if limit == 0 else fh.read()
+    try:
+        chunks = []
+        while chunk := os.read(fd, 8192 if limit == 0 else 65536):
+            if limit == 0 and (end := chunk.find(b"\n")) >= 0:
+                chunks.append(chunk[: end + 1])
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _parse_header(head: bytes) -> tuple[str, str, int, datetime]:
@@ -168,7 +203,7 @@ def _parse_header(head: bytes) -> tuple[str, str, int, datetime]:
     if not head.strip():
         raise ValueError("no header line")
     try:
-        meta = json.loads(head)
+        meta = pydantic_core.from_json(head, cache_strings="keys")  # about 5x json.loads on a header
         return (
             meta["key"],
             meta["content_type"],
@@ -184,6 +219,184 @@ def _pack(key: str, value: bytes, content_type: str, version: int, updated_at: f
     return json.dumps(header, ensure_ascii=True).encode("ascii") + b"\n" + value
 
 
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` (fewer only when the file is shorter)."""
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _claim_lines(entries: Sequence[tuple[str, int]]) -> bytes:
+    return "".join([f"{version} {name}\n" for name, version in entries]).encode("ascii")
+
+
+class _ClaimsJournal:
+    """One store's claims journal (`.claims`), mirrored in memory; see the module docstring.
+
+    Every method is called with the store's lock held (exclusive where it changes
+    the file) and `mutex` held, so that threads of one process share the mirror.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mutex = threading.Lock()
+        self.versions: dict[str, int] = {}
+        """Record file name -> the version of its last journal line (lines of 0 drop it)."""
+        self.superseded: set[str] = set()
+        """Names whose header this process has since written above their journal version."""
+        self.generation: bytes | None = None
+        """The header line of the file mirrored; None when there is no journal."""
+        self.offset = 0
+        """Bytes of whole lines mirrored."""
+        self.lines = 0
+        """Entry lines in the file."""
+
+    def _restart(self, generation: bytes | None) -> None:
+        self.versions = {}
+        self.superseded = set()
+        self.generation = generation
+        self.offset = 0 if generation is None else len(generation)
+        self.lines = 0
+
+    def refresh(self, *, repair: bool) -> None:
+        """Mirror what was appended since the last call; `repair` (exclusive lock) cuts a torn tail off."""
+        try:
+            # O_NONBLOCK: a FIFO planted there must not hang the store (no effect on a file).
+            fd = os.open(self.path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_NONBLOCK | _NOFOLLOW)
+        except FileNotFoundError:
+            self._restart(None)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            fd = -1
+        try:
+            st = os.fstat(fd) if fd >= 0 else None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                _log.warning("claims journal %s is not a file: not followed; a claim replaces it", self.path)
+                self._restart(None)
+                return
+            size = st.st_size
+            head = os.pread(fd, 128, 0)
+            end = head.find(b"\n")
+            if end < 0 or not head.startswith(_CLAIMS_MAGIC):
+                # Never torn (it is written whole), so damaged on disk: ignored; a claim replaces it.
+                _log.warning("claims journal %s has no readable header: it is ignored", self.path)
+                self._restart(None)
+                return
+            generation = head[: end + 1]
+            if generation != self.generation or size < self.offset:
+                self._restart(generation)
+            if size > self.offset:
+                data = _pread_all(fd, size - self.offset, self.offset)
+                whole = data.rfind(b"\n") + 1
+                self._mirror(data[:whole])
+                self.offset += whole
+                if repair and whole < len(data):  # a line torn by a crash mid-append
+                    os.ftruncate(fd, self.offset)
+                    os.fsync(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _mirror(self, data: bytes) -> None:
+        versions, superseded = self.versions, self.superseded
+        bad = 0
+        lines = data.split(b"\n")
+        lines.pop()  # after the last newline
+        for line in lines:
+            number, sep, raw = line.partition(b" ")
+            if not (sep and number.isdigit() and raw.endswith(b".rec") and raw.isascii()) or b"/" in raw:
+                bad += 1
+                continue
+            name = raw.decode("ascii")
+            version = int(number)
+            superseded.discard(name)
+            if version:
+                versions[name] = version
+            else:
+                versions.pop(name, None)
+        self.lines += len(lines)
+        if bad:
+            _log.warning("claims journal %s: %d unreadable lines ignored", self.path, bad)
+
+    def append(self, entries: Sequence[tuple[str, int]]) -> None:
+        """Append claim lines (version 0: the record is created afresh) and make them durable."""
+        if self.generation is None:
+            self._rewrite({name: version for name, version in entries if version})
+            return
+        data = _claim_lines(entries)
+        fd = os.open(self.path, os.O_WRONLY | _NOFOLLOW)
+        try:
+            try:
+                view = memoryview(data)
+                at = self.offset
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+                _fdatasync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):  # a failed claim leaves no line behind
+                    os.ftruncate(fd, self.offset)
+                    os.fsync(fd)
+                raise
+        finally:
+            os.close(fd)
+        self.offset += len(data)
+        self.lines += len(entries)
+        for name, version in entries:
+            self.superseded.discard(name)
+            if version:
+                self.versions[name] = version
+            else:
+                self.versions.pop(name, None)
+
+    def _rewrite(self, versions: dict[str, int]) -> None:
+        """Replace the journal by a new generation holding `versions` (atomically)."""
+        generation = _CLAIMS_MAGIC + uuid.uuid4().hex.encode("ascii") + b"\n"
+        body = _claim_lines(list(versions.items()))
+        _write_atomically(self.path, generation + body)
+        _fsync_dir(self.path.parent)
+        self._restart(generation)
+        self.versions = versions
+        self.offset += len(body)
+        self.lines = len(versions)
+
+    def written(self, name: str, version: int) -> None:
+        """Note that a record's header now holds `version`: its journal line no longer counts."""
+        claimed = self.versions.get(name)
+        if claimed is not None and claimed < version:
+            self.superseded.add(name)
+
+    def compact(self, header_version: Callable[[str], int | None], known: Mapping[str, int]) -> None:
+        """Rewrite the journal with only the lines that still raise a record, once it grew long enough.
+
+        `header_version(name)` reads a header (None: absent or unreadable); `known` spares that read.
+        """
+        if self.lines <= 2 * (len(self.versions) - len(self.superseded)) + _CLAIMS_SLACK:
+            return
+        keep: dict[str, int] = {}
+        for name, version in self.versions.items():
+            if name in self.superseded:
+                continue
+            header = known[name] if name in known else header_version(name)
+            if header is not None and header < version:
+                keep[name] = version
+        try:
+            self._rewrite(keep)
+        except OSError as exc:  # the old journal stands, whole: compaction is tried again later
+            _log.warning("claims journal %s not compacted: %s", self.path, exc)
+
+
 class FileSystemBackend(StorageBackend):
     """Stores each record as one file; a batch is written by parallel threads, then synced."""
 
@@ -192,6 +405,7 @@ class FileSystemBackend(StorageBackend):
         self.url = f"file://{self.root.absolute()}"
         self._pool: ThreadPoolExecutor | None = None
         self._names: dict[str, str | None] = {}
+        self._journals: dict[str, _ClaimsJournal] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -245,13 +459,42 @@ class FileSystemBackend(StorageBackend):
         _fsync_dir(directory)
 
     @contextlib.contextmanager
-    def _locked(self, directory: Path) -> Iterator[None]:
-        fd = os.open(directory / _LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, _FILE_MODE)
+    def _locked(self, directory: Path, *, shared: bool = False) -> Iterator[None]:
+        """Hold the store's lock: exclusive to change it, shared to read it.
+
+        A reader that may not create the lock file (a read-only store) reads without it.
+        """
+        path = directory / _LOCK
+        fd: int | None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, _FILE_MODE)
+        except OSError as exc:
+            if not shared or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            try:
+                fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+            except FileNotFoundError:
+                fd = None  # nobody can have written this store since it became read-only
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # closing releases the lock
+            if fd is not None:
+                os.close(fd)  # closing releases the lock
+
+    @contextlib.contextmanager
+    def _claims(self, store_id: str, directory: Path, *, change: bool) -> Iterator[_ClaimsJournal]:
+        """Lock the store (exclusive to `change` it, else shared); bring its claims journal up to date."""
+        journal = self._journals.get(store_id)
+        if journal is None or journal.path.parent != directory:
+            journal = self._journals[store_id] = _ClaimsJournal(directory / _CLAIMS)
+        with self._locked(directory, shared=not change), journal.mutex:  # always this order
+            journal.refresh(repair=change)
+            yield journal
+
+    def _compact(self, journal: _ClaimsJournal, directory: Path, known: Mapping[str, int]) -> None:
+        journal.compact(lambda name: self._header_version(directory / name), known)
 
     async def _run(self, fn: Callable[[], T], store_id: str | None = None) -> T:
         def call() -> T:
@@ -276,14 +519,16 @@ class FileSystemBackend(StorageBackend):
         for _ in self._pool.map(fn, items):
             pass
 
-    def _corrupt(self, path: Path, store_id: str, key: str | None, problem: object) -> RecordCorruptError:
+    def _corrupt(
+        self, path: str | Path, store_id: str, key: str | None, problem: object
+    ) -> RecordCorruptError:
         return RecordCorruptError(
             f"record file {str(path)!r} has no readable header ({problem})",
             store=self._label(store_id),
             key=key,
         )
 
-    def _read_file(self, path: Path, store_id: str, key: str | None = None) -> StoredRecord | None:
+    def _read_file(self, path: str | Path, store_id: str, key: str | None = None) -> StoredRecord | None:
         """The record in a file; None when absent; RecordCorruptError (with `raw`) when unreadable."""
         data = _read_bytes(path)
         if data is None:
@@ -297,15 +542,15 @@ class FileSystemBackend(StorageBackend):
             raise error from exc
         return StoredRecord(found_key, value, content_type, version, updated_at)
 
-    def _stored_version(self, path: Path) -> int:
-        """The version in a record file's header; 0 when absent or unreadable (it is replaced)."""
+    def _header_version(self, path: Path) -> int | None:
+        """The version in a record file's header; None when absent or unreadable (it is replaced)."""
         head = _read_bytes(path, 0)
         if head is None:
-            return 0
+            return None
         try:
             return _parse_header(head)[2]
         except ValueError:
-            return 0
+            return None
 
     # -- stores -------------------------------------------------------------
 
@@ -356,6 +601,7 @@ class FileSystemBackend(StorageBackend):
             os.replace(directory, gone)
             _fsync_dir(self.root)
             self._names.pop(store_id, None)
+            self._journals.pop(store_id, None)
             shutil.rmtree(gone, ignore_errors=True)
 
         await self._run(drop, store_id)
@@ -387,33 +633,34 @@ class FileSystemBackend(StorageBackend):
         except StoreNotFoundError as exc:
             return [exc] * len(reads)
         claims = any(r.claim for r in reads)
-        with self._locked(directory) if claims else contextlib.nullcontext():
+        with self._claims(store_id, directory, change=claims) as journal:
             found: dict[Pair, StoredRecord] = {}
             broken: dict[str, StorageError] = {}
+            headers: dict[str, int] = {}  # file name -> header version, of the records read
+            claimed = journal.versions
+            base = f"{directory}{os.sep}"  # string paths: a Path per file costs as much as reading it
             for r in reads:
                 pair = (store_id, r.key)
                 if pair in found or r.key in broken:
                     continue
+                name = encode_key(r.key)
                 try:
-                    record = self._read_file(directory / encode_key(r.key), store_id, r.key)
+                    record = self._read_file(base + name, store_id, r.key)
                 except RecordCorruptError as exc:
                     broken[r.key] = exc
                     continue
                 if record is not None:
+                    headers[name] = record.version
+                    if (version := claimed.get(name, 0)) > record.version:
+                        record = record._replace(version=version)
                     found[pair] = record
             results, bumped = plan_reads(reads, found, {})
             for n, r in enumerate(reads):
                 if r.key in broken:
                     results[n] = broken[r.key]
-
-            def rewrite(pair: Pair) -> None:
-                rec = found[pair]
-                data = _pack(rec.key, rec.value, rec.content_type, bumped[pair], rec.updated_at.timestamp())
-                _write_atomically(directory / encode_key(rec.key), data)
-
-            if bumped:
-                self._map(rewrite, list(bumped))
-                _fsync_dir(directory)
+            if bumped:  # one append and one sync for the whole batch: no record file is rewritten
+                journal.append([(encode_key(key), version) for (_, key), version in bumped.items()])
+                self._compact(journal, directory, headers)
         return results
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
@@ -433,9 +680,25 @@ class FileSystemBackend(StorageBackend):
         except StoreNotFoundError as exc:
             return [exc] * len(writes)
         now = time.time()
-        with self._locked(directory):
-            stored = {(store_id, w.key): self._stored_version(directory / encode_key(w.key)) for w in writes}
+        with self._claims(store_id, directory, change=True) as journal:
+            stored: dict[Pair, int] = {}
+            stale: set[Pair] = set()  # absent (or unreadable) records whose old claims must end first
+            for w in writes:
+                pair = (store_id, w.key)
+                if pair in stored:
+                    continue
+                name = encode_key(w.key)
+                header = self._header_version(directory / name)
+                claimed = journal.versions.get(name, 0)
+                if header is None:
+                    stored[pair] = 0
+                    if claimed:
+                        stale.add(pair)
+                else:
+                    stored[pair] = max(header, claimed)
             plan = plan_writes(writes, stored, {})
+            if stale := {pair for pair in stale if pair in plan.rows}:
+                journal.append([(encode_key(key), 0) for _, key in stale])
             failed: dict[Pair, StorageError] = {}
 
             def put(pair: Pair) -> None:
@@ -472,6 +735,10 @@ class FileSystemBackend(StorageBackend):
 
             self._map(put, list(plan.rows))
             _fsync_dir(directory)
+            for pair, (w, version) in plan.rows.items():
+                if pair not in failed:
+                    journal.written(encode_key(w.key), version)
+            self._compact(journal, directory, {})
         return fail_records(plan, failed)
 
     @staticmethod
@@ -486,12 +753,12 @@ class FileSystemBackend(StorageBackend):
         def delete() -> bool:
             directory = self._store_dir(store_id)
             name = encode_key(key)
-            with self._locked(directory):
+            with self._claims(store_id, directory, change=True) as journal:
                 head = _read_bytes(directory / name, 0)
                 if head is None:
                     return False
                 try:
-                    current = _parse_header(head)[2]
+                    current = max(_parse_header(head)[2], journal.versions.get(name, 0))
                 except ValueError as exc:
                     if expected_version is not None:
                         raise self._corrupt(directory / name, store_id, key, exc) from exc
@@ -541,6 +808,15 @@ class FileSystemBackend(StorageBackend):
 
         def listing() -> list[RecordInfo]:
             directory = self._store_dir(store_id)
+            with self._claims(store_id, directory, change=False) as journal:
+                return [
+                    info
+                    if (v := journal.versions.get(encode_key(info.key), 0)) <= info.version
+                    else info._replace(version=v)
+                    for info in page(directory)
+                ]
+
+        def page(directory: Path) -> list[RecordInfo]:
             named: dict[str, str] = {}  # key -> file name
             headed: dict[str, RecordInfo] = {}  # what was read already, by key
             for name in os.listdir(directory):
@@ -591,6 +867,7 @@ class FileSystemBackend(StorageBackend):
                 for name in os.listdir(directory):
                     if not name.startswith(".") and name.endswith(_SUFFIX):
                         (directory / name).unlink(missing_ok=True)  # a link is removed, not followed
+                (directory / _CLAIMS).unlink(missing_ok=True)  # its records are gone
                 _fsync_dir(directory)
 
         await self._run(purge, store_id)
