@@ -14,6 +14,7 @@ from ._batching import Batcher, batcher_of
 from ._contract import (
     HistoryPlan,
     WritePlan,
+    claim_reads,
     compare_and_set,
     expected_outcomes,
     fail_records,
@@ -55,6 +56,7 @@ __all__ = [
     "WritePlan",
     "batcher_of",
     "check_key",
+    "claim_reads",
     "compare_and_set",
     "expected_outcomes",
     "fail_records",

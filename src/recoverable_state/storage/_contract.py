@@ -146,6 +146,33 @@ def fail_records(
     return outcomes
 
 
+def claim_reads(
+    reads: Sequence[RecordRead],
+    versions: Mapping[Pair, int],
+    missing: Mapping[str, StorageError],
+) -> tuple[list[int | StorageError | None], dict[Pair, int]]:
+    """The version each read answers with, from the stored versions; and each claimed record's new one.
+
+    A read answers None for an absent record and its store's error for a missing
+    store. Claims act one after another: two claims of one key in a batch bump it twice.
+    """
+    answers: list[int | StorageError | None] = []
+    bumped: dict[Pair, int] = {}
+    for r in reads:
+        if missing and r.store_id in missing:
+            answers.append(missing[r.store_id])
+            continue
+        pair = (r.store_id, r.key)
+        version = versions.get(pair)
+        if version is not None:
+            if r.claim:
+                version = bumped[pair] = bumped.get(pair, version) + 1
+            elif pair in bumped:
+                version = bumped[pair]
+        answers.append(version)
+    return answers, bumped
+
+
 def plan_reads(
     reads: Sequence[RecordRead],
     found: Mapping[Pair, StoredRecord],
@@ -153,29 +180,19 @@ def plan_reads(
 ) -> tuple[list[StoredRecord | StorageError | None], dict[Pair, int]]:
     """Answer a batch of reads from the records found, and the new version of each claimed one.
 
-    Claims act one after another: two claims of one key in a batch bump it twice.
+    `claim_reads` over the records' versions, answered with the records.
     """
+    answers, bumped = claim_reads(reads, {pair: record.version for pair, record in found.items()}, missing)
     results: list[StoredRecord | StorageError | None] = []
-    bumped: dict[Pair, int] = {}
-    for r in reads:
-        if missing and r.store_id in missing:
-            results.append(missing[r.store_id])
+    for r, answer in zip(reads, answers, strict=True):
+        if answer is None or isinstance(answer, StorageError):
+            results.append(answer)
             continue
-        pair = (r.store_id, r.key)
-        record = found.get(pair)
-        if record is None:
-            results.append(None)
-            continue
-        if r.claim:
-            version = bumped[pair] = bumped.get(pair, record.version) + 1
-        elif pair in bumped:
-            version = bumped[pair]
-        else:
-            results.append(record)
-            continue
-        # Built whole: NamedTuple._replace costs four times as much, for every claimed record.
-        key, value, content_type, _, updated_at = record
-        results.append(StoredRecord(key, value, content_type, version, updated_at))
+        record = found[(r.store_id, r.key)]
+        if answer != record.version:  # built whole: NamedTuple._replace costs four times as much
+            key, value, content_type, _, updated_at = record
+            record = StoredRecord(key, value, content_type, answer, updated_at)
+        results.append(record)
     return results, bumped
 
 

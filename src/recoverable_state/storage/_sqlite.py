@@ -23,7 +23,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
-from ._contract import by_store, compare_and_set, expected_outcomes, plan_reads, plan_writes
+from ._contract import by_store, claim_reads, compare_and_set, expected_outcomes, plan_writes
 
 T = TypeVar("T")
 
@@ -247,12 +247,17 @@ class SQLiteBackend(StorageBackend):
             missing = self._missing_stores(conn, {r.store_id for r in reads})
             pairs = [(r.store_id, r.key) for r in reads if r.store_id not in missing]
             rows = self._select(conn, f"value, content_type, {_VERSION}, updated_at", "records", pairs)
+            found = {(row[0], row[1]): row for row in rows}
+            answers, bumped = claim_reads(reads, {pair: row[4] for pair, row in found.items()}, missing)
             stamps: dict[float, datetime] = {}  # the records written in one batch share their time
-            found = {
-                (r[0], r[1]): StoredRecord(r[1], r[2], r[3], r[4], stamps.get(r[5]) or _stamp(stamps, r[5]))
-                for r in rows
-            }
-            results, bumped = plan_reads(reads, found, missing)
+            results: list[StoredRecord | StorageError | None] = []
+            for r, answer in zip(reads, answers, strict=True):
+                if answer is None or isinstance(answer, StorageError):
+                    results.append(answer)
+                    continue
+                _, key, value, content_type, _, at = found[(r.store_id, r.key)]
+                stamp = stamps.get(at) or _stamp(stamps, at)
+                results.append(StoredRecord(key, value, content_type, answer, stamp))
             conn.executemany(
                 "INSERT INTO versions (store_id, key, version) VALUES (?, ?, ?) "
                 "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
