@@ -35,7 +35,9 @@ from servers import (
     start_or_skip,
 )
 
-pytestmark = pytest.mark.anyio
+# Under pytest-xdist (--dist loadgroup) every test here runs on one worker, so the
+# module's private servers start once.
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("private-servers")]
 
 BYTES = "application/octet-stream"
 
