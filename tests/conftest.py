@@ -1,8 +1,9 @@
 """Shared fixtures: every async test runs on asyncio and on trio; real servers on demand.
 
 The Redis and PostgreSQL servers start once per session (once in each
-pytest-xdist worker), on first use, on free loopback ports. When a server binary is missing the tests that need it are
-skipped, or fail when the `CI` environment variable is set (CI runs every backend).
+pytest-xdist worker), on first use, on free loopback ports. When a server
+binary is missing the tests that need it are skipped, or fail when the `CI`
+environment variable is set (CI runs every backend).
 """
 
 from __future__ import annotations

@@ -721,7 +721,8 @@ async def test_the_event_loop_stays_responsive(backend: StorageBackend) -> None:
         stalls.append(await longest_stall(run))
         if stalls[-1] < 0.3:
             break
-    assert min(stalls) < 0.3, f"the event loop stalled in every run: {', '.join(f'{s:.3f} s' for s in stalls)}"
+    shown = ", ".join(f"{s:.3f} s" for s in stalls)
+    assert min(stalls) < 0.3, f"the event loop stalled in every run: {shown}"
 
 
 async def test_a_dropped_store_fails_only_its_own_requests_in_a_batch(backend: StorageBackend) -> None:
