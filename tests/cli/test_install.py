@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-# Under pytest-xdist (--dist loadgroup) every test here runs on one worker, so the wheel
-# and the virtualenv of the module's fixture are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("plain-install")]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRA = {"typer", "rich"}

@@ -35,9 +35,7 @@ from servers import (
     start_or_skip,
 )
 
-# Under pytest-xdist (--dist loadgroup) every test here runs on one worker, so the
-# module's private servers start once.
-pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("private-servers")]
+pytestmark = pytest.mark.anyio
 
 BYTES = "application/octet-stream"
 
