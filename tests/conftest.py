@@ -1,8 +1,9 @@
 """Shared fixtures: every async test runs on asyncio and on trio; real servers on demand.
 
-The Redis and PostgreSQL servers start once per session, on first use, on free
-loopback ports. When a server binary is missing the tests that need it are
-skipped, or fail when the `CI` environment variable is set (CI runs every backend).
+The Redis and PostgreSQL servers start once per session (once in each
+pytest-xdist worker), on first use, on free loopback ports. When a server
+binary is missing the tests that need it are skipped, or fail when the `CI`
+environment variable is set (CI runs every backend).
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ def server_dir() -> Iterator[Path]:
     """A directory the `postgres` user can reach (pytest's tmp dirs are private to root).
 
     Set RECOVERABLE_STATE_TEST_SERVER_DIR to keep the servers' data and logs there.
+    Each pytest-xdist worker starts servers of its own, so each keeps them in a
+    directory of its own under it (`gw0`, `gw1`, ...).
     """
     kept = os.environ.get("RECOVERABLE_STATE_TEST_SERVER_DIR")
-    path = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="rs-test-servers-"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if kept:
+        path = Path(kept) / worker if worker else Path(kept)
+    else:
+        path = Path(tempfile.mkdtemp(prefix=f"rs-test-servers-{worker or 'main'}-"))
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o755)
     yield path

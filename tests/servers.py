@@ -334,18 +334,41 @@ class PostgresServer:
         _stop(self.proc, signal.SIGINT, timeout=30.0)
 
 
-def start_or_skip(make: Callable[[], TServer]) -> TServer:
-    """Build and start a server in a test; skip it (fail under CI) when a binary is missing."""
+def start_or_skip(make: Callable[[], TServer], attempts: int = 3) -> TServer:
+    """Build and start a server in a test; skip it (fail under CI) when a binary is missing.
+
+    A free port can be taken by another process (another pytest-xdist worker starting
+    its servers) before the server binds it: then the server is built again, on a
+    port `make` picks anew, up to `attempts` times.
+    """
     import pytest
 
-    try:
-        server = make()
-    except ServerUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc} (CI is set, so this is a failure, not a skip)")
-        pytest.skip(str(exc))
-    server.start()
-    return server
+    for attempt in range(attempts):
+        try:
+            server = make()
+        except ServerUnavailable as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{exc} (CI is set, so this is a failure, not a skip)")
+            pytest.skip(str(exc))
+        try:
+            server.start()
+        except RuntimeError:
+            server.stop()
+            if attempt == attempts - 1 or _port_is_free(server.port):
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` (so a failed start was not a port clash)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def flush_redis(url: str) -> None:

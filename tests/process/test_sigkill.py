@@ -4,6 +4,11 @@ A worker changes 120 states without pause, persists them on a 20 ms timer and by
 hand in a loop (racing the timer), and is SIGKILLed at a random moment; then the
 test reads every record with the library. The rounds alternate asyncio and trio
 workers on one store, so each loop also resumes what the other left behind.
+
+The kill moments are spread over the first WINDOW seconds of writing on purpose
+(stratified: round i is killed at a random moment of the i-th slice), so a
+dozen kills reach from the first inserts to the steady updates that thirty
+unplanned ones would hit only by luck.
 """
 
 from __future__ import annotations
@@ -21,8 +26,21 @@ from worker import Item, is_whole, key_of
 
 pytestmark = pytest.mark.slow
 
-KILLS = 30
+KILLS = 12
 STATES = 120
+WINDOW = 0.25
+"""Seconds after READY within which the kills fall."""
+
+
+def kill_delays(rng: random.Random) -> list[float]:
+    """One delay per round, each inside its own slice of the window, in shuffled order.
+
+    The shuffle keeps early and late kills on both runtimes and in any order of
+    what the store holds when the round starts.
+    """
+    slices = [(i + rng.random()) * WINDOW / KILLS for i in range(KILLS)]
+    rng.shuffle(slices)
+    return slices
 
 
 def total(values: dict[str, Any]) -> int:
@@ -39,8 +57,9 @@ def test_sigkill_during_heavy_persistence_leaves_whole_snapshots(tmp_path: Path,
     default = Item().model_dump(mode="json")
     previous: dict[str, Any] = {}
     progressed = 0
+    delays = kill_delays(rng)
     try:
-        for round_ in range(KILLS):
+        for round_, delay in enumerate(delays):
             backend = ("asyncio", "trio")[round_ % 2]
             worker = workers.start(
                 backend,
@@ -48,7 +67,7 @@ def test_sigkill_during_heavy_persistence_leaves_whole_snapshots(tmp_path: Path,
                 *("--note-size", "400", "--explicit", "20"),
             )
             worker.wait_for_line("READY")
-            time.sleep(rng.uniform(0.0, 0.25))
+            time.sleep(delay)
             assert worker.proc.poll() is None, f"seed {seed}: worker ended on its own: {worker.stderr()}"
             worker.proc.send_signal(signal.SIGKILL)
             assert worker.proc.wait(10) == -signal.SIGKILL

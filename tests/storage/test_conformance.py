@@ -678,36 +678,51 @@ async def test_random_batches_behave_like_the_memory_backend(
 
 
 async def test_the_event_loop_stays_responsive(backend: StorageBackend) -> None:
-    """Blocking work runs in threads: a ticker keeps ticking through big reads and writes."""
+    """Blocking work runs in threads: a ticker keeps ticking through big reads and writes.
+
+    Work done on the event loop stalls the ticker every time; a busy machine (other
+    processes, other test workers) can stall it once by chance. So the measurement
+    is repeated, on new keys, up to three times, and one run without a stall passes.
+    """
     kvs = await open_store(backend)
     big = os.urandom(5 * 1024 * 1024)
-    gaps: list[float] = []
 
-    async def ticker(done: anyio.Event) -> None:
-        last = anyio.current_time()
-        while not done.is_set():
-            await anyio.sleep(0.005)
-            now = anyio.current_time()
-            gaps.append(now - last)
-            last = now
+    async def longest_stall(run: int) -> float:
+        gaps: list[float] = []
 
-    async def work() -> None:
-        async with anyio.create_task_group() as tg:
+        async def ticker(done: anyio.Event) -> None:
+            last = anyio.current_time()
+            while not done.is_set():
+                await anyio.sleep(0.005)
+                now = anyio.current_time()
+                gaps.append(now - last)
+                last = now
+
+        async def work() -> None:
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(kvs.put_record, f"big-{run}-{i}", big, BYTES)
+                for i in range(1000):
+                    tg.start_soon(kvs.put_record, f"small-{run}-{i}", b"x" * 600, BYTES)
             for i in range(3):
-                tg.start_soon(kvs.put_record, f"big-{i}", big, BYTES)
-            for i in range(1000):
-                tg.start_soon(kvs.put_record, f"small-{i}", b"x" * 600, BYTES)
-        for i in range(3):
-            await kvs.get_record(f"big-{i}")
-        await kvs.list_keys()
+                await kvs.get_record(f"big-{run}-{i}")
+            await kvs.list_keys()
 
-    done = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker, done)
-        await work()
-        done.set()
-    assert gaps
-    assert max(gaps) < 0.3, f"the event loop stalled for {max(gaps):.3f} s"
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker, done)
+            await work()
+            done.set()
+        assert gaps
+        return max(gaps)
+
+    stalls: list[float] = []
+    for run in range(3):
+        stalls.append(await longest_stall(run))
+        if stalls[-1] < 0.3:
+            break
+    shown = ", ".join(f"{s:.3f} s" for s in stalls)
+    assert min(stalls) < 0.3, f"the event loop stalled in every run: {shown}"
 
 
 async def test_a_dropped_store_fails_only_its_own_requests_in_a_batch(backend: StorageBackend) -> None:

@@ -117,10 +117,12 @@ async def test_a_caller_in_someone_elses_batch_leaves_at_once_and_the_batch_land
 async def test_a_failing_batch_fails_every_write_in_it_and_the_next_batch_runs() -> None:
     class FailOnce(MemoryBackend):
         failed = False
+        entered = anyio.Event()  # the failing batch is on its way to the store
 
         async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
             if not self.failed:
                 self.failed = True
+                self.entered.set()
                 await anyio.sleep(0.02)
                 raise StorageError("disk full", store="default")
             return await super().write_batch(writes)
@@ -137,7 +139,7 @@ async def test_a_failing_batch_fails_every_write_in_it_and_the_next_batch_runs()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(write, "a")
-        await anyio.sleep(0.005)
+        await backend.entered.wait()  # "a" travels alone: "b" can only join the next batch
         tg.start_soon(write, "b")
     assert errors == ["a: store 'default': disk full"]
     assert await kvs.get_value("b") == b"x"
