@@ -442,7 +442,10 @@ async def _write_held(
     errors: list[Exception] = []
     if doubtful:
         errors += await _resolve_doubts(doubtful, timeout, tally)
-    todo = [s for s in slots if not (doubtful and (s.in_doubt is not None or not s.enabled))]
+    todo = [s for s in slots if s.in_doubt is None and s.enabled] if doubtful else list(slots)
+    big = len(todo) >= PAUSE_COLLECTOR_AT
+    if big:
+        await anyio.lowlevel.checkpoint()  # each pass over 100,000 states gets a step of its own
     edits = await claim_edits(todo, timeout)  # never a snapshot while a worker is in editing()
     if edits.waited_out:
         held = "waiting for the worker's editing() to end before saving"
@@ -464,10 +467,8 @@ async def _write_held(
                 await anyio.lowlevel.checkpoint()
         if puts:
             await _write_prepared(writing, puts, errors, failed, tally)
-    if big:  # the collector wakes to a young generation as big as the batch: let it run alone
+    if big:  # the gates are left in a step after the collector's
         with anyio.CancelScope(shield=True):
-            await anyio.lowlevel.checkpoint()
-            gc.collect(0)
             await anyio.lowlevel.checkpoint()
     if scope.cancelled_caught:
         errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
@@ -539,6 +540,7 @@ async def _write_prepared(
             slot.in_doubt = write.value
         raise
     # Settled (and freed) in slices too: 100,000 settles in one go held the event loop 300 ms.
+    big = len(writing) >= PAUSE_COLLECTOR_AT
     deadline = time.perf_counter() + SLICE_SECONDS
     while writing:
         chunk = zip(writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], strict=True)
@@ -556,6 +558,9 @@ async def _write_prepared(
             with anyio.CancelScope(shield=True):  # what landed is settled, also when cancelled
                 await anyio.lowlevel.checkpoint()
             deadline = time.perf_counter() + SLICE_SECONDS
+    if big:  # the collector wakes next: its first run (about 10 ms) gets a step of its own
+        with anyio.CancelScope(shield=True):
+            await anyio.lowlevel.checkpoint()
 
 
 async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None, tally: Tally) -> list[Exception]:
