@@ -289,9 +289,7 @@ class RecoverableState(Generic[TStateModel]):
         kvs = stores.get((self._kvs_name, self._kvs_id))
         if kvs is None:
             return None
-        slot = self._make_slot()
-        slot.kvs = kvs
-        check_key(self._key, store=kvs.label)
+        self._make_slot().kvs = kvs
         self._take_owner(kvs, claimed)
         return True
 
@@ -300,7 +298,11 @@ class RecoverableState(Generic[TStateModel]):
         stores: dict[tuple[str | None, str | None], KeyValueStore],
         claimed: set[tuple[str, str, str]],
     ) -> bool:
-        """Get ready to load: True when the record must be read, False when there is nothing to do."""
+        """Get ready to load: True when the record must be read, False when there is nothing to do.
+
+        The state's store is opened here (a state of a store already in `stores` takes
+        `_claim_in_known_store` instead).
+        """
         if self._active:
             return False
         slot = self._make_slot()
@@ -308,13 +310,9 @@ class RecoverableState(Generic[TStateModel]):
             slot.take(self._fresh_default(), synced=False)
             self._begin()
             return False
-        by = (self._kvs_name, self._kvs_id)
-        if self._kvs_factory is None and by in stores:
-            slot.kvs = stores[by]
         kvs = await self._open_kvs()
         if self._kvs_factory is None:
-            stores.setdefault(by, kvs)
-        check_key(self._key, store=kvs.label)
+            stores.setdefault((self._kvs_name, self._kvs_id), kvs)
         self._take_owner(kvs, claimed)
         return True
 
@@ -366,6 +364,8 @@ class RecoverableState(Generic[TStateModel]):
         return self._slot.codec.copy(self._default)
 
     def _take_owner(self, kvs: KeyValueStore, claimed: set[tuple[str, str, str]]) -> None:
+        """Check the key, and make this state its record's one user in this process."""
+        check_key(self._key, store=kvs.label)
         owner_key = (kvs.storage.url, kvs.id, self._key)
         ref = _owners.get(owner_key)
         other = ref() if ref is not None else None
