@@ -529,7 +529,7 @@ async def _write_prepared(
     Empties both lists as it goes: their records are freed a chunk at a time.
     """
     try:
-        outcomes = list(await KeyValueStore.put_together(puts))
+        outcomes = await KeyValueStore.put_together(puts)  # a list of its own: emptied as settled
     except StorageError as exc:  # the whole batch failed: it may have landed before failing
         for slot, (_, write) in zip(writing, puts, strict=True):
             slot.in_doubt = write.value
