@@ -24,6 +24,7 @@ The rules:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import NamedTuple, TypeVar
 
 from .._errors import StorageError
@@ -33,6 +34,10 @@ T = TypeVar("T")
 
 Pair = tuple[str, str]
 """A record's place: (store id, key)."""
+
+_pair = attrgetter("store_id", "key")
+_expected_version = attrgetter("expected_version")
+_keep_history = attrgetter("keep_history")
 
 BATCH_BYTES = 64 * 1024 * 1024
 """Values of one statement or script call at most (Redis blocks while a script runs;
@@ -116,19 +121,14 @@ def expected_outcomes(writes: Sequence[RecordWrite]) -> list[WriteOutcome] | Non
     fall back to `plan_writes` when one did not: the answer is then the same,
     without reading the stored versions first.
     """
-    outcomes: list[WriteOutcome] = []
-    made: dict[int, WriteOutcome] = {}  # immutable, so shared: most writes of a batch reach one version
-    for w in writes:
-        expected = w.expected_version
-        if expected is None or w.keep_history > 0:
-            return None
-        outcome = made.get(expected)
-        if outcome is None:
-            outcome = made[expected] = WriteOutcome(True, expected + 1)
-        outcomes.append(outcome)
-    if len({(w.store_id, w.key) for w in writes}) != len(writes):
+    versions = list(map(_expected_version, writes))
+    if None in versions or any(map(_keep_history, writes)):
         return None
-    return outcomes
+    if len(set(map(_pair, writes))) != len(writes):
+        return None
+    # Shared, as they are immutable: most writes of a batch reach one version.
+    made = {expected: WriteOutcome(True, expected + 1) for expected in set(versions)}
+    return list(map(made.__getitem__, versions))
 
 
 def fail_records(
