@@ -147,6 +147,86 @@ async def test_a_change_to_a_state_loaded_from_the_store_is_persisted(store: str
     await state.teardown()
 
 
+_EXPLICIT: Literal["explicit_only"] = "explicit_only"
+
+
+class OpenPage(BaseModel, extra="allow"):
+    url: str = ""
+
+
+class CheckedPage(BaseModel, validate_assignment=True):
+    url: str = ""
+
+
+@dataclasses.dataclass
+class RawPage:
+    url: str = ""
+
+
+class Mixed(BaseModel):
+    """Containers holding parts that cannot be watched, after parts that can."""
+
+    grid: list[list[int]] = []
+    open_pages: list[OpenPage] = []
+    checked: dict[str, CheckedPage] = {}
+    nested: list[list[OpenPage]] = []
+    raw: list[RawPage] = []
+
+
+def mixed() -> Mixed:
+    return Mixed(
+        grid=[[1], [2]],
+        open_pages=[OpenPage(url="a", status=200), OpenPage(url="b")],
+        checked={"x": CheckedPage(url="x")},
+        nested=[[OpenPage(url="n")]],
+        raw=[RawPage(url="r")],
+    )
+
+
+@pytest.mark.parametrize("loaded_from", ["default", "store"])
+async def test_parts_that_cannot_be_watched_are_kept_whole_and_their_changes_persisted(
+    store: str, loaded_from: str
+) -> None:
+    if loaded_from == "store":
+        first = RecoverableState(default_state=mixed, persist_state_key="m", persistence_enabled=_EXPLICIT)
+        await first.initialize()
+        await first.teardown()
+    default = Mixed if loaded_from == "store" else mixed
+    state = RecoverableState(default_state=default, persist_state_key="m", persistence_enabled=_EXPLICIT)
+    value = await state.initialize()
+    assert value == mixed()  # handing the value out emptied no container
+    value.open_pages[1].url = "changed"
+    value.nested[0].append(OpenPage(url="m"))
+    value.raw[0].url = "changed too"
+    await state.persist_state()
+    assert await persisted_equal(state)
+    await state.teardown()
+    again = RecoverableState(default_state=Mixed, persist_state_key="m", persistence_enabled=_EXPLICIT)
+    assert (await again.initialize()).open_pages[1].url == "changed"
+    await again.teardown()
+
+
+@pytest.mark.parametrize("top", ["list", "dict"])
+async def test_a_top_level_container_of_parts_that_cannot_be_watched_is_kept_whole(
+    store: str, top: str
+) -> None:
+    def default() -> Any:
+        return [RawPage(url="a"), RawPage(url="b")] if top == "list" else {"a": RawPage(url="a")}
+
+    kind: Any = list[RawPage] if top == "list" else dict[str, RawPage]
+    first = RecoverableState[kind](
+        default_state=default, persist_state_key="t", persistence_enabled=_EXPLICIT
+    )
+    assert await first.initialize() == default()
+    await first.teardown()
+    state = RecoverableState[kind](
+        default_state=default, persist_state_key="t", persistence_enabled=_EXPLICIT
+    )
+    value = await state.initialize()
+    assert value == default()
+    await state.teardown()
+
+
 async def test_parts_put_in_after_a_persist_are_watched_too(store: str) -> None:
     state = RecoverableState(default_state=loaded, persist_state_key="k", persistence_enabled="explicit_only")
     value = await state.initialize()

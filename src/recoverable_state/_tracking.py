@@ -348,7 +348,14 @@ class _Adopter:
             tracked = TrackedSet(plain)
         plain.clear()  # its items now have one holder, the copy
         tracked._mark = self.mark
-        self.children(tracked, depth)
+        try:
+            self.children(tracked, depth)
+        except BaseException:  # an item cannot be watched: `plain` stays in use, so refill it
+            if kind is list:
+                plain.extend(tracked)
+            else:
+                plain.update(tracked)
+            raise
         return tracked
 
     def children(self, container: Any, depth: int, *, named: bool = False) -> None:
