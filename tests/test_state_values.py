@@ -142,6 +142,93 @@ async def test_a_stored_field_the_model_no_longer_has_is_named_in_a_warning(
         await new.teardown()
 
 
+class _Page(BaseModel):
+    url: str = ""
+
+
+class _Crawl(BaseModel):
+    pages: list[_Page] = []
+    seen: dict[str, _Page] = {}
+
+
+class _OpenPage(BaseModel, extra="allow"):
+    url: str = ""
+
+
+class _OpenCrawl(BaseModel):
+    pages: list[_OpenPage] = []
+
+
+async def _put_record(key: str, data: bytes) -> None:
+    kvs = await KeyValueStore.open()
+    await kvs.put_record(key, data, "application/json")
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        (b'{"pages": [{"url": "a"}, {"url": "b", "status": 200}], "seen": {}}', "'pages.1.status'"),
+        (b'{"pages": [], "seen": {"x": {"url": "x", "depth": 2}}}', "'seen.x.depth'"),
+        (b'{"pages": [], "seen": {}, "budget": 5}', "'budget'"),
+    ],
+)
+async def test_a_nested_field_the_model_no_longer_has_is_named_and_written_away(
+    store: str, caplog: pytest.LogCaptureFixture, data: bytes, where: str
+) -> None:
+    await _put_record("crawl", data)
+    async with EventManager() as manager:
+        state = RecoverableState(
+            default_state=_Crawl(), persist_state_key="crawl", persistence_enabled=True, event_manager=manager
+        )
+        with caplog.at_level(logging.WARNING, logger="recoverable_state"):
+            await state.initialize()
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert where in warning.getMessage()
+        await persist_event(manager)  # unchanged, but the stored record still holds the field
+        assert await stored_bytes("crawl") == state.current_value.model_dump_json().encode()
+        await state.teardown()
+
+
+async def test_a_record_with_only_known_fields_loads_without_a_warning_or_a_write(
+    store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not the bytes the model writes (spaces, another key order), but nothing unknown in it.
+    data = b'{ "seen": {"x": {"url": "x"}},\n  "pages": [ {"url": "a"} ] }'
+    await _put_record("crawl", data)
+    async with EventManager() as manager:
+        state = RecoverableState(
+            default_state=_Crawl(), persist_state_key="crawl", persistence_enabled=True, event_manager=manager
+        )
+        with caplog.at_level(logging.WARNING, logger="recoverable_state"):
+            value = await state.initialize()
+        assert value == _Crawl(pages=[_Page(url="a")], seen={"x": _Page(url="x")})
+        await persist_event(manager)
+        assert await stored_bytes("crawl") == data
+        await state.teardown()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_unknown_keys_a_model_keeps_are_not_called_dropped(
+    store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = b'{"pages":[{"url":"a","status":200}]}'
+    await _put_record("crawl", data)
+    async with EventManager() as manager:
+        state = RecoverableState(
+            default_state=_OpenCrawl(),
+            persist_state_key="crawl",
+            persistence_enabled=True,
+            event_manager=manager,
+        )
+        with caplog.at_level(logging.WARNING, logger="recoverable_state"):
+            value = await state.initialize()
+        assert value.pages[0].model_extra == {"status": 200}
+        await persist_event(manager)
+        assert await stored_bytes("crawl") == data
+        await state.teardown()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_reset_keeps_the_object_the_worker_holds_live(store: str) -> None:
     class Progress(BaseModel):
         done: int = 0
