@@ -25,6 +25,7 @@ from recoverable_state.storage import (
     RecordRead,
     RecordWrite,
     StorageBackend,
+    StoredRecord,
     WriteOutcome,
     batcher_of,
     open_backend,
@@ -292,6 +293,24 @@ async def test_unusual_keys(backend: StorageBackend) -> None:
     for key in ODD_KEYS:
         await kvs.delete_value(key)
     assert await kvs.list_keys() == []
+
+
+async def test_unusual_keys_are_claimed_and_fenced_in_one_batch(backend: StorageBackend) -> None:
+    kvs = await open_store(backend)
+    other = await open_store(backend, "other-store")
+    for key in ODD_KEYS:
+        await kvs.set_value(key, 1)
+        await other.set_value(key, 2)  # the same keys in another store stay as they are
+    read = await KeyValueStore.get_together([(kvs, key, True) for key in ODD_KEYS])
+    assert [r.version if isinstance(r, StoredRecord) else r for r in read] == [2] * len(ODD_KEYS)
+    for key in ODD_KEYS:
+        record = await kvs.get_record(key)
+        assert record is not None and record.version == 2, key[:20]
+        outcome = await kvs.put_record(key, b"stale", BYTES, expected_version=1)
+        assert outcome == WriteOutcome(False, 2), key[:20]
+        assert await kvs.put_record(key, b"owner", BYTES, expected_version=2) == WriteOutcome(True, 3)
+        stays = await other.get_record(key)
+        assert stays is not None and stays.version == 1, key[:20]
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import pytest
 
 from recoverable_state import RecoverableState
 from recoverable_state.storage import KeyValueStore, RecordRead, RecordWrite, WriteOutcome, open_backend
+from recoverable_state.storage import _sqlite as sqlite_module
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +145,26 @@ def test_processes_opening_a_0_1_database_together_all_see_every_version(tmp_pat
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err.decode()
         assert out.decode().strip() == "7"
+
+
+async def test_claims_land_also_on_a_sqlite_without_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite built without JSON claims with a statement per record, with the same outcome."""
+    real_connect = sqlite_module.SQLiteBackend._connect
+
+    def without_json(self: sqlite_module.SQLiteBackend) -> object:
+        conn = real_connect(self)
+        self._json = False
+        return conn
+
+    monkeypatch.setattr(sqlite_module.SQLiteBackend, "_connect", without_json)
+    async with open_backend(f"sqlite:///{tmp_path / 'state.sqlite3'}") as backend:
+        kvs = await KeyValueStore.open(name="plain", storage=backend)
+        keys = ["a", 'quote " and \\ slash', "emoji 🙂"]
+        for key in keys:
+            await kvs.set_value(key, 1)
+        records = await KeyValueStore.get_together([(kvs, key, True) for key in keys])
+        assert [getattr(r, "version", None) for r in records] == [2, 2, 2]
+        for key in keys:
+            assert (await kvs.put_record(key, b"1", "application/json", expected_version=1)).applied is False

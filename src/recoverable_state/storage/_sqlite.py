@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -184,6 +185,7 @@ class SQLiteBackend(StorageBackend):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._checkpointer = _Checkpointer(self.path.absolute())
+        self._json = True  # whether this SQLite has json_each (built in since 3.38)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -215,6 +217,10 @@ class SQLiteBackend(StorageBackend):
             except BaseException:
                 conn.close()
                 raise
+            try:
+                conn.execute("SELECT count(*) FROM json_each('{}')")
+            except sqlite3.OperationalError:
+                self._json = False
             self._conn = conn
         return self._conn
 
@@ -344,14 +350,34 @@ class SQLiteBackend(StorageBackend):
                 _, key, value, content_type, _, at = found[(r.store_id, r.key)]
                 stamp = stamps.get(at) or _stamp(stamps, at)
                 results.append(StoredRecord(key, value, content_type, answer, stamp))
+            self._claim(conn, bumped)
+            return results
+
+        return await self._run(read, write=claims)
+
+    def _claim(self, conn: sqlite3.Connection, bumped: dict[tuple[str, str], int]) -> None:
+        """Store the claimed versions: one statement per store, its claims as one JSON object.
+
+        A statement per claim costs 4 us a row in binding and stepping, half the work.
+        (A SQLite built without JSON gets a statement per claim.)
+        """
+        if not self._json:
             conn.executemany(
                 "INSERT INTO versions (store_id, key, version) VALUES (?, ?, ?) "
                 "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
                 [(sid, key, version) for (sid, key), version in bumped.items()],
             )
-            return results
-
-        return await self._run(read, write=claims)
+            return
+        claims: dict[str, dict[str, int]] = {}
+        for (store_id, key), version in bumped.items():
+            claims.setdefault(store_id, {})[key] = version
+        for store_id, versions in claims.items():
+            conn.execute(
+                "INSERT INTO versions (store_id, key, version) "
+                "SELECT ?, key, value FROM json_each(?) WHERE true "
+                "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
+                (store_id, json.dumps(versions, ensure_ascii=False)),
+            )
 
     async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
         def write(conn: sqlite3.Connection) -> list[WriteOutcome | StorageError]:
