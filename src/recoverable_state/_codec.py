@@ -257,8 +257,10 @@ class StateCodec:
         if self._forbid_first:
             # The usual record has no key the type lacks: refusing unknown keys, at every
             # depth, proves in the validation itself that nothing was dropped.
-            with contextlib.suppress(ValidationError):  # unknown keys, or a bad record
+            try:
                 return self.validator.validate_json(data, extra="forbid"), []
+            except ValidationError:  # unknown keys, or a bad record
+                pass
         value = self.validator.validate_json(data)
         # Serialising the value gives the stored bytes back when no field was dropped (where
         # validation cannot tell): a fifth of the cost of walking the record for them.

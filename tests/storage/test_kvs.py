@@ -20,6 +20,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recoverable_state import Configuration, InvalidKeyError, StoreNotFoundError, service_locator
 from recoverable_state.storage import (
@@ -28,8 +30,10 @@ from recoverable_state.storage import (
     KeyValueStore,
     RecordWrite,
     StorageBackend,
+    check_key,
     open_backend,
 )
+from recoverable_state.storage._kvs import MAX_KEY_LENGTH
 
 pytestmark = pytest.mark.anyio
 
@@ -498,3 +502,25 @@ async def test_a_postgresql_schema_made_before_the_key_index_gets_it(postgres_ur
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         found = conn.execute("SELECT to_regclass('recoverable_state.records_by_key')").fetchone()
     assert found is not None and found[0] is not None
+
+
+@given(
+    st.text(
+        alphabet=st.one_of(st.characters(codec=None), st.sampled_from("\x00\x1f\x7f\ud800 a~")),
+        max_size=1030,
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_a_key_is_refused_exactly_when_a_rule_says_so(key: str) -> None:
+    """Keys are checked by the written rules, also where a fast path answers for the usual key."""
+    broken = (
+        not key
+        or len(key) > MAX_KEY_LENGTH
+        or any(ord(c) < 0x20 or c == "\x7f" for c in key)
+        or any(0xD800 <= ord(c) <= 0xDFFF for c in key)
+    )
+    if broken:
+        with pytest.raises(InvalidKeyError):
+            check_key(key, store="s")
+    else:
+        assert check_key(key, store="s") == key
