@@ -595,12 +595,13 @@ async def load_slots(
     An error of the whole batch is raised.
     """
     records: Sequence[StoredRecord | StorageError | None] | None = None
-    with anyio.move_on_after(timeout):
-        records = await KeyValueStore.get_together([(s.kvs, s.key, True) for s in slots])  # type: ignore[misc]
-    if records is None:
-        return [_timed_out(s, timeout, "loading") for s in slots]
     results: list[Exception | None] = []
+    # Paused from the read on: the records read are as long-lived as the values made of them.
     with collector_paused(active=len(slots) >= PAUSE_COLLECTOR_AT):
+        with anyio.move_on_after(timeout):
+            records = await KeyValueStore.get_together([(s.kvs, s.key, True) for s in slots])  # type: ignore[misc]
+        if records is None:
+            return [_timed_out(s, timeout, "loading") for s in slots]
         for slot, record, default in zip(slots, records, defaults, strict=True):
             try:
                 if isinstance(record, RecordCorruptError):

@@ -406,10 +406,12 @@ class KeyValueStore:
 
         A read that failed on its own is answered with its error in its place.
         """
+        # Built from their fields: the NamedTuple's constructor is Python code (0.9 us a read).
+        reads = [_new_read(RecordRead, (kvs.id, key, claim)) for kvs, key, claim in gets]
         found: list[StoredRecord | StorageError | None] = [None] * len(gets)
-        for storage, indexes in _by_backend([kvs for kvs, _, _ in gets]):
-            reads = [RecordRead(gets[i][0].id, gets[i][1], gets[i][2]) for i in indexes]
-            for i, record in zip(indexes, await batcher_of(storage).read_many(reads), strict=True):
+        for storage, indexes in _by_backend(list(map(_first, gets))):
+            batch = reads if len(indexes) == len(reads) else [reads[i] for i in indexes]
+            for i, record in zip(indexes, await batcher_of(storage).read_many(batch), strict=True):
                 found[i] = record
         return found
 
@@ -423,6 +425,7 @@ async def _purge_default_store_on_start(storage: StorageBackend) -> None:
 
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
+_new_read = tuple.__new__
 
 
 def _backends_of(stores: Iterable[KeyValueStore]) -> list[StorageBackend]:
