@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -105,7 +104,17 @@ def _stamp(known: dict[float, datetime], value: float) -> datetime:
 
 
 _log = logging.getLogger("recoverable_state.storage")
-_value_of = itemgetter(2)  # RecordWrite.value
+
+
+def _estimated_bytes(writes: Sequence[RecordWrite]) -> int:
+    """About the bytes of the values in `writes`, from a sample of at most 128 of them.
+
+    Summing all 100,000 of a big persist held the event loop 14 ms; the checkpointer
+    needs only the order of magnitude.
+    """
+    step = max(1, len(writes) // 64)
+    sample = writes[::step]
+    return len(writes) * sum(len(w.value) for w in sample) // max(1, len(sample))
 
 
 class _Checkpointer:
@@ -412,7 +421,7 @@ class SQLiteBackend(StorageBackend):
             )
             return plan.outcomes
 
-        return await self._run(write, write=True, wrote=sum(map(len, map(_value_of, writes))))
+        return await self._run(write, write=True, wrote=_estimated_bytes(writes))
 
     @staticmethod
     def _write_as_expected(conn: sqlite3.Connection, writes: Sequence[RecordWrite]) -> bool:
