@@ -447,7 +447,7 @@ async def _write_held(
     errors: list[Exception] = []
     if doubtful:
         errors += await _resolve_doubts(doubtful, timeout, tally)
-    todo = [s for s in slots if s.in_doubt is None and s.enabled] if doubtful else list(slots)
+    todo = [s for s in slots if s.in_doubt is None and s.enabled] if doubtful else slots
     big = len(todo) >= PAUSE_COLLECTOR_AT
     if big:
         await anyio.lowlevel.checkpoint()  # each pass over 100,000 states gets a step of its own
