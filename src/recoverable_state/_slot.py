@@ -365,8 +365,12 @@ class Tally:
         self.bytes += size
 
 
+_PASS_CHUNK = 2000
+"""States a persist looks at between two turns of the event loop (about 0.5 ms)."""
+
+
 async def persist_slots(
-    slots: Iterable[StateSlot],
+    slots: Sequence[StateSlot],
     timeout: float | None,
     *,
     full: bool = False,
@@ -383,23 +387,24 @@ async def persist_slots(
     held: list[StateSlot] = []
     busy: list[StateSlot] = []
     doubtful: list[StateSlot] = []
-    for n, slot in enumerate(slots, 1):
-        if n % 2000 == 0:
+    for start in range(0, len(slots), _PASS_CHUNK):
+        if start:
             await anyio.lowlevel.checkpoint()  # stay fair to other tasks
-        if not slot.enabled or (  # `slot.unchanged`, inlined: this loop visits every state
-            not full
-            and slot.synced
-            and not slot.mark.dirty
-            and (slot.tracked or not slot.handed)
-            and slot.in_doubt is None
-        ):
-            continue
-        if slot.gate.try_enter():
-            held.append(slot)
-            if slot.in_doubt is not None:
-                doubtful.append(slot)
-        else:
-            busy.append(slot)
+        for slot in slots[start : start + _PASS_CHUNK]:
+            if not slot.enabled or (  # `slot.unchanged`, inlined: this loop visits every state
+                not full
+                and slot.synced
+                and not slot.mark.dirty
+                and (slot.tracked or not slot.handed)
+                and slot.in_doubt is None
+            ):
+                continue
+            if slot.gate.try_enter():
+                held.append(slot)
+                if slot.in_doubt is not None:
+                    doubtful.append(slot)
+            else:
+                busy.append(slot)
     errors: list[Exception] = []
     try:
         errors += await _write_held(held, doubtful, timeout, tally, full)
