@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, field_serializer
 
 from recoverable_state import (
     EventManager,
@@ -110,6 +111,40 @@ async def test_a_save_past_its_timeout_names_store_and_key_and_the_next_one_land
         assert not state.ownership_lost
         assert await stored("slow") == {"n": 2}
         await state.teardown()
+
+
+class SlowToSerialise(BaseModel):
+    n: int = 0
+
+    @field_serializer("n")
+    def _slowly(self, value: int) -> int:
+        time.sleep(0.001)  # 300 states take 0.3 s to serialise, past the timeout below
+        return value
+
+
+async def test_a_timeout_while_serialising_names_every_state_not_saved(backend: Any) -> None:
+    """States never sent, or never reached, are reported too: not one returns as saved."""
+    states = [
+        RecoverableState(
+            default_state=SlowToSerialise(),
+            persist_state_key=f"s{i}",
+            persistence_enabled="explicit_only",
+            persistence_timeout=0.05,
+        )
+        for i in range(300)
+    ]
+    await RecoverableState.initialize_many(states)
+    for s in states:
+        s.current_value.n = 1
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as caught:
+        await RecoverableState.persist_many(states)
+    timed_out = {e.key for e in caught.value.exceptions if isinstance(e, PersistenceTimeoutError)}
+    unsaved = {s.persist_state_key for s in states if await stored(s.persist_state_key) != {"n": 1}}
+    assert unsaved  # the timeout cut the persist short
+    assert unsaved <= timed_out
+    for s in states:  # each saved alone is within its timeout: what was not saved is saved now
+        await s.teardown()
+    assert all([await stored(s.persist_state_key) == {"n": 1} for s in states])
 
 
 def test_a_persistence_timeout_must_be_positive() -> None:

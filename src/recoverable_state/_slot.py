@@ -465,12 +465,12 @@ async def _write_held(
     # A big pass keeps its slices' objects alive while they are written: with the collector
     # on they would reach the oldest generation and set off full scans of every live state.
     big = len(todo) >= PAUSE_COLLECTOR_AT
+    writing: list[StateSlot] = []
+    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    start = 0
     with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=big):
-        writing: list[StateSlot] = []
-        puts: list[tuple[KeyValueStore, RecordWrite]] = []
         if big:
             await anyio.lowlevel.checkpoint()  # the passes above took a slice's time already
-        start = 0
         while start < len(todo):
             start = _prepare_slice(todo, start, errors, writing, puts, full)
             if start < len(todo) or big:  # big: handing the batch over is a step of its own
@@ -481,7 +481,12 @@ async def _write_held(
         with anyio.CancelScope(shield=True):
             await anyio.lowlevel.checkpoint()
     if scope.cancelled_caught:
-        errors += [_timed_out(slot, timeout, "saving") for slot in todo if slot.in_doubt is not None]
+        # None of these is known to be saved: sent with the outcome unknown, serialised but
+        # never sent (the timeout came between slices), or never reached.
+        unsaved = [s for s in todo[:start] if s.in_doubt is not None]
+        unsaved += [s for s in writing if s.in_doubt is None]
+        unsaved += todo[start:]
+        errors += [_timed_out(slot, timeout, "saving") for slot in unsaved]
     for error in failed.values():  # a whole-batch failure, once
         errors.append(error)
     return errors
