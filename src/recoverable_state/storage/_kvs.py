@@ -6,7 +6,7 @@ import json
 import operator
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic_core
 
@@ -21,7 +21,7 @@ from ._backend import (
     StoreInfo,
     WriteOutcome,
 )
-from ._batching import batcher_of
+from ._batching import Batcher, batcher_of
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
@@ -386,15 +386,8 @@ class KeyValueStore:
 
         A write that failed on its own is answered with its error in its place.
         """
-        backends = _backends_of(map(_first, puts))
-        if len(backends) == 1:  # the usual case: no per-write grouping
-            return list(await batcher_of(backends[0]).write_many(list(map(_second, puts))))
-        outcomes: list[WriteOutcome | StorageError | None] = [None] * len(puts)
-        for storage, indexes in _by_backend([kvs for kvs, _ in puts]):
-            results = await batcher_of(storage).write_many([puts[i][1] for i in indexes])
-            for i, result in zip(indexes, results, strict=True):
-                outcomes[i] = result
-        return outcomes  # type: ignore[return-value]  # every position was filled
+        writes = list(map(_second, puts))
+        return await _per_backend(list(map(_first, puts)), writes, Batcher.write_many)
 
     @staticmethod
     async def get_together(
@@ -408,12 +401,7 @@ class KeyValueStore:
         """
         # Built from their fields: the NamedTuple's constructor is Python code (0.9 us a read).
         reads = [_new_read(RecordRead, (kvs.id, key, claim)) for kvs, key, claim in gets]
-        found: list[StoredRecord | StorageError | None] = [None] * len(gets)
-        for storage, indexes in _by_backend(list(map(_first, gets))):
-            batch = reads if len(indexes) == len(reads) else [reads[i] for i in indexes]
-            for i, record in zip(indexes, await batcher_of(storage).read_many(batch), strict=True):
-                found[i] = record
-        return found
+        return await _per_backend(list(map(_first, gets)), reads, Batcher.read_many)
 
 
 async def _purge_default_store_on_start(storage: StorageBackend) -> None:
@@ -426,6 +414,27 @@ async def _purge_default_store_on_start(storage: StorageBackend) -> None:
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
 _new_read = tuple.__new__
+
+
+TRequest = TypeVar("TRequest")
+TAnswer = TypeVar("TAnswer")
+
+
+async def _per_backend(
+    stores: Sequence[KeyValueStore],
+    requests: list[TRequest],
+    send: Callable[[Batcher, Sequence[TRequest]], Awaitable[Sequence[TAnswer]]],
+) -> list[TAnswer]:
+    """Send `requests[i]` (for `stores[i]`) in one batch per backend; their answers, in order."""
+    groups = _by_backend(stores)
+    if len(groups) == 1:  # the usual case: no per-request placing
+        return list(await send(batcher_of(groups[0][0]), requests))
+    answers: list[TAnswer | None] = [None] * len(requests)
+    for storage, indexes in groups:
+        batch = await send(batcher_of(storage), [requests[i] for i in indexes])
+        for i, answer in zip(indexes, batch, strict=True):
+            answers[i] = answer
+    return answers  # type: ignore[return-value]  # every position was filled
 
 
 def _backends_of(stores: Iterable[KeyValueStore]) -> list[StorageBackend]:
