@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -121,34 +122,33 @@ def _changes_on_load(kind: str, node: Any) -> bool:
     return False
 
 
-def _collect_definitions(schema: Any, found: dict[str, Any]) -> dict[str, Any]:
-    """Every schema node with a `ref`, by ref, so a definition-ref can be followed."""
+def _schema_nodes(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every node of a core schema, depth first (not those inside metadata, defaults, classes or config)."""
     if isinstance(schema, list):
         for item in schema:
-            _collect_definitions(item, found)
+            yield from _schema_nodes(item)
     elif isinstance(schema, dict):
-        if "ref" in schema and "type" in schema:
-            found.setdefault(schema["ref"], schema)
+        yield schema
         for key, child in schema.items():
             if key not in ("metadata", "default", "cls", "config"):
-                _collect_definitions(child, found)
+                yield from _schema_nodes(child)
+
+
+def _collect_definitions(schema: Any) -> dict[str, Any]:
+    """Every schema node with a `ref`, by ref, so a definition-ref can be followed."""
+    found: dict[str, Any] = {}
+    for node in _schema_nodes(schema):
+        if "ref" in node and "type" in node:
+            found.setdefault(node["ref"], node)
     return found
 
 
 def _allows_extra(schema: Any) -> bool:
     """Whether some model, dataclass or TypedDict in a core schema keeps unknown keys (`extra='allow'`)."""
-    if isinstance(schema, list):
-        return any(_allows_extra(item) for item in schema)
-    if not isinstance(schema, dict):
-        return False
-    if schema.get("extra_behavior") == "allow" or (schema.get("config") or {}).get(
-        "extra_fields_behavior"
-    ) == "allow":
-        return True
     return any(
-        _allows_extra(child)
-        for key, child in schema.items()
-        if key not in ("metadata", "default", "cls", "config")
+        node.get("extra_behavior") == "allow"
+        or (node.get("config") or {}).get("extra_fields_behavior") == "allow"
+        for node in _schema_nodes(schema)
     )
 
 
@@ -232,7 +232,7 @@ class StateCodec:
             schema = adapter.core_schema
         self._facts = _read_schema(schema)
         self._schema = schema
-        self._definitions = _collect_definitions(schema, {})
+        self._definitions = _collect_definitions(schema)
         self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
         """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
         self._forbid_first = _EXTRA_ON_CALL and not _allows_extra(schema)
