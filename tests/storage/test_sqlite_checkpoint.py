@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from recoverable_state.storage import KeyValueStore, _sqlite, open_backend
+from recoverable_state.storage import KeyValueStore, SQLiteBackend, _sqlite, open_backend
 
 pytestmark = pytest.mark.anyio
 
@@ -30,6 +30,11 @@ def _size(path: Path, suffix: str = "") -> int:
     """The size of the database file (or of its `-wal`), 0 when there is none."""
     file = Path(f"{path}{suffix}")
     return file.stat().st_size if file.exists() else 0
+
+
+def _make_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 def _remove_database(path: Path) -> None:
@@ -57,6 +62,16 @@ async def test_the_wal_is_copied_back_while_the_store_stays_open(tmp_path: Path)
         # The records' pages reach the database file itself, not only the WAL.
         await _wait_for(lambda: _size(path) > 64 * len(_VALUE))
         assert await kvs.get_value("k63") == _VALUE
+    assert not _checkpointers()
+
+
+async def test_a_path_with_uri_characters_is_checkpointed_too(tmp_path: Path) -> None:
+    """The thread opens the database by URI: `?`, `#`, `%` and spaces in the path are quoted."""
+    path = _make_dir(tmp_path / "we?ird #dir %20 ü") / "state;x=1.sqlite3"
+    async with SQLiteBackend(path) as backend:
+        kvs = await KeyValueStore.open(name="big", storage=backend)
+        await _fill(kvs)
+        await _wait_for(lambda: _size(path) > 64 * len(_VALUE))
     assert not _checkpointers()
 
 
