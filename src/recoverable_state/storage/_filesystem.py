@@ -308,8 +308,15 @@ class _ClaimsJournal:
             if fd >= 0:
                 os.close(fd)
 
+    def _take(self, name: str, version: int) -> None:
+        """Mirror one journal line: the record's claimed version (0: created afresh, no claim)."""
+        self.superseded.discard(name)
+        if version:
+            self.versions[name] = version
+        else:
+            self.versions.pop(name, None)
+
     def _mirror(self, data: bytes) -> None:
-        versions, superseded = self.versions, self.superseded
         bad = 0
         lines = data.split(b"\n")
         lines.pop()  # after the last newline
@@ -318,13 +325,7 @@ class _ClaimsJournal:
             if not (sep and number.isdigit() and raw.endswith(b".rec") and raw.isascii()) or b"/" in raw:
                 bad += 1
                 continue
-            name = raw.decode("ascii")
-            version = int(number)
-            superseded.discard(name)
-            if version:
-                versions[name] = version
-            else:
-                versions.pop(name, None)
+            self._take(raw.decode("ascii"), int(number))
         self.lines += len(lines)
         if bad:
             _log.warning("claims journal %s: %d unreadable lines ignored", self.path, bad)
@@ -354,11 +355,7 @@ class _ClaimsJournal:
         self.offset += len(data)
         self.lines += len(entries)
         for name, version in entries:
-            self.superseded.discard(name)
-            if version:
-                self.versions[name] = version
-            else:
-                self.versions.pop(name, None)
+            self._take(name, version)
 
     def _rewrite(self, versions: dict[str, int]) -> None:
         """Replace the journal by a new generation holding `versions` (atomically)."""
