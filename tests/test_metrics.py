@@ -45,8 +45,8 @@ def reader() -> InMemoryMetricReader:
 
 
 @pytest.fixture
-def faulty(memory_storage: MemoryBackend) -> FaultInjectingBackend:
-    wrapped = FaultInjectingBackend(memory_storage)
+def faulty() -> FaultInjectingBackend:
+    wrapped = FaultInjectingBackend(MemoryBackend())
     service_locator.set_storage(wrapped)
     return wrapped
 

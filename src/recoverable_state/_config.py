@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ._services import Service
+
 
 def _seconds(value: Any) -> Any:
     """Read a bare number (or numeric string, as environment variables are) as seconds."""
@@ -88,3 +90,8 @@ class Configuration(BaseSettings):
 
     preemption_poll_interval: Seconds = Field(default=timedelta(seconds=5), gt=timedelta(0))
     """How often the preemption notice URL is polled."""
+
+
+configuration_service: Service[Configuration] = Service("Configuration", Configuration)
+"""The process's configuration: the one set (`service_locator.set_configuration`), or read
+from the environment on first use."""

@@ -9,8 +9,16 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ._config import configuration_service
 from ._locator import service_locator
-from .events import EXIT_NOT_PERSISTED, EventManager, OnSignal, PreemptionNoticeKind, exit_guard
+from .events import (
+    EXIT_NOT_PERSISTED,
+    EventManager,
+    OnSignal,
+    PreemptionNoticeKind,
+    event_manager_from_configuration,
+    exit_guard,
+)
 
 T = TypeVar("T")
 
@@ -51,7 +59,8 @@ def run(
     configuration (RECOVERABLE_STATE_PERSIST_STATE_INTERVAL,
     RECOVERABLE_STATE_SHUTDOWN_TIMEOUT, RECOVERABLE_STATE_PREEMPTION_*).
     """
-    manager = service_locator.event_manager_from_configuration(
+    manager = event_manager_from_configuration(
+        configuration_service.get(),
         persist_state_interval=persist_state_interval,
         close_timeout=close_timeout,
         handle_signals=handle_signals,

@@ -24,10 +24,17 @@ from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _editing
-from ._config import as_timedelta
+from ._config import as_timedelta, configuration_service
 from ._locator import service_locator
 from ._runner import exit_code
-from .events import EXIT_NOT_PERSISTED, EventManager, OnSignal, PreemptionNoticeKind, exit_guard
+from .events import (
+    EXIT_NOT_PERSISTED,
+    EventManager,
+    OnSignal,
+    PreemptionNoticeKind,
+    event_manager_from_configuration,
+    exit_guard,
+)
 from .events._loop import LoopHandle
 from .events._shutdown import ExitWatchdog, hard_exit, shutdown_signals
 
@@ -151,7 +158,8 @@ def run_sync(
         raise RuntimeError("run_sync(handle_signals=True) must be called in the main thread")
     if _current is not None:
         raise RuntimeError("run_sync() is already running in this process")
-    manager = service_locator.event_manager_from_configuration(
+    manager = event_manager_from_configuration(
+        configuration_service.get(),
         persist_state_interval=persist_state_interval,
         close_timeout=close_timeout,
         handle_signals=False,  # taken here, in the main thread, and handed to the manager

@@ -1,5 +1,6 @@
 """Events: the EventManager, the events it emits and their payloads."""
 
+from ._defaults import default_event_manager, event_manager_from_configuration
 from ._manager import (
     EventManager,
     Listener,
@@ -48,5 +49,7 @@ __all__ = [
     "PreemptionNoticeKind",
     "PreemptionNoticePoller",
     "ShutdownSignalReceived",
+    "default_event_manager",
+    "event_manager_from_configuration",
     "exit_guard",
 ]

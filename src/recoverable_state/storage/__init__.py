@@ -21,6 +21,7 @@ from ._contract import (
     plan_reads,
     plan_writes,
 )
+from ._defaults import default_storage
 from ._kvs import (
     JSON_CONTENT_TYPE,
     QUARANTINE_SUFFIX,
@@ -29,8 +30,6 @@ from ._kvs import (
     check_key,
     is_json_content_type,
     use_auto_saved_values,
-    use_default_storage,
-    use_purge_on_start,
 )
 from ._memory import MemoryBackend
 from ._sqlite import SQLiteBackend
@@ -58,6 +57,7 @@ __all__ = [
     "check_key",
     "claim_reads",
     "compare_and_set",
+    "default_storage",
     "expected_outcomes",
     "fail_records",
     "is_json_content_type",
@@ -65,6 +65,4 @@ __all__ = [
     "plan_reads",
     "plan_writes",
     "use_auto_saved_values",
-    "use_default_storage",
-    "use_purge_on_start",
 ]

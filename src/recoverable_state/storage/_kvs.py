@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pydantic_core
 
+from .._config import configuration_service
 from .._errors import InvalidKeyError, RecordCorruptError, StorageError
 from ._backend import (
     DEFAULT_STORE_NAME,
@@ -22,6 +23,7 @@ from ._backend import (
     WriteOutcome,
 )
 from ._batching import Batcher, batcher_of
+from ._defaults import default_storage
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
@@ -38,25 +40,6 @@ MAX_KEY_LENGTH = 1024
 
 KEY_PAGE_SIZE = 1_000
 """How many records `iterate_keys` asks the backend for at a time."""
-
-_default_storage: Callable[[], StorageBackend] | None = None
-_purge_on_start: Callable[[], bool] | None = None
-
-
-def use_default_storage(provider: Callable[[], StorageBackend]) -> None:
-    """Where `KeyValueStore.open()` without `storage=` gets its backend (set by the service locator)."""
-    global _default_storage
-    _default_storage = provider
-
-
-def use_purge_on_start(provider: Callable[[], bool]) -> None:
-    """Where `KeyValueStore.open()` learns the `purge_on_start` setting (set by the service locator).
-
-    It is asked once per backend, when the first store of that backend is opened.
-    """
-    global _purge_on_start
-    _purge_on_start = provider
-
 
 AutoSaved = Callable[["KeyValueStore", str, Any], Awaitable[Any]]
 _auto_saved: AutoSaved | None = None
@@ -182,9 +165,7 @@ class KeyValueStore:
         if name is not None and id is not None:
             raise ValueError("open a store by name or by id, not both")
         if storage is None:
-            if _default_storage is None:
-                raise RuntimeError("no default storage: pass storage=, or import recoverable_state")
-            storage = _default_storage()
+            storage = default_storage.get()
         if id is None:
             name = DEFAULT_STORE_NAME if name is None else name
             _check_name(name)
@@ -406,7 +387,7 @@ class KeyValueStore:
 
 async def _purge_default_store_on_start(storage: StorageBackend) -> None:
     """Empty the default store if the `purge_on_start` setting is on (Crawlee's behaviour)."""
-    if _purge_on_start is None or not _purge_on_start():
+    if not configuration_service.get().purge_on_start:
         return
     info = await batcher_of(storage).find_store(name=DEFAULT_STORE_NAME)
     await storage.purge_store(info.id)

@@ -1,0 +1,28 @@
+"""The process's default event manager, and managers built from the configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._config import Configuration, configuration_service
+from .._services import Service
+from ._manager import EventManager
+
+
+def event_manager_from_configuration(config: Configuration, **overrides: Any) -> EventManager:
+    """A new EventManager with `config`'s settings; `overrides` that are not None win."""
+    settings: dict[str, Any] = {
+        "persist_state_interval": config.persist_state_interval,
+        "close_timeout": config.shutdown_timeout,
+        "preemption_notice_url": config.preemption_notice_url,
+        "preemption_notice_kind": config.preemption_notice_kind,
+        "preemption_poll_interval": config.preemption_poll_interval,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return EventManager(**settings)
+
+
+default_event_manager: Service[EventManager] = Service(
+    "EventManager", lambda: event_manager_from_configuration(configuration_service.get())
+)
+"""The manager states listen on when made without `event_manager=`."""
