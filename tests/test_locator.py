@@ -16,7 +16,7 @@ from recoverable_state.storage import MemoryBackend
 
 def test_setting_another_event_manager_after_one_was_handed_out_raises() -> None:
     handed_out = service_locator.get_event_manager()
-    with pytest.raises(ServiceConflictError, match="EventManager is already in use."):
+    with pytest.raises(ServiceConflictError, match=r"EventManager is already in use\."):
         service_locator.set_event_manager(EventManager())
     assert service_locator.get_event_manager() is handed_out
     service_locator.set_event_manager(handed_out)  # the same object is fine
@@ -27,14 +27,14 @@ def test_setting_another_storage_after_one_was_handed_out_raises() -> None:
     service_locator.set_storage(first)
     service_locator.set_storage(first)
     assert service_locator.get_storage() is first
-    with pytest.raises(ServiceConflictError, match="StorageClient is already in use."):
+    with pytest.raises(ServiceConflictError, match=r"StorageClient is already in use\."):
         service_locator.set_storage(MemoryBackend())
     service_locator.set_storage(first)
 
 
 def test_setting_another_configuration_after_one_was_handed_out_raises() -> None:
     config = service_locator.get_configuration()
-    with pytest.raises(ServiceConflictError, match="Configuration is already in use."):
+    with pytest.raises(ServiceConflictError, match=r"Configuration is already in use\."):
         service_locator.set_configuration(Configuration(storage_url="memory://"))
     service_locator.set_configuration(config)
 
@@ -42,7 +42,7 @@ def test_setting_another_configuration_after_one_was_handed_out_raises() -> None
 def test_setting_a_second_service_raises_even_before_the_first_was_used() -> None:
     manager = EventManager()
     service_locator.set_event_manager(manager)
-    with pytest.raises(ServiceConflictError, match="EventManager is already in use."):
+    with pytest.raises(ServiceConflictError, match=r"EventManager is already in use\."):
         service_locator.set_event_manager(EventManager())  # as Crawlee: whoever set first wins
     assert service_locator.get_event_manager() is manager
     service_locator.reset()

@@ -181,5 +181,5 @@ def test_run_refuses_when_states_already_use_another_default_manager(backend: st
     async def main() -> None:
         raise AssertionError("main must not run")
 
-    with pytest.raises(recoverable_state.ServiceConflictError, match="EventManager is already in use."):
+    with pytest.raises(recoverable_state.ServiceConflictError, match=r"EventManager is already in use\."):
         recoverable_state.run(main, backend=backend)
