@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
-import recoverable_state._state as state_module
+import recoverable_state.state._scheduler as state_module
 from recoverable_state import (
     Event,
     EventManager,

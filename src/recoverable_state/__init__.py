@@ -4,7 +4,6 @@ The front door: every public name is re-exported here; the modules behind it
 are private and free to move.
 """
 
-from ._autosave import use_state
 from ._config import Configuration
 from ._errors import (
     InvalidKeyError,
@@ -23,9 +22,6 @@ from ._errors import (
 )
 from ._locator import ServiceLocator, service_locator
 from ._metrics import PersistStats
-from ._runner import run
-from ._state import RecoverableState
-from ._sync import WorkerInterrupted, run_sync, stop_requested, use_state_sync
 from .events import (
     Event,
     EventAbortingData,
@@ -38,7 +34,9 @@ from .events import (
     EventSystemInfoData,
     ShutdownSignalReceived,
 )
-from .storage import KeyValueStore, StorageBackend, open_backend
+from .runners import WorkerInterrupted, run, run_sync, stop_requested, use_state_sync
+from .state import KeyValueStore, RecoverableState, use_state
+from .storage import StorageBackend, open_backend
 
 __all__ = [
     "Configuration",

@@ -10,6 +10,12 @@ from __future__ import annotations
 class RecoverableStateError(Exception):
     """Base class of every error this library raises on purpose."""
 
+    unsaved: bool = False
+    """True on an error a persist or a teardown raised because a state's latest value was not
+    saved (a store failure, a timeout, a value that cannot be stored): a runner whose worker
+    ends with such an error exits with EXIT_NOT_PERSISTED (75), as a shutdown that could not
+    save every state does."""
+
 
 class ServiceConflictError(RecoverableStateError, RuntimeError):
     """A service (configuration, event manager, storage) was set after another one was handed out."""

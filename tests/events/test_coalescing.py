@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from recoverable_state import Event, EventManager, EventPersistStateData
+from recoverable_state import Event, EventManager, EventMigratingData, EventPersistStateData
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +47,7 @@ async def test_ticks_during_a_stalled_persist_leave_one_in_flight_and_one_pendin
     assert caplog.text.count("coalesced") == 1
 
 
-async def test_an_explicit_emit_is_never_coalesced() -> None:
+async def test_emits_coalesce_like_timer_ticks_and_a_migrating_one_wins() -> None:
     release = anyio.Event()
     seen: list[Any] = []
 
@@ -57,11 +57,15 @@ async def test_an_explicit_emit_is_never_coalesced() -> None:
 
     async with EventManager(persist_state_interval=3600) as manager:
         manager.on(event=Event.PERSIST_STATE, listener=stalled)
-        for _ in range(3):
+        for _ in range(1000):
             manager.emit(event=Event.PERSIST_STATE, event_data=EventPersistStateData())
+        manager.emit(event=Event.MIGRATING, event_data=EventMigratingData())
         await anyio.sleep(0.05)
-        assert len(seen) == 3
+        assert seen == [EventPersistStateData(is_migrating=False)]  # one runs; the rest wait as one
         release.set()
+        with anyio.fail_after(5):
+            await manager.wait_for_all_listeners_to_complete()  # it waits for the pending one too
+        assert seen == [EventPersistStateData(is_migrating=False), EventPersistStateData(is_migrating=True)]
 
 
 async def test_the_last_persist_runs_after_the_one_in_flight() -> None:

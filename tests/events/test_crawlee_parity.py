@@ -75,6 +75,7 @@ async def test_leaving_the_manager_from_inside_a_listener() -> None:
 
     manager = EventManager(close_timeout=5)
     await manager.__aenter__()
+    await manager.wait_for_all_listeners_to_complete()  # the first tick has come and gone
     manager.on(event=Event.PERSIST_STATE, listener=seen.append)
     manager.on(event=Event.ABORTING, listener=exit_actor)
     manager.emit(event=Event.ABORTING)

@@ -36,6 +36,8 @@ pytestmark = pytest.mark.anyio
 
 POLL = timedelta(milliseconds=50)
 HOUR = timedelta(hours=1)
+FIRST_TICK = EventPersistStateData(is_migrating=False)
+"""The first timer tick: it comes as the manager's sources start, after a Recorder registered."""
 
 
 class Job(BaseModel):
@@ -106,14 +108,14 @@ async def test_an_aws_spot_notice_persists_every_state_as_migrating_once(metadat
         change(states)
         await wait_for_polls(metadata, AWS_PATH, 2)  # polling, and no notice yet
         assert recorder.migrating == []
-        assert recorder.persists == []
+        assert recorder.persists == [FIRST_TICK]
         assert await stored_values() == {}
 
         metadata.notice = True
         await recorder.wait_for_migrating()
         await manager.wait_for_all_listeners_to_complete()
         assert await stored_values() == in_memory(states)
-        assert recorder.persists == [EventPersistStateData(is_migrating=True)]
+        assert recorder.persists == [FIRST_TICK, EventPersistStateData(is_migrating=True)]
         (notice,) = recorder.migrating
         assert notice.time_remaining is not None
         assert timedelta(seconds=100) < notice.time_remaining <= timedelta(seconds=120)
@@ -157,7 +159,7 @@ async def test_a_gcp_preemption_persists_every_state_as_migrating(metadata: Fake
         await manager.wait_for_all_listeners_to_complete()
         assert await stored_values() == in_memory(states)
         assert recorder.migrating == [EventMigratingData(time_remaining=None)]
-        assert recorder.persists == [EventPersistStateData(is_migrating=True)]
+        assert recorder.persists == [FIRST_TICK, EventPersistStateData(is_migrating=True)]
         manager.off(event=Event.PERSIST_STATE, listener=recorder.persists.append)
     assert all(h.get("metadata-flavor") == "Google" for h in metadata.polls(GCP_PATH))
 
@@ -174,10 +176,10 @@ async def test_no_notice_emits_nothing(metadata: FakeMetadata, kind: str) -> Non
         change(states)
         await wait_for_polls(metadata, path, 5)
         assert recorder.migrating == []
-        assert recorder.persists == []
+        assert recorder.persists == [FIRST_TICK]
         assert await stored_values() == {}
     # Leaving persists as usual, not as a migration.
-    assert recorder.persists == [EventPersistStateData(is_migrating=False)]
+    assert recorder.persists == [FIRST_TICK, EventPersistStateData(is_migrating=False)]
     assert await stored_values() == in_memory(states)
 
 
@@ -216,7 +218,7 @@ async def test_an_unreachable_metadata_service_never_harms_the_manager() -> None
             assert manager.active
             manager.emit(event=Event.PERSIST_STATE, event_data=EventPersistStateData())
             await manager.wait_for_all_listeners_to_complete()
-            assert recorder.persists == [EventPersistStateData()]
+            assert recorder.persists == [FIRST_TICK, EventPersistStateData()]
             assert recorder.migrating == []
             manager.off(event=Event.PERSIST_STATE)
 
@@ -257,7 +259,7 @@ async def test_a_migrating_the_user_emits_persists_every_state_as_migrating() ->
         await manager.wait_for_all_listeners_to_complete()
         assert await stored_values() == in_memory(states)
         assert recorder.migrating == [notice]
-        assert recorder.persists == [EventPersistStateData(is_migrating=True)]
+        assert recorder.persists == [FIRST_TICK, EventPersistStateData(is_migrating=True)]
         manager.off(event=Event.PERSIST_STATE, listener=recorder.persists.append)
 
 

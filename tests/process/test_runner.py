@@ -111,7 +111,8 @@ def test_on_signal_return_persists_as_migrating_and_returns_none(backend: str, s
         count_until_signalled, seen, signum, backend=backend, on_signal="return", persist_state_interval=600
     )
     assert result is None
-    final_count, persist = seen
+    first_tick, final_count, persist = seen  # the first tick comes as the manager's sources start
+    assert first_tick == EventPersistStateData(is_migrating=False)
     assert persist == EventPersistStateData(is_migrating=True)
     assert 3 <= final_count < 500
     assert stored("tally", backend) == {"count": final_count}
@@ -122,7 +123,7 @@ def test_on_signal_raise_raises_after_persisting(backend: str) -> None:
     with pytest.raises(ShutdownSignalReceived) as caught:
         recoverable_state.run(count_until_signalled, seen, signal.SIGTERM, backend=backend, on_signal="raise")
     assert caught.value.signum == signal.SIGTERM
-    final_count, persist = seen
+    _, final_count, persist = seen
     assert persist == EventPersistStateData(is_migrating=True)
     assert stored("tally", backend) == {"count": final_count}
 

@@ -1,13 +1,14 @@
 """Events: the EventManager, the events it emits and their payloads."""
 
+from ._bus import Listener
 from ._defaults import default_event_manager, event_manager_from_configuration
 from ._manager import (
+    NOT_ACTIVE,
     EventManager,
-    Listener,
+    HandleSignals,
     OnSignal,
     PreemptionNoticeKind,
     ShutdownSignalReceived,
-    exit_guard,
 )
 from ._preemption import (
     AWS_SPOT_NOTICE_URL,
@@ -15,7 +16,16 @@ from ._preemption import (
     PreemptionNotice,
     PreemptionNoticePoller,
 )
-from ._shutdown import EXIT_NOT_PERSISTED, EventLoopStarved
+from ._shutdown import (
+    EXIT_GRACE,
+    EXIT_NOT_PERSISTED,
+    EventLoopStarved,
+    ExitWatchdog,
+    exit_code,
+    exit_guard,
+    hard_exit,
+    shutdown_signals,
+)
 from ._types import (
     Event,
     EventAbortingData,
@@ -26,12 +36,15 @@ from ._types import (
     EventPersistStateData,
     EventStateOwnershipLostData,
     EventSystemInfoData,
+    ReportsUnfinished,
 )
 
 __all__ = [
     "AWS_SPOT_NOTICE_URL",
+    "EXIT_GRACE",
     "EXIT_NOT_PERSISTED",
     "GCP_PREEMPTED_URL",
+    "NOT_ACTIVE",
     "Event",
     "EventAbortingData",
     "EventData",
@@ -43,13 +56,19 @@ __all__ = [
     "EventPersistedData",
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
+    "ExitWatchdog",
+    "HandleSignals",
     "Listener",
     "OnSignal",
     "PreemptionNotice",
     "PreemptionNoticeKind",
     "PreemptionNoticePoller",
+    "ReportsUnfinished",
     "ShutdownSignalReceived",
     "default_event_manager",
     "event_manager_from_configuration",
+    "exit_code",
     "exit_guard",
+    "hard_exit",
+    "shutdown_signals",
 ]

@@ -23,6 +23,9 @@ def event_manager_from_configuration(config: Configuration, **overrides: Any) ->
 
 
 default_event_manager: Service[EventManager] = Service(
-    "EventManager", lambda: event_manager_from_configuration(configuration_service.get())
+    "EventManager",
+    lambda: event_manager_from_configuration(configuration_service.get(), handle_signals="auto"),
 )
-"""The manager states listen on when made without `event_manager=`."""
+"""The manager states listen on when made without `event_manager=`. Entered in the main thread
+(a worker written the Crawlee way, `async with service_locator.get_event_manager():` under
+`asyncio.run`), it handles SIGTERM, SIGINT and SIGHUP as `run()` does."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from ._loop import LoopHandle
+from .._concurrency import LoopHandle
 
 logger = logging.getLogger("recoverable_state")
 
@@ -32,6 +32,20 @@ EXIT_GRACE = 2.0
 
 STARVED_AFTER = 1.0
 """Seconds the event loop may leave a shutdown signal untaken before the running code is interrupted."""
+
+
+def exit_code(signum: int | None, *, persisted_all: bool) -> int | None:
+    """The code a process ends with after its last persist; None when no exit is due.
+
+    EXIT_NOT_PERSISTED (75) when not every state was saved, else 128 + the
+    signal after a shutdown signal. The one rule, shared by the manager's
+    `on_signal="exit"`, run() and run_sync().
+    """
+    if not persisted_all:
+        return EXIT_NOT_PERSISTED
+    if signum is not None:
+        return 128 + signum
+    return None
 
 
 def shutdown_signals(*, handle_sighup: bool) -> tuple[signal.Signals, ...]:
@@ -241,3 +255,14 @@ class SignalHandlers:
             name,
             EXIT_NOT_PERSISTED,
         )
+
+
+def exit_guard(code: int = EXIT_NOT_PERSISTED, grace: float = EXIT_GRACE) -> None:
+    """End the process with `code` if it is still alive `grace` seconds after its main thread stops.
+
+    For a shutdown that left a listener behind: a thread stuck in a call would
+    otherwise keep the interpreter from exiting.
+    """
+    watchdog = ExitWatchdog(code, time.monotonic(), grace)
+    watchdog.start()
+    watchdog.persisted(complete=False, code=code)

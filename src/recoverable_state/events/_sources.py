@@ -13,9 +13,13 @@ import os
 import resource
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
+
+if TYPE_CHECKING:
+    from ._preemption import PreemptionNotice, PreemptionNoticePoller
 
 logger = logging.getLogger("recoverable_state")
 
@@ -32,6 +36,34 @@ async def tick(
     while True:
         await anyio.sleep(seconds)
         on_tick()
+
+
+async def run_sources(
+    *,
+    persist_state_interval: timedelta,
+    on_persist_tick: Callable[[], None],
+    system_info_interval: timedelta | None,
+    on_system_info: Callable[[], None],
+    preemption: PreemptionNoticePoller | None,
+    on_notice: Callable[[PreemptionNotice], None],
+    started: Callable[[], None],
+) -> None:
+    """Run every source of an entered manager until cancelled.
+
+    The first PERSIST_STATE (and SYSTEM_INFO, when asked for) comes as the
+    sources start, as Crawlee's recurring tasks do: a listener registered right
+    after entering the manager still gets them. `started()` is called after them.
+    """
+    on_persist_tick()
+    if system_info_interval is not None:
+        on_system_info()
+    started()
+    async with anyio.create_task_group() as sources:
+        sources.start_soon(tick, persist_state_interval, on_persist_tick)
+        if system_info_interval is not None:
+            sources.start_soon(tick, system_info_interval, on_system_info)
+        if preemption is not None:
+            sources.start_soon(preemption.watch, on_notice)
 
 
 def system_info() -> dict[str, float | int]:

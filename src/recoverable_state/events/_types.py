@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
@@ -96,6 +96,27 @@ class EventPersistedData(_Payload):
         """Whether every state was persisted."""
         return not self.failures
 
+    @property
+    def complete(self) -> bool:
+        """Whether every state this process still owns was persisted.
+
+        A state another process took over (StateOwnershipLost) is that process's to
+        save; every other failure leaves a state unsaved (a shutdown then exits 75).
+        """
+        return all(kind == "StateOwnershipLost" for kind in self.failures)
+
+
+@runtime_checkable
+class ReportsUnfinished(Protocol):
+    """A listener object that can say what it leaves unsaved when it is left behind.
+
+    When a listener is still running after the close timeout (and a second of
+    grace), the manager logs each item `describe_unfinished()` returns.
+    """
+
+    def describe_unfinished(self) -> list[str]:
+        """What this listener has not finished, one line each (store and key of each state)."""
+
 
 EventData = (
     EventPersistStateData
@@ -117,4 +138,5 @@ __all__ = [
     "EventPersistedData",
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
+    "ReportsUnfinished",
 ]

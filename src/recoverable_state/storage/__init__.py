@@ -29,7 +29,6 @@ from ._kvs import (
     KeyValueStore,
     check_key,
     is_json_content_type,
-    use_auto_saved_values,
 )
 from ._memory import MemoryBackend
 from ._sqlite import SQLiteBackend
@@ -64,5 +63,4 @@ __all__ = [
     "open_backend",
     "plan_reads",
     "plan_writes",
-    "use_auto_saved_values",
 ]

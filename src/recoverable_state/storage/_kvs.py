@@ -41,20 +41,6 @@ MAX_KEY_LENGTH = 1024
 KEY_PAGE_SIZE = 1_000
 """How many records `iterate_keys` asks the backend for at a time."""
 
-AutoSaved = Callable[["KeyValueStore", str, Any], Awaitable[Any]]
-_auto_saved: AutoSaved | None = None
-
-
-def use_auto_saved_values(provider: AutoSaved) -> None:
-    """What `KeyValueStore.get_auto_saved_value` delegates to (set by the package's auto-save module).
-
-    Storage sits below the states that save such values; they hand it this one
-    function instead of storage importing them.
-    """
-    global _auto_saved
-    _auto_saved = provider
-
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -279,21 +265,6 @@ class KeyValueStore:
         """
         _check_listing(self.label, limit, exclusive_start_key)
         return await self._storage.list_records(self.id, exclusive_start_key=exclusive_start_key, limit=limit)
-
-    async def get_auto_saved_value(
-        self, key: str, default: Any = None, *, default_value: Any = None
-    ) -> Any:
-        """A plain JSON value (dict or list) under `key`: loaded once, the same object on every call.
-
-        Change it in place: it is saved on every PERSIST_STATE of the service
-        locator's event manager and when that manager is left, through the same
-        batched, fenced writes as a RecoverableState. `default` (or Crawlee's
-        `default_value`) is deep-copied when nothing is stored; `{}` when left out.
-        """
-        check_key(key, store=self.label)
-        if _auto_saved is None:
-            raise RuntimeError("auto-saved values need the recoverable_state package imported")
-        return await _auto_saved(self, key, default if default is not None else default_value)
 
     async def open_quarantine(self) -> KeyValueStore:
         """The store where unusable records of this one are set aside (created when missing)."""

@@ -6,8 +6,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._errors import RecordCorruptError, SchemaVersionError
-from .storage import JSON_CONTENT_TYPE, SCHEMA_VERSION_PARAM
+from .._errors import RecordCorruptError, SchemaVersionError
+from ..storage import JSON_CONTENT_TYPE, SCHEMA_VERSION_PARAM
 
 Migration = Callable[[Any], Any]
 """Turns the stored JSON (parsed) of schema version k into that of version k + 1."""

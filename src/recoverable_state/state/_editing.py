@@ -9,46 +9,20 @@ until the worker lets go.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
 import anyio
+
+from .. import _bridge
 
 _POLL_FIRST = 0.001
 _POLL_MOST = 0.01
 _GIVE_WAY = 0.1
 """Seconds a worker entering editing() waits for a persist that wants a snapshot (so it is never
 starved by a worker that holds the state nearly all the time); after that it goes in anyway."""
-
-_held = threading.local()  # how many editing() blocks the thread is inside
-
-after_editing: Callable[[], None] | None = None
-"""Called when a thread leaves its outermost editing() block normally (run_sync raises a
-WorkerInterrupted it held back there)."""
-
-
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Hold run_sync's WorkerInterrupted back while the block runs, as editing() does."""
-    _held.depth = editing_depth() + 1
-    try:
-        yield
-    except BaseException:
-        _held.depth = editing_depth() - 1
-        raise
-    _held.depth = depth = editing_depth() - 1
-    hook = after_editing
-    if depth == 0 and hook is not None:
-        hook()
-
-
-def editing_depth() -> int:
-    """How many editing() blocks the calling thread is inside (0: none)."""
-    depth: int = getattr(_held, "depth", 0)
-    return depth
 
 
 class EditGuard:
@@ -68,12 +42,12 @@ class EditGuard:
         with self._cond:
             if self._owner == me:
                 self._depth += 1
-                self._count(1)
+                _bridge.hold(1)
                 return self
             if not self._cond.wait_for(self._free_and_unwanted, _GIVE_WAY):
                 self._cond.wait_for(self._free)
             self._owner, self._depth = me, 1
-        self._count(1)
+        _bridge.hold(1)
         return self
 
     def _free(self) -> bool:
@@ -81,11 +55,6 @@ class EditGuard:
 
     def _free_and_unwanted(self) -> bool:
         return self._owner is None and not self._snapshotting and not self._wanted
-
-    def _count(self, step: int) -> int:
-        depth: int = getattr(_held, "depth", 0) + step
-        _held.depth = depth
-        return depth
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -95,9 +64,8 @@ class EditGuard:
             if self._depth == 0:
                 self._owner = None
                 self._cond.notify_all()
-        hook = after_editing
-        if self._count(-1) == 0 and exc_type is None and hook is not None:
-            hook()
+        if _bridge.hold(-1) == 0 and exc_type is None:
+            _bridge.released()  # run_sync raises a WorkerInterrupted it held back meanwhile
 
     @property
     def held_here(self) -> bool:

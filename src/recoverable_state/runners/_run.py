@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -9,14 +10,15 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._config import configuration_service
-from ._locator import service_locator
-from .events import (
+from .._config import configuration_service
+from ..events import (
     EXIT_NOT_PERSISTED,
     EventManager,
     OnSignal,
     PreemptionNoticeKind,
+    default_event_manager,
     event_manager_from_configuration,
+    exit_code,
     exit_guard,
 )
 
@@ -49,16 +51,19 @@ def run(
     `"return"` run() returns None. A preemption notice (when polled) persists
     every state and lets `main` go on.
 
-    When the last persist could not store every state (a listener failed, or
-    was still running past `close_timeout`), the process ends with
-    EXIT_NOT_PERSISTED (75) within `close_timeout` plus a grace of a few
-    seconds, also when a thread stuck in a store keeps it alive; run() is then
-    the last thing the process does.
+    When a state could not be saved, the process ends with EXIT_NOT_PERSISTED (75)
+    within `close_timeout` plus a grace of a few seconds, also when a thread stuck
+    in a store keeps it alive: when the last persist did not store every state (a
+    listener failed, or was still running past `close_timeout`), and when `main`
+    ends with an error that says a state was not saved (a failed `teardown()` or
+    `persist_state()`, logged with its store and key). run() is then the last
+    thing the process does.
 
     Durations are timedeltas or seconds; left out, they come from the
     configuration (RECOVERABLE_STATE_PERSIST_STATE_INTERVAL,
     RECOVERABLE_STATE_SHUTDOWN_TIMEOUT, RECOVERABLE_STATE_PREEMPTION_*).
     """
+    check_backend(backend)
     manager = event_manager_from_configuration(
         configuration_service.get(),
         persist_state_interval=persist_state_interval,
@@ -70,40 +75,48 @@ def run(
         preemption_notice_kind=preemption_notice_kind,
         preemption_poll_interval=preemption_poll_interval,
     )
+    unsaved: list[BaseException] = []
 
     async def body() -> T | None:
-        service_locator.set_event_manager(manager)
-        result: T | None = None
+        default_event_manager.set(manager)
         try:
             async with manager:
-                result = await main(*args)
-            return result
+                try:
+                    return await main(*args)
+                except Exception as exc:
+                    if not is_unsaved(exc):
+                        raise
+                    unsaved.append(exc)
+                    logger.error("a state was not saved: %s", exc)
+            return None
         finally:
-            service_locator.release_event_manager(manager)
-            if manager.unfinished_listeners:
+            default_event_manager.release(manager)
+            if manager.unfinished_listeners or unsaved:
                 # A thread stuck in a store would keep the loop (or the interpreter) from ending.
                 exit_guard(EXIT_NOT_PERSISTED)
 
     result = anyio.run(body, backend=backend, backend_options=backend_options)
-    exit_if_not_persisted(manager)
+    exit_if_not_persisted(manager, unsaved=bool(unsaved))
     return result
 
 
-def exit_code(manager: EventManager) -> int | None:
-    """The exit code a runner's process ends with after `manager` was left; None: no exit is due.
-
-    128 + the signal after a shutdown signal, EXIT_NOT_PERSISTED (75) when the
-    last persist did not store every state; shared by run() and run_sync().
-    """
-    if not manager.persisted_all:
-        return EXIT_NOT_PERSISTED
-    if manager.received_signal is not None:
-        return 128 + manager.received_signal
-    return None
+def check_backend(backend: str) -> None:
+    """Refuse a loop whose library is not installed with the extra that brings it."""
+    if backend == "trio" and importlib.util.find_spec("trio") is None:
+        raise ModuleNotFoundError(
+            "backend='trio' needs trio: pip install 'recoverable-state[trio]'", name="trio"
+        )
 
 
-def exit_if_not_persisted(manager: EventManager) -> None:
-    """Raise SystemExit(EXIT_NOT_PERSISTED) when the last persist did not store every state."""
-    if not manager.persisted_all:
+def is_unsaved(error: BaseException) -> bool:
+    """Whether `error` (or one in a group) says that a state's latest value was not saved."""
+    if isinstance(error, BaseExceptionGroup):
+        return any(is_unsaved(member) for member in error.exceptions)
+    return bool(getattr(error, "unsaved", False))
+
+
+def exit_if_not_persisted(manager: EventManager, *, unsaved: bool = False) -> None:
+    """Raise SystemExit(EXIT_NOT_PERSISTED) when the last persist, or the worker, left a state unsaved."""
+    if unsaved or exit_code(None, persisted_all=manager.persisted_all) is not None:
         logger.error("not every state was persisted on the way out; exiting with %d", EXIT_NOT_PERSISTED)
         raise SystemExit(EXIT_NOT_PERSISTED)

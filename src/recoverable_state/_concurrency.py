@@ -1,9 +1,13 @@
-"""What the manager needs of the running event loop that differs between asyncio and trio.
+"""Everything in the library that differs between asyncio and trio, in one place.
 
-Two things: starting a task that belongs to no task group (so the manager can be
+Two things: starting a task that belongs to no task group (so a manager can be
 left from any task, and a listener stuck past its timeout can be left behind),
 and scheduling a call on the loop from another thread or from a signal handler.
-Everything else in the events package stays runtime-neutral.
+Everything else stays runtime-neutral and goes through anyio or this module.
+
+The one place where the library holds tasks outside a task group is
+`LoopHandle.spawn`: each such task is owned by the EventManager that spawned it
+(a listener call, a persist round) and ends with it, or is logged as left behind.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class LoopHandle:
 
     def __init__(self) -> None:
         self._library = sniffio.current_async_library()
+        self.thread = threading.get_ident()
+        """The thread the loop runs in."""
         self._tasks: set[asyncio.Task[None]] = set()
         if self._library == "trio":
             import trio
@@ -47,6 +53,10 @@ class LoopHandle:
             task = self._loop.create_task(make(), context=context)
             self._tasks.add(task)  # the loop holds tasks weakly
             task.add_done_callback(self._tasks.discard)
+
+    def in_loop_thread(self) -> bool:
+        """Whether the caller runs in the loop's thread (else it must hand calls over)."""
+        return threading.get_ident() == self.thread
 
     def call_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         """Run `fn()` in the loop soon; safe from other threads and from signal handlers.
