@@ -4,11 +4,14 @@ Two live states on one record in one process would overwrite each other's
 progress, so the second is refused (StateAlreadyInUseError). A process has one
 such registry. It holds its states weakly: a state that can no longer persist
 (torn down, or dropped by the user after its manager went away) frees its key,
-so a later run in the same process uses the same keys.
+so a later run in the same process uses the same keys. (A state nobody references
+may wait for the cyclic collector, when its manager and it refer to each other: a
+conflict collects once before it is raised.)
 """
 
 from __future__ import annotations
 
+import gc
 import weakref
 from typing import Any
 
@@ -31,8 +34,13 @@ def take(owner_key: OwnerKey, owner: object, claimed: set[OwnerKey], *, store: s
     Raises StateAlreadyInUseError when another live owner, or another state of the
     same batch, uses the record.
     """
-    ref = _owners.get(owner_key)
-    other = ref() if ref is not None else None
+    other = _live_owner(owner_key)
+    if other is not None and other is not owner:
+        # An owner nobody references may still wait for the collector (a manager and its
+        # states refer to each other): collect once before calling the record taken.
+        del other  # this frame must not be what keeps it alive
+        gc.collect()
+        other = _live_owner(owner_key)
     if (other is not None and other is not owner) or owner_key in claimed:
         raise StateAlreadyInUseError(
             f"store {store!r}, key {owner_key[2]!r}: another RecoverableState in this "
@@ -42,6 +50,11 @@ def take(owner_key: OwnerKey, owner: object, claimed: set[OwnerKey], *, store: s
     _owners[owner_key] = weakref.ref(owner)
     if len(_owners) >= _sweep_at:
         _sweep()
+
+
+def _live_owner(owner_key: OwnerKey) -> Any:
+    ref = _owners.get(owner_key)
+    return ref() if ref is not None else None
 
 
 def release(owner_key: OwnerKey, owner: object) -> None:
