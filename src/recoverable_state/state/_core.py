@@ -19,7 +19,7 @@ from ..storage import KeyValueStore, check_key
 from . import _ownership
 from ._codec import StateCodec, codec_for, infer_state_type
 from ._engine import clear_slot, load_slots, persist_slots
-from ._scheduler import PersistGroup, group_of
+from ._scheduler import PersistGroup, group_of, name_unsaved
 from ._schema import Migration, check_migrations, content_type_for, model_schema_version
 from ._slot import StateSlot, smallest_timeout
 
@@ -239,6 +239,8 @@ class StateCore:
         for error in errors:
             if not isinstance(error, StateOwnershipLost):
                 error.unsaved = True  # type: ignore[attr-defined]  # a library error or a user's serializer bug
+            if getattr(error, "key", None) is None:  # a whole batch failed: name the states it held
+                name_unsaved(slots, str(error))
         if len(errors) == 1:
             raise errors[0]
         if errors:
