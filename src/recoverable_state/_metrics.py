@@ -14,10 +14,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .events._types import EventPersistedData
+
+class PersistFigures(Protocol):
+    """What one persist did, as the metrics read it (the events' EventPersistedData is one)."""
+
+    @property
+    def duration(self) -> timedelta: ...
+    @property
+    def states_written(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def failures(self) -> Mapping[str, int]: ...
+    @property
+    def finished_at(self) -> datetime: ...
+    @property
+    def succeeded(self) -> bool: ...
 
 METER_NAME = "recoverable_state"
 """The name of the OpenTelemetry meter every instrument belongs to."""
@@ -83,7 +97,7 @@ class PersistMetrics:
         last = self._last_success
         return None if last is None else timedelta(seconds=time.monotonic() - last)
 
-    def persisted(self, figures: EventPersistedData) -> None:
+    def persisted(self, figures: PersistFigures) -> None:
         """Count one persist round."""
         with self._lock:
             stats = self._stats
@@ -173,7 +187,7 @@ class _Instruments:
     def watch(self, manager: PersistMetrics) -> None:
         self._managers.add(manager)
 
-    def persisted(self, figures: EventPersistedData, attributes: Mapping[str, Any]) -> None:
+    def persisted(self, figures: PersistFigures, attributes: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         self._duration.record(figures.duration.total_seconds(), attributes)

@@ -8,7 +8,6 @@ from ._manager import (
     HandleSignals,
     OnSignal,
     PreemptionNoticeKind,
-    ShutdownSignalReceived,
 )
 from ._preemption import (
     AWS_SPOT_NOTICE_URL,
@@ -21,6 +20,7 @@ from ._shutdown import (
     EXIT_NOT_PERSISTED,
     EventLoopStarved,
     ExitWatchdog,
+    ShutdownSignalReceived,
     exit_code,
     exit_guard,
     hard_exit,

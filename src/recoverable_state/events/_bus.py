@@ -19,7 +19,7 @@ from pyee import EventEmitter
 
 from .._concurrency import LoopHandle, run_in_daemon_thread
 from ._shutdown import EventLoopStarved
-from ._types import Event
+from ._types import Event, ReportsUnfinished
 
 logger = logging.getLogger("recoverable_state")
 
@@ -265,3 +265,15 @@ class ListenerBus:
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
+
+
+def unfinished_work(target: Callable[..., Any]) -> list[str]:
+    """What a listener left behind says it has not finished, if it reports it (`ReportsUnfinished`)."""
+    owner = getattr(target, "__self__", target)
+    if not isinstance(owner, ReportsUnfinished):
+        return []
+    try:
+        return [str(item) for item in owner.describe_unfinished()]
+    except Exception:  # a listener's own report must never break the exit
+        logger.exception("a listener's describe_unfinished() failed")
+        return []

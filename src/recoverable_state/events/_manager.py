@@ -6,7 +6,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -15,12 +14,12 @@ import anyio
 
 from .._concurrency import LoopHandle
 from .._config import as_timedelta
-from .._errors import RecoverableStateError
 from .._metrics import PersistMetrics, PersistStats
-from ._bus import _CANCEL_GRACE, Listener, ListenerBus, _Call
+from ._bus import _CANCEL_GRACE, Listener, ListenerBus, _Call, unfinished_work
+from ._preemption import poller_for
 from ._rounds import PersistRounds
 from ._session import Session
-from ._shutdown import EventLoopStarved, SignalHandlers, exit_code, shutdown_signals
+from ._shutdown import EventLoopStarved, ShutdownSignalReceived, SignalHandlers, exit_code, shutdown_signals
 from ._sources import run_sources, system_info
 from ._types import (
     Event,
@@ -29,11 +28,10 @@ from ._types import (
     EventPersistedData,
     EventPersistStateData,
     EventSystemInfoData,
-    ReportsUnfinished,
 )
 
 if TYPE_CHECKING:
-    from ._preemption import PreemptionNotice, PreemptionNoticePoller
+    from ._preemption import PreemptionNotice
 
 logger = logging.getLogger("recoverable_state")
 
@@ -51,14 +49,6 @@ NOT_ACTIVE = "the EventManager is not active: enter it first (`async with EventM
 
 DEFAULT_PERSIST_STATE_INTERVAL = timedelta(seconds=60)
 DEFAULT_CLOSE_TIMEOUT = timedelta(seconds=25)
-
-
-class ShutdownSignalReceived(RecoverableStateError):
-    """The process got a shutdown signal; raised on leaving the manager with on_signal='raise'."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"received {signal.Signals(signum).name}; every state was persisted")
-        self.signum = signum
 
 
 class EventManager:
@@ -150,7 +140,7 @@ class EventManager:
         self._handle_signals = handle_signals
         self._handle_sighup = handle_sighup
         self._on_signal: OnSignal = on_signal
-        self._preemption = _poller(preemption_notice_url, preemption_notice_kind, preemption_poll_interval)
+        self._preemption = poller_for(preemption_notice_url, preemption_notice_kind, preemption_poll_interval)
         self._bus = ListenerBus(self._call_done)
         self._rounds = PersistRounds(self._bus, self._coalesced)
         self._bus.pending_work = self._pending_work
@@ -475,7 +465,7 @@ class EventManager:
                 ", ".join(self._unfinished),
             )
             for call in left_behind:  # a listener may say what it has not finished (the states' keys)
-                for what in _unfinished_work(call.listener.target):
+                for what in unfinished_work(call.listener.target):
                     logger.error("not persisted (left behind): %s", what)
         elif not self._persisted_all:
             logger.error(
@@ -497,27 +487,3 @@ class EventManager:
         if self._on_signal == "raise":
             raise ShutdownSignalReceived(signum)
         return True  # "return": the block ends as if it had finished
-
-
-def _poller(
-    url: str | None, kind: PreemptionNoticeKind, interval: timedelta | float | None
-) -> PreemptionNoticePoller | None:
-    """The preemption notice poller for `url` (None or "": no polling)."""
-    if not url:
-        return None
-    from ._preemption import PreemptionNoticePoller  # it needs httpx, imported only when polling
-
-    every = as_timedelta(5.0 if interval is None else interval, name="preemption_poll_interval")
-    return PreemptionNoticePoller(url, kind=kind, interval=every)
-
-
-def _unfinished_work(target: Callable[..., Any]) -> list[str]:
-    """What a listener left behind says it has not finished, if it reports it (`ReportsUnfinished`)."""
-    owner = getattr(target, "__self__", target)
-    if not isinstance(owner, ReportsUnfinished):
-        return []
-    try:
-        return [str(item) for item in owner.describe_unfinished()]
-    except Exception:  # a listener's own report must never break the exit
-        logger.exception("a listener's describe_unfinished() failed")
-        return []

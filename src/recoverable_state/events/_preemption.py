@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 from anyio.abc import TaskStatus
 
+from .._config import as_timedelta
+
 if TYPE_CHECKING:  # imported when first used: it costs a fifth of the package's import time
     import httpx
 
@@ -241,3 +243,13 @@ class PreemptionNoticePoller:
                     on_notice(notice)
                     return
                 await anyio.sleep(seconds)
+
+
+def poller_for(
+    url: str | None, kind: Literal["auto", "aws", "gcp"], interval: timedelta | float | None
+) -> PreemptionNoticePoller | None:
+    """The preemption notice poller for `url`, polling every `interval` (5 s); None or "": no polling."""
+    if not url:
+        return None
+    every = as_timedelta(5.0 if interval is None else interval, name="preemption_poll_interval")
+    return PreemptionNoticePoller(url, kind=kind, interval=every)

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from .._concurrency import LoopHandle
+from .._errors import RecoverableStateError
 
 logger = logging.getLogger("recoverable_state")
 
@@ -67,6 +68,14 @@ def hard_exit(code: int, message: str, *args: object) -> None:
     logging_thread.start()
     logging_thread.join(0.5)
     os._exit(code)
+
+
+class ShutdownSignalReceived(RecoverableStateError):
+    """The process got a shutdown signal; raised on leaving the manager with on_signal='raise'."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received {signal.Signals(signum).name}; every state was persisted")
+        self.signum = signum
 
 
 class EventLoopStarved(BaseException):
