@@ -204,6 +204,14 @@ def _dropped(data: Any, node: Any, defs: dict[str, Any], path: tuple[Any, ...], 
             _dropped(item, node["values_schema"], defs, (*path, key), out)
 
 
+_CHECK_TRIES = 3
+"""Serialisations tried for a value that another thread keeps changing, before its bytes are judged alone."""
+
+
+class _Changed(Exception):
+    """The value changed while its bytes were being checked (another thread)."""
+
+
 class Refused(Exception):
     """The value cannot be stored so that it loads back equal; `field` says where."""
 
@@ -240,18 +248,29 @@ class StateCodec:
 
     # -- the hot path ----------------------------------------------------------
 
-    def check(self, value: Any, data: bytes, *, suspect: bool = False) -> None:
-        """Raise Refused if `data` (the bytes of `value`) would not load back equal to it.
+    def check(self, value: Any, data: bytes, *, suspect: bool = False) -> bytes:
+        """The bytes to store for `value`: `data` (its bytes) if they would load back equal to it.
 
-        `suspect`: the serializer warned that a value does not have its declared type.
+        Raises Refused when they would not. `suspect`: the serializer warned that a
+        value does not have its declared type. Another thread may change `value`
+        while this runs (a sync worker outside `editing()`): a difference that comes
+        from such a change is never a refusal; the value is serialised again and the
+        new bytes checked, and a value that changes on every try is judged by its
+        bytes alone (they must load back to themselves).
         """
         facts = self._facts
         if not suspect and facts.exact and not (facts.floats and b"null" in data) and not (
             facts.deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH
         ):
-            return
-        self._check_fully(value, data)
-
+            return data
+        for _ in range(_CHECK_TRIES):
+            try:
+                self._check_fully(value, data)
+                return data
+            except _Changed:  # the value changed since `data` was made: take it again
+                data = self.serializer.to_json(value, by_alias=True, warnings=False)
+        self._check_bytes(data)
+        return data
     def load(self, data: bytes) -> tuple[Any, list[str]]:
         """Validate stored JSON bytes; also name the stored fields the type no longer has."""
         if self._forbid_first:
@@ -321,28 +340,40 @@ class StateCodec:
             data = self.serializer.to_json(value, by_alias=True, warnings=False)
         except PydanticSerializationError as exc:
             raise Refused("(the state)", f"cannot be serialised to JSON: {exc}") from None
-        self._check_fully(value, data)
-        return data
+        return self.check(value, data, suspect=True)
 
     def _check_fully(self, value: Any, data: bytes) -> None:
+        """Refused if `data` loads back unlike `value`; _Changed if `value` is no longer what made `data`."""
         suspect = self._suspect(value)
         if suspect is not None:
             raise Refused(*suspect)
-        try:
-            back = self.validator.validate_json(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise Refused(_where(err["loc"]), f"would not load back: {err['msg']}") from None
+        back = self._load_back(data)
         if back == value:
             return
         before = self.serializer.to_python(value, by_alias=True, warnings=False)
         after = self.serializer.to_python(back, by_alias=True, warnings=False)
         where = _difference(before, after, ())
-        if where is not None:
-            raise Refused(
-                _where(where[0]) if where[0] else "(the state)",
-                f"loads back as {where[2]!r}, not {where[1]!r}",
-            )
+        if where is None:
+            return
+        if self.serializer.to_json(value, by_alias=True, warnings=False) != data:
+            raise _Changed  # another thread changed the value: not a refusal
+        raise Refused(
+            _where(where[0]) if where[0] else "(the state)", f"loads back as {where[2]!r}, not {where[1]!r}"
+        )
+
+    def _check_bytes(self, data: bytes) -> None:
+        """Refused unless `data` loads back to a value whose bytes are `data` again (no value needed)."""
+        back = self._load_back(data)
+        again = self.serializer.to_json(back, by_alias=True, warnings=False)
+        if again != data:
+            raise Refused("(the state)", "would not load back as it was stored (its bytes change on reload)")
+
+    def _load_back(self, data: bytes) -> Any:
+        try:
+            return self.validator.validate_json(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise Refused(_where(err["loc"]), f"would not load back: {err['msg']}") from None
 
     def _suspect(self, value: Any) -> tuple[str, str] | None:
         """What a JSON round trip loses for sure: NaN/inf, non-UTF-8 bytes, deep nesting."""
@@ -391,7 +422,9 @@ def _difference(a: Any, b: Any, path: tuple[Any, ...]) -> tuple[tuple[Any, ...],
             if found is not None:
                 return found
         return None
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+    if type(a) is not type(b):
+        return path, a, b  # a tuple stored as a JSON array loads back as a list: not the same value
+    if isinstance(a, list | tuple) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             found = _difference(x, y, (*path, i))
             if found is not None:

@@ -173,7 +173,7 @@ class StateSlot:
         suspect = len(warned) != seen
         if suspect or codec.needs_check:
             try:
-                codec.check(self.value, data, suspect=suspect)
+                data = codec.check(self.value, data, suspect=suspect)
             except Refused as refused:
                 raise self._refuse(refused) from None
         kvs = self.kvs
