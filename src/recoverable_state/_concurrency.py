@@ -59,18 +59,24 @@ class LoopHandle:
         return threading.get_ident() == self.thread
 
     def call_soon_threadsafe(self, fn: Callable[[], object]) -> None:
-        """Run `fn()` in the loop soon; safe from other threads and from signal handlers.
+        """Run `fn()` in the loop soon, in a task of its own; safe from other threads and signal handlers.
 
-        Does nothing once the loop is closed.
+        In a task, `fn` may use anyio (a plain loop callback cannot: anyio, through
+        sniffio, finds no async library outside a task on asyncio). `fn` must not
+        raise. Does nothing once the loop is closed.
         """
         if self._library == "trio":
             import trio
 
             with contextlib.suppress(trio.RunFinishedError):
-                self._trio_token.run_sync_soon(fn)
+                self._trio_token.run_sync_soon(self.spawn, lambda: _call(fn))
         else:
             with contextlib.suppress(RuntimeError):  # the loop is closed
-                self._loop.call_soon_threadsafe(fn)
+                self._loop.call_soon_threadsafe(self.spawn, lambda: _call(fn))
+
+
+async def _call(fn: Callable[[], object]) -> None:
+    fn()
 
 
 async def run_in_daemon_thread(loop: LoopHandle, fn: Callable[[], object], name: str) -> None:

@@ -81,3 +81,65 @@ async def test_the_last_persist_runs_after_the_one_in_flight() -> None:
     async with manager:
         await anyio.sleep(0.05)
     assert order == ["start", "end", "start", "end"]
+
+
+async def test_an_emit_storm_runs_at_most_two_rounds_and_memory_stays_bounded(memory_storage: Any) -> None:
+    import tracemalloc
+
+    from pydantic import BaseModel
+
+    from recoverable_state import RecoverableState
+
+    class Count(BaseModel):
+        n: int = 0
+
+    async with EventManager(persist_state_interval=3600) as manager:
+        await manager.wait_for_all_listeners_to_complete()  # the first tick is done
+        states = [
+            RecoverableState(
+                default_state=Count(), persist_state_key=f"c{i}", persistence_enabled=True, event_manager=manager
+            )
+            for i in range(2000)
+        ]
+        await RecoverableState.initialize_many(states)
+        for state in states:
+            state.current_value.n += 1
+        before = manager.stats.persists
+        tracemalloc.start()
+        try:
+            for _ in range(2000):  # without waiting: each would have been a round of its own
+                manager.emit(event=Event.PERSIST_STATE, event_data=EventPersistStateData())
+            with anyio.fail_after(30):
+                await manager.wait_for_all_listeners_to_complete()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert manager.stats.persists - before <= 2  # one round, and one for everything asked meanwhile
+        assert peak < 20 * 1024 * 1024
+        assert manager.stats.states_written >= 2000
+
+
+async def test_a_sync_listener_may_emit_persist_state_from_its_thread(memory_storage: Any) -> None:
+    from pydantic import BaseModel
+
+    from recoverable_state import KeyValueStore, RecoverableState
+
+    class Count(BaseModel):
+        n: int = 0
+
+    async with EventManager(persist_state_interval=3600) as manager:
+        state = RecoverableState(
+            default_state=Count(), persist_state_key="c", persistence_enabled=True, event_manager=manager
+        )
+        (await state.initialize()).n = 7
+
+        def on_aborting() -> None:  # runs in a thread of its own
+            manager.emit(event=Event.PERSIST_STATE, event_data=EventPersistStateData())
+
+        manager.on(event=Event.ABORTING, listener=on_aborting)
+        manager.emit(event=Event.ABORTING)
+        kvs = await KeyValueStore.open()
+        with anyio.fail_after(5):
+            while await kvs.get_value("c") != {"n": 7}:
+                await anyio.sleep(0.01)
+        await state.teardown()

@@ -184,3 +184,18 @@ def test_run_refuses_when_states_already_use_another_default_manager(backend: st
 
     with pytest.raises(recoverable_state.ServiceConflictError, match=r"EventManager is already in use\."):
         recoverable_state.run(main, backend=backend)
+
+
+def test_a_signal_reaches_the_migrating_and_aborting_listeners(backend: str) -> None:
+    heard: list[Any] = []
+
+    async def main(signum: int) -> None:
+        manager = service_locator.get_event_manager()
+        manager.on(event=Event.MIGRATING, listener=heard.append)
+        manager.on(event=Event.ABORTING, listener=heard.append)
+        os.kill(os.getpid(), signum)
+        await anyio.sleep(10)  # cancelled by the signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        assert recoverable_state.run(main, signum, backend=backend, on_signal="return") is None
+    assert [type(event).__name__ for event in heard] == ["EventMigratingData", "EventAbortingData"]
