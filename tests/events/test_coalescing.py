@@ -97,7 +97,10 @@ async def test_an_emit_storm_runs_at_most_two_rounds_and_memory_stays_bounded(me
         await manager.wait_for_all_listeners_to_complete()  # the first tick is done
         states = [
             RecoverableState(
-                default_state=Count(), persist_state_key=f"c{i}", persistence_enabled=True, event_manager=manager
+                default_state=Count(),
+                persist_state_key=f"c{i}",
+                persistence_enabled=True,
+                event_manager=manager,
             )
             for i in range(2000)
         ]
