@@ -752,7 +752,8 @@ class PgBouncerServer:
     `pool_mode = transaction` by default: a server connection serves a client for
     one transaction only, as in most fleets. Clients log in without a password
     (`auth_type = trust`; the user must be listed in the auth file: `postgres`).
-    At most `pool_size` server connections per database and user. Its config,
+    At most `pool_size` server connections per database and user; `settings` are
+    more lines of its `[pgbouncer]` section (`{"query_wait_timeout": "2"}`). Its config,
     auth file and log live in `directory`. The admin console is the database
     `pgbouncer` (`admin_url`: `SHOW POOLS`, `SHOW SERVERS`, ...).
     """
@@ -765,8 +766,10 @@ class PgBouncerServer:
         *,
         pool_mode: str = "transaction",
         pool_size: int = 4,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.binary = pgbouncer_binary()
+        self.settings = dict(settings or {})
         self.directory = directory
         self.upstream = upstream
         self.port = port or free_ports(1)[0]
@@ -809,6 +812,7 @@ class PgBouncerServer:
                     f"default_pool_size = {self.pool_size}",
                     "max_client_conn = 500",
                     f"logfile = {self.directory / 'pgbouncer.log'}",
+                    *(f"{name} = {value}" for name, value in self.settings.items()),
                     "",
                 ]
             )

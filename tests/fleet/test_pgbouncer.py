@@ -9,6 +9,7 @@ the backend pid psycopg reports is PgBouncer's, not a server process'.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,27 @@ def test_a_session_advisory_lock_outlives_the_client_that_took_it(
 def test_startup_options_are_refused(bouncer: PgBouncerServer) -> None:
     with pytest.raises(psycopg.OperationalError, match="unsupported startup parameter: options"):
         psycopg.connect(bouncer.url, options="-c statement_timeout=1000")
+
+
+@pytest.mark.slow
+def test_a_postgresql_down_behind_pgbouncer_takes_logins_and_answers_queries_late(server_dir: Path) -> None:
+    """PgBouncer accepts the client; a query waits `query_wait_timeout` (120 s by default)
+    for a server connection, then fails with a protocol violation (08P01)."""
+    upstream = start_or_skip(lambda: PostgresServer(server_dir / "pgbouncer-down-upstream"))
+    bouncer = start_or_skip(
+        lambda: PgBouncerServer(
+            server_dir / "pgbouncer-down", upstream, settings={"query_wait_timeout": "2"}
+        )
+    )
+    try:
+        upstream.kill()
+        with psycopg.connect(bouncer.url, autocommit=True, prepare_threshold=None, connect_timeout=3) as conn:
+            began = time.monotonic()
+            with pytest.raises(psycopg.OperationalError) as caught:
+                conn.execute("SELECT 1")
+        assert time.monotonic() - began >= 1.9
+        assert caught.value.sqlstate == "08P01"
+        assert str(caught.value) == "query_wait_timeout"
+    finally:
+        bouncer.stop()
+        upstream.stop()

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 
 from fleet_servers import PostgresPrimaryStandby
@@ -176,3 +177,37 @@ def test_paused_replay_shows_lag_but_the_promotion_replays_what_was_received(
     async_pair.kill_primary()
     async_pair.promote()
     assert _rows(async_pair.url) == list(range(5))
+
+
+@pytest.mark.slow
+def test_a_promoted_lagging_standby_reuses_the_transaction_ids_it_never_saw(
+    async_pair: PostgresPrimaryStandby,
+) -> None:
+    """txid_status() after a failover can say "committed" of a lost transaction."""
+    _create_table(async_pair)
+    async_pair.wait_replayed()
+    async_pair.pause_streaming()
+    with psycopg.connect(async_pair.primary_url) as conn:
+        row = conn.execute("SELECT txid_current()").fetchone()
+        assert row is not None
+        lost = row[0]
+        conn.execute(f"INSERT INTO {TABLE} VALUES (1)")
+        conn.commit()
+    async_pair.kill_primary()
+    async_pair.promote()
+    with (
+        psycopg.connect(async_pair.url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InvalidParameterValue, match="is in the future"),
+    ):
+        conn.execute("SELECT txid_status(%s)", (lost,))
+    with psycopg.connect(async_pair.url) as conn:
+        for _ in range(100):
+            row = conn.execute("SELECT txid_current()").fetchone()
+            conn.execute(f"INSERT INTO {TABLE} VALUES (2)")
+            conn.commit()
+            assert row is not None
+            if row[0] >= lost:
+                break
+    with psycopg.connect(async_pair.url, autocommit=True) as conn:
+        assert conn.execute("SELECT txid_status(%s)", (lost,)).fetchone() == ("committed",)
+    assert 1 not in _rows(async_pair.url)
