@@ -239,7 +239,7 @@ class PostgresServer:
     With `password`, TCP connections need it instead (scram-sha-256; `url` carries
     it), and pg_hba.conf refuses the role `rejected` outright (`REJECTED_ROLE`).
     The Unix socket stays trusted, for the tests' own setup. `settings` are more
-    server settings (`-c name=value`), e.g. `{"synchronous_standby_names": "standby"}`.
+    server settings (`-c name=value`), e.g. `{"wal_receiver_status_interval": "1"}`.
     """
 
     def __init__(
