@@ -3,7 +3,10 @@
 The Redis and PostgreSQL servers start once per session (once in each
 pytest-xdist worker), on first use, on free loopback ports. When a server
 binary is missing the tests that need it are skipped, or fail when the `CI`
-environment variable is set (CI runs every backend).
+environment variable is set (CI runs every backend). So do the servers past
+one machine (tests/fleet_servers.py): a Redis Cluster, PostgreSQL primaries
+with a synchronous and an asynchronous standby, PgBouncer; a test that kills
+or promotes one restores it afterwards (`restore()`), see tests/fleet/conftest.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/servers.py
 
+from fleet_servers import PgBouncerServer, PostgresPrimaryStandby, RedisClusterServer
 from recoverable_state import Configuration, service_locator
 from recoverable_state.storage import MemoryBackend
 from servers import PostgresServer, RedisServer, start_or_skip
@@ -95,3 +99,62 @@ def redis_url(redis_server: RedisServer) -> str:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """`postgresql://postgres@127.0.0.1:<port>/rs_test` of the session's PostgreSQL server."""
     return postgres_server.url
+
+
+# -- past one machine (tests/fleet_servers.py) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(server_dir: Path) -> Iterator[RedisClusterServer]:
+    """A Redis Cluster: 3 masters with a replica each, AOF fsynced on every write, 1 s node timeout."""
+    server = start_or_skip(lambda: RedisClusterServer(server_dir / "redis-cluster"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
+    """`redis+cluster://127.0.0.1:<p1>,...,127.0.0.1:<p6>`: every node of the cluster as a seed."""
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def postgres_standby_sync(server_dir: Path) -> Iterator[PostgresPrimaryStandby]:
+    """A PostgreSQL primary whose commits wait for its standby (`synchronous_standby_names`)."""
+    server = start_or_skip(lambda: PostgresPrimaryStandby(server_dir / "postgres-sync", synchronous=True))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_standby_sync_url(postgres_standby_sync: PostgresPrimaryStandby) -> str:
+    """`postgresql://postgres@127.0.0.1:<primary>,127.0.0.1:<standby>/rs_test?target_session_attrs=read-write`."""
+    return postgres_standby_sync.url
+
+
+@pytest.fixture(scope="session")
+def postgres_standby_async(server_dir: Path) -> Iterator[PostgresPrimaryStandby]:
+    """A PostgreSQL primary with an asynchronous standby (which may lag behind)."""
+    server = start_or_skip(lambda: PostgresPrimaryStandby(server_dir / "postgres-async", synchronous=False))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_standby_async_url(postgres_standby_async: PostgresPrimaryStandby) -> str:
+    """The multi-host URL of the asynchronous pair (as `postgres_standby_sync_url`)."""
+    return postgres_standby_async.url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(server_dir: Path, postgres_server: PostgresServer) -> Iterator[PgBouncerServer]:
+    """PgBouncer (`pool_mode = transaction`) in front of the session's PostgreSQL server."""
+    server = start_or_skip(lambda: PgBouncerServer(server_dir / "pgbouncer", postgres_server))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(pgbouncer: PgBouncerServer) -> str:
+    """`postgresql://postgres@127.0.0.1:<port>/rs_test` through PgBouncer (the database of `postgres_url`)."""
+    return pgbouncer.url

@@ -9,6 +9,9 @@ Outside pytest, `running_servers()` starts both and yields their URLs:
 
 PostgreSQL refuses to run as root, so as root `initdb` and `postgres` run as
 the `postgres` user (the data directory is handed to that user).
+
+The servers past one machine (a Redis Cluster, a PostgreSQL primary with a
+streaming standby, PgBouncer) are in `fleet_servers.py` beside this file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 PG_BIN = Path(os.environ.get("RECOVERABLE_STATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 """Where `initdb` and `postgres` are (PostgreSQL 15 on Debian by default)."""
@@ -39,14 +42,67 @@ class ServerUnavailable(RuntimeError):
     """A server binary is missing; the message says how to install it."""
 
 
-TServer = TypeVar("TServer", "RedisServer", "PostgresServer")
+class Server(Protocol):
+    """What `start_or_skip` needs of a server: a port (or `ports`), start and stop."""
+
+    port: int
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+TServer = TypeVar("TServer", bound=Server)
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))  # held until all are picked, so no port comes twice
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+def postgres_user() -> pwd.struct_passwd | None:
+    """The user PostgreSQL's programs (and PgBouncer) run as: `postgres` as root, else None (us).
+
+    Raises ServerUnavailable as root when there is no `postgres` user.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise ServerUnavailable(
+            "PostgreSQL refuses to run as root and there is no `postgres` user; "
+            "create one (`useradd postgres`) or run the tests as another user"
+        ) from None
+
+
+def popen_as(
+    user: pwd.struct_passwd | None, args: list[str], cwd: Path, **kwargs: object
+) -> subprocess.Popen[bytes]:
+    """Start `args` as `user` (None: as we are), in a C.UTF-8 locale."""
+    extra: dict[str, object] = {}
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+    if user is not None:
+        extra = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        env["HOME"] = user.pw_dir
+    return subprocess.Popen(args, env=env, cwd=cwd, **extra, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def give_to(user: pwd.struct_passwd | None, path: Path) -> None:
+    """Hand `path` to `user` (nothing to do when None: it is ours)."""
+    if user is not None:
+        os.chown(path, user.pw_uid, user.pw_gid)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
@@ -182,10 +238,18 @@ class PostgresServer:
 
     With `password`, TCP connections need it instead (scram-sha-256; `url` carries
     it), and pg_hba.conf refuses the role `rejected` outright (`REJECTED_ROLE`).
-    The Unix socket stays trusted, for the tests' own setup.
+    The Unix socket stays trusted, for the tests' own setup. `settings` are more
+    server settings (`-c name=value`), e.g. `{"wal_receiver_status_interval": "1"}`.
     """
 
-    def __init__(self, directory: Path, port: int | None = None, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         for tool in ("initdb", "postgres"):
             if not (PG_BIN / tool).exists():
                 raise ServerUnavailable(
@@ -197,32 +261,19 @@ class PostgresServer:
         self.sockets = directory / "sockets"
         self.port = port or free_port()
         self.password = password
+        self.settings = dict(settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
-        self._user: pwd.struct_passwd | None = None
-        if os.geteuid() == 0:
-            try:
-                self._user = pwd.getpwnam("postgres")
-            except KeyError:
-                raise ServerUnavailable(
-                    "PostgreSQL refuses to run as root and there is no `postgres` user; "
-                    "create one (`useradd postgres`) or run the tests as another user"
-                ) from None
+        self._user = postgres_user()
 
     @property
     def url(self) -> str:
         return self._dsn(PG_DATABASE)
 
     def _popen(self, args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        extra: dict[str, object] = {}
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-        if self._user is not None:
-            extra = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
-            env["HOME"] = self._user.pw_dir
-        return subprocess.Popen(args, env=env, cwd=self.directory, **extra, **kwargs)  # type: ignore[call-overload,no-any-return]
+        return popen_as(self._user, args, self.directory, **kwargs)
 
     def _give_to_user(self, path: Path) -> None:
-        if self._user is not None:
-            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        give_to(self._user, path)
 
     def init(self) -> None:
         """Create the cluster (initdb with trust auth) unless it exists."""
@@ -274,6 +325,7 @@ class PostgresServer:
                     "-c", "listen_addresses=127.0.0.1",
                     "-c", "max_connections=200",
                     "-c", "shared_buffers=64MB",
+                    *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -339,7 +391,8 @@ def start_or_skip(make: Callable[[], TServer], attempts: int = 3) -> TServer:
 
     A free port can be taken by another process (another pytest-xdist worker starting
     its servers) before the server binds it: then the server is built again, on a
-    port `make` picks anew, up to `attempts` times.
+    port `make` picks anew, up to `attempts` times (a server with several ports
+    lists them all in `ports`).
     """
     import pytest
 
@@ -354,7 +407,8 @@ def start_or_skip(make: Callable[[], TServer], attempts: int = 3) -> TServer:
             server.start()
         except RuntimeError:
             server.stop()
-            if attempt == attempts - 1 or _port_is_free(server.port):
+            ports = getattr(server, "ports", [server.port])
+            if attempt == attempts - 1 or all(_port_is_free(port) for port in ports):
                 raise
             continue
         return server
