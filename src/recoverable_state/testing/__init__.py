@@ -30,14 +30,26 @@ if TYPE_CHECKING:
 
 __all__ = ["BackendConformance", "FaultInjectingBackend"]
 
+_SUITE = (
+    "conformance",
+    "_suite",
+    "_suite_batches",
+    "_suite_instances",
+    "_suite_machine",
+    "_suite_model",
+    "_suite_records",
+    "_suite_stores",
+)
+"""The modules of the conformance suite (pytest rewrites the asserts of each)."""
+
 
 def __getattr__(name: str) -> Any:
     if name != "BackendConformance":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if "pytest" in sys.modules:  # under pytest: its asserts then explain themselves when they fail
+    if "pytest" in sys.modules:  # under pytest: the suite's asserts then explain themselves when they fail
         import pytest
 
-        pytest.register_assert_rewrite(f"{__name__}.conformance", f"{__name__}._conformance")
+        pytest.register_assert_rewrite(*(f"{__name__}.{module}" for module in _SUITE))
     from .conformance import BackendConformance
 
     return BackendConformance
