@@ -121,9 +121,10 @@ class TransactionalBackend(StorageBackend, Generic[TTxn]):
 
     async def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
         store_ids = {w.store_id for w in ops}
+        fast = type(self).apply_expected is not TransactionalBackend.apply_expected  # else no use asking
 
         def write(txn: TTxn) -> list[WriteOutcome | StorageError]:
-            expected = expected_outcomes(ops)
+            expected = expected_outcomes(ops) if fast else None
             if expected is not None and self.apply_expected(txn, cast("Sequence[RecordWrite]", ops)):
                 return list(expected)
             missing, stored = self.find_versions(txn, store_ids, [(w.store_id, w.key) for w in ops])
