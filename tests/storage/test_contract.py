@@ -22,6 +22,7 @@ from recoverable_state.storage import (
     RecordWrite,
     StoredRecord,
     WriteOutcome,
+    claim_reads,
     expected_outcomes,
     fail_records,
     plan_reads,
@@ -230,3 +231,20 @@ def test_an_unreadable_record_answers_its_reads_with_its_error_and_is_not_claime
 def test_a_batch_with_a_delete_takes_no_shortcut() -> None:
     writes = [RecordWrite("s", "a", b"v", "t", 1), RecordDelete("s", "b", 1)]
     assert expected_outcomes(writes) is None
+
+
+@given(
+    reads=st.lists(st.tuples(st.sampled_from(STORES), st.sampled_from(KEYS), st.booleans()), max_size=12),
+    stored=st.dictionaries(st.tuples(st.sampled_from(STORES[:2]), st.sampled_from(KEYS)), st.integers(1, 9)),
+)
+def test_plan_reads_answers_as_claim_reads_over_the_versions(
+    reads: list[tuple[str, str, bool]], stored: dict[Pair, int]
+) -> None:
+    """The two are written apart (one pass over records is the load path); they must never disagree."""
+    missing = {"gone": StoreNotFoundError("no such store", store="gone")}
+    requests = [RecordRead(*r) for r in reads]
+    found = {pair: StoredRecord(pair[1], b"v", "t", version, NOW) for pair, version in stored.items()}
+    results, bumped = plan_reads(requests, found, missing)
+    answers, claimed = claim_reads(requests, stored, missing)
+    assert bumped == claimed
+    assert [r.version if isinstance(r, StoredRecord) else r for r in results] == answers
