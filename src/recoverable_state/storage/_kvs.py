@@ -284,7 +284,9 @@ class KeyValueStore:
         _check_listing(self.label, limit, exclusive_start_key)
         return await self._storage.list_records(self.id, exclusive_start_key=exclusive_start_key, limit=limit)
 
-    async def get_auto_saved_value(self, key: str, default: Any = None, *, default_value: Any = None) -> Any:
+    async def get_auto_saved_value(
+        self, key: str, default: Any = None, *, default_value: Any = None
+    ) -> Any:
         """A plain JSON value (dict or list) under `key`: loaded once, the same object on every call.
 
         Change it in place: it is saved on every PERSIST_STATE of the service
