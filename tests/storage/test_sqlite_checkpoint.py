@@ -15,7 +15,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from recoverable_state.storage import KeyValueStore, SQLiteBackend, _sqlite_checkpoint, _sqlite_schema, open_backend
+from recoverable_state.storage import (
+    KeyValueStore,
+    SQLiteBackend,
+    _sqlite_checkpoint,
+    _sqlite_schema,
+    open_backend,
+)
 
 pytestmark = pytest.mark.anyio
 
