@@ -1,7 +1,7 @@
 """The record contract's planner, checked against a plain model of a store.
 
-Random sequences of write batches (compare-and-set, history, missing stores),
-claims, deletes and records that fail to be stored are run twice: through the
+Random sequences of write batches (compare-and-set, deletes, history, missing
+stores), claims and records that fail to be stored are run twice: through the
 planner, applied as a backend applies it, and through a model that does one
 request after another. After every step the two stores must be equal, and
 every caller must have been told what the store holds.
@@ -17,11 +17,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from recoverable_state import StorageError, StoreNotFoundError
 from recoverable_state.storage import (
+    RecordDelete,
     RecordRead,
     RecordWrite,
     StoredRecord,
     WriteOutcome,
-    compare_and_set,
+    claim_reads,
     expected_outcomes,
     fail_records,
     plan_reads,
@@ -38,7 +39,7 @@ write_strategy = st.builds(
     lambda store, key, value, expected, keep: (store, key, value, expected, keep),
     st.sampled_from(STORES),
     st.sampled_from(KEYS),
-    st.binary(max_size=4),
+    st.one_of(st.binary(max_size=4), st.none()),  # None: a delete
     st.one_of(st.none(), st.integers(0, 6)),
     st.integers(0, 3),
 )
@@ -51,11 +52,17 @@ class Model:
         self.records: dict[Pair, tuple[int, bytes]] = {}
         self.history: dict[Pair, list[tuple[int, bytes]]] = {}
 
-    def write(self, w: RecordWrite) -> WriteOutcome:
+    def write(self, w: RecordWrite | RecordDelete) -> WriteOutcome:
         pair = (w.store_id, w.key)
         stored = self.records.get(pair, (0, b""))[0]
         if w.expected_version is not None and w.expected_version != stored:
             return WriteOutcome(False, stored)
+        if isinstance(w, RecordDelete):
+            if pair not in self.records:
+                return WriteOutcome(False, 0)
+            del self.records[pair]
+            self.history.pop(pair, None)
+            return WriteOutcome(True, 0)
         self.records[pair] = (stored + 1, w.value)
         if w.keep_history > 0:
             kept = self.history.setdefault(pair, [])
@@ -75,14 +82,23 @@ class PlannerMachine(RuleBasedStateMachine):
         batch=st.lists(write_strategy, min_size=1, max_size=8),
         failing=st.sets(st.tuples(st.sampled_from(STORES[:2]), st.sampled_from(KEYS)), max_size=2),
     )
-    def write_batch(self, batch: list[tuple[str, str, bytes, int | None, int]], failing: set[Pair]) -> None:
-        writes = [RecordWrite(s, k, v, "t", e, h) for s, k, v, e, h in batch]
+    def write_batch(
+        self, batch: list[tuple[str, str, bytes | None, int | None, int]], failing: set[Pair]
+    ) -> None:
+        writes = [
+            RecordDelete(s, k, e) if v is None else RecordWrite(s, k, v, "t", e, h) for s, k, v, e, h in batch
+        ]
         stored = {pair: version for pair, (version, _) in self.store.records.items()}
         plan = plan_writes(writes, stored, self.missing)
-        failed = {pair: StorageError("disk full", key=pair[1]) for pair in failing if pair in plan.rows}
+        changed = plan.rows.keys() | plan.deletes
+        failed = {pair: StorageError("disk full", key=pair[1]) for pair in failing & changed}
         outcomes = fail_records(plan, failed)
 
-        # Apply the plan as a backend does, but not the records that failed.
+        # Apply the plan as a backend does (deletes first), but not the records that failed.
+        for pair in plan.deletes - set(failed):
+            assert pair in self.store.records
+            del self.store.records[pair]
+            self.store.history.pop(pair, None)
         for pair, (w, version) in plan.rows.items():
             if pair in failed:
                 continue
@@ -145,22 +161,6 @@ class PlannerMachine(RuleBasedStateMachine):
             assert isinstance(got, StoredRecord)
             assert (got.version, got.value) == (version, record[1])
 
-    @rule(
-        store=st.sampled_from(STORES[:2]),
-        key=st.sampled_from(KEYS),
-        expected=st.one_of(st.none(), st.integers(0, 6)),
-    )
-    def delete(self, store: str, key: str, expected: int | None) -> None:
-        pair = (store, key)
-        stored = self.store.records.get(pair, (0, b""))[0]
-        deletes = stored > 0 and compare_and_set(expected, stored)
-        model_stored = self.model.records.get(pair, (0, b""))[0]
-        assert deletes == (model_stored > 0 and (expected is None or expected == model_stored))
-        if deletes:
-            for m in (self.store, self.model):
-                m.records.pop(pair, None)
-                m.history.pop(pair, None)
-
     @invariant()
     def the_store_holds_what_the_model_holds(self) -> None:
         assert self.store.records == self.model.records
@@ -190,11 +190,61 @@ def test_expected_outcomes_are_the_planners_when_every_expectation_holds(
     if expect_none:
         writes[0] = writes[0]._replace(expected_version=None)
     answer = expected_outcomes(writes)
-    eligible = (
-        all(w.expected_version is not None and w.keep_history == 0 for w in writes)
-        and len({(w.store_id, w.key) for w in writes}) == len(writes)
-    )
+    eligible = all(w.expected_version is not None and w.keep_history == 0 for w in writes) and len(
+        {(w.store_id, w.key) for w in writes}
+    ) == len(writes)
     assert (answer is not None) == eligible
     if answer is not None:
         stored = {(w.store_id, w.key): w.expected_version for w in writes if w.expected_version}
         assert answer == plan_writes(writes, stored, {}).outcomes
+
+
+# -- records the medium holds but cannot read ----------------------------------------
+
+
+def test_an_unreadable_record_is_replaced_as_if_absent_and_deleted_when_asked() -> None:
+    """Stored at version 0 (a damaged file): a write expecting 0 replaces it; a delete removes it."""
+    unreadable = {("s", "bad"): 0}
+    plan = plan_writes([RecordWrite("s", "bad", b"v", "t", 0)], unreadable, {})
+    assert plan.outcomes == [WriteOutcome(True, 1)]
+    assert plan.rows[("s", "bad")][1] == 1
+    plan = plan_writes([RecordDelete("s", "bad"), RecordDelete("s", "bad")], unreadable, {})
+    assert plan.outcomes == [WriteOutcome(True, 0), WriteOutcome(False, 0)]
+    assert plan.deletes == {("s", "bad")}
+    plan = plan_writes([RecordDelete("s", "bad", 3), RecordDelete("s", "absent", 0)], unreadable, {})
+    assert plan.outcomes == [WriteOutcome(False, 0), WriteOutcome(False, 0)]
+    assert plan.deletes == set()
+
+
+def test_an_unreadable_record_answers_its_reads_with_its_error_and_is_not_claimed() -> None:
+    broken = StorageError("unreadable", key="bad")
+    found = {("s", "bad"): broken, ("s", "ok"): StoredRecord("ok", b"v", "t", 4, NOW)}
+    reads = [RecordRead("s", "bad", True), RecordRead("s", "ok", True), RecordRead("s", "none", True)]
+    results, bumped = plan_reads(reads, found, {})
+    assert results[0] is broken
+    assert isinstance(results[1], StoredRecord)
+    assert results[1].version == 5
+    assert results[2] is None
+    assert bumped == {("s", "ok"): 5}
+
+
+def test_a_batch_with_a_delete_takes_no_shortcut() -> None:
+    writes = [RecordWrite("s", "a", b"v", "t", 1), RecordDelete("s", "b", 1)]
+    assert expected_outcomes(writes) is None
+
+
+@given(
+    reads=st.lists(st.tuples(st.sampled_from(STORES), st.sampled_from(KEYS), st.booleans()), max_size=12),
+    stored=st.dictionaries(st.tuples(st.sampled_from(STORES[:2]), st.sampled_from(KEYS)), st.integers(1, 9)),
+)
+def test_plan_reads_answers_as_claim_reads_over_the_versions(
+    reads: list[tuple[str, str, bool]], stored: dict[Pair, int]
+) -> None:
+    """The two are written apart (one pass over records is the load path); they must never disagree."""
+    missing = {"gone": StoreNotFoundError("no such store", store="gone")}
+    requests = [RecordRead(*r) for r in reads]
+    found = {pair: StoredRecord(pair[1], b"v", "t", version, NOW) for pair, version in stored.items()}
+    results, bumped = plan_reads(requests, found, missing)
+    answers, claimed = claim_reads(requests, stored, missing)
+    assert bumped == claimed
+    assert [r.version if isinstance(r, StoredRecord) else r for r in results] == answers

@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from recoverable_state import KeyValueStore, RecoverableState, StorageError
-from recoverable_state.storage import open_backend
+from recoverable_state.storage import RecordDelete, RecordWrite, WriteOutcome, open_backend
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +90,31 @@ async def test_a_disk_filling_up_mid_batch_is_told_truthfully(small_disk: Path, 
         await state.teardown()
     await backend.aclose()
     await reader.aclose()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_delete_beside_a_write_the_full_disk_refuses_is_told_truthfully(
+    small_disk: Path, kind: str
+) -> None:
+    url = f"file://{small_disk}/files" if kind == "file" else f"sqlite:///{small_disk}/s.sqlite3"
+    async with open_backend(url) as backend:
+        kvs = await KeyValueStore.open(name="jobs", storage=backend)
+        await kvs.set_value("gone", "x" * 100)
+        ops = [
+            RecordDelete(kvs.id, "gone", 1),
+            RecordWrite(kvs.id, "big", b"b" * (2 * 1024 * 1024), "text/plain"),
+        ]
+        try:
+            outcomes: list[object] | None = list(await backend.write_batch(ops))
+        except StorageError:
+            outcomes = None  # the whole batch failed: SQLite's one transaction
+    async with open_backend(url) as reader:
+        again = await KeyValueStore.open(id=kvs.id, storage=reader)
+        if outcomes is None:
+            assert kind == "sqlite"
+            assert await again.get_value("gone") == "x" * 100  # rolled back: nothing of the batch landed
+        else:
+            assert outcomes[0] == WriteOutcome(True, 0)  # the delete landed, and was told so
+            assert isinstance(outcomes[1], StorageError)
+            assert await again.get_record("gone") is None
+        assert await again.get_record("big") is None

@@ -15,7 +15,14 @@ import anyio
 import pytest
 
 from recoverable_state import KeyValueStore, StorageError
-from recoverable_state.storage import RecordRead, RecordWrite, StorageBackend, WriteOutcome, open_backend
+from recoverable_state.storage import (
+    RecordDelete,
+    RecordRead,
+    RecordWrite,
+    StorageBackend,
+    WriteOutcome,
+    open_backend,
+)
 from recoverable_state.testing import FaultInjectingBackend
 
 pytestmark = pytest.mark.anyio
@@ -160,3 +167,20 @@ async def test_every_backend_can_be_used_as_an_async_context_manager(storage_url
         await kvs.set_value("k", 1)
         records = await backend.read_batch([RecordRead(kvs.id, "k")])
         assert records[0] is not None
+
+
+async def test_a_delete_that_fails_alone_leaves_its_record_and_its_neighbours_land(
+    faulty: FaultInjectingBackend, storage_url: str
+) -> None:
+    kvs = await KeyValueStore.open(name="jobs", storage=faulty)
+    await kvs.put_record("a", b"a1", T)
+    await kvs.put_record("b", b"b1", T)
+    faulty.fail_next(when="requests", match=lambda r: isinstance(r, RecordDelete))
+    outcomes = await faulty.write_batch(
+        [RecordDelete(kvs.id, "a", 1), RecordWrite(kvs.id, "b", b"b2", T, 1), RecordDelete(kvs.id, "b")]
+    )
+    assert isinstance(outcomes[0], StorageError)
+    assert isinstance(outcomes[2], StorageError)
+    assert outcomes[1] == WriteOutcome(True, 2)
+    assert await versions(await reopened(faulty, storage_url, kvs)) == {"a": (1, b"a1"), "b": (2, b"b2")}
+    assert await kvs.delete_record("a", expected_version=1)

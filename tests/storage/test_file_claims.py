@@ -27,11 +27,12 @@ from hypothesis import strategies as st
 from recoverable_state import StorageError
 from recoverable_state.storage import (
     MemoryBackend,
+    RecordDelete,
     RecordRead,
     RecordWrite,
     StorageBackend,
     WriteOutcome,
-    _filesystem,
+    _files_claims,
     open_backend,
 )
 
@@ -59,6 +60,12 @@ async def put(
     (outcome,) = await backend.write_batch([RecordWrite(store, key, value, T, expected)])
     assert isinstance(outcome, WriteOutcome), outcome
     return outcome
+
+
+async def delete(backend: StorageBackend, store: str, key: str, expected: int | None = None) -> bool:
+    (outcome,) = await backend.write_batch([RecordDelete(store, key, expected)])
+    assert isinstance(outcome, WriteOutcome), outcome
+    return outcome.applied
 
 
 async def claim(backend: StorageBackend, store: str, *keys: str) -> list[int | None]:
@@ -120,7 +127,7 @@ async def test_two_backends_on_one_directory_see_each_others_claims(root: Path) 
         assert await claim(second, store, "a") == [2]
         assert await put(first, store, "a", b"stale", expected=1) == WriteOutcome(False, 2)
         assert [info.version for info in await first.list_records(store)] == [2]
-        assert await first.delete(store, "a", expected_version=1) is False
+        assert await delete(first, store, "a", 1) is False
         assert await claim(first, store, "a") == [3]
         assert await put(second, store, "a", b"stale", expected=2) == WriteOutcome(False, 3)
         assert await put(second, store, "a", b"a2", expected=3) == WriteOutcome(True, 4)
@@ -153,7 +160,7 @@ async def test_claims_of_a_deleted_record_never_reach_the_record_made_again(root
         await put(first, store, "a", b"a1")
         assert await claim(first, store, "a") == [2]
         assert await claim(first, store, "a") == [3]
-        assert await first.delete(store, "a", expected_version=3) is True
+        assert await delete(first, store, "a", 3) is True
         assert await put(first, store, "a", b"new", expected=0) == WriteOutcome(True, 1)
         assert await version_of(second, store, "a") == 1
         assert await put(second, store, "a", b"new2", expected=1) == WriteOutcome(True, 2)
@@ -199,7 +206,7 @@ async def test_a_link_planted_at_the_journal_is_never_followed(
     store = (await files.open_store(name="jobs")).id
     await put(files, store, "a", b"a1")
     outside = tmp_path / "outside"
-    planted = _filesystem._CLAIMS_MAGIC + b"x\n50 a.rec\n"
+    planted = _files_claims.CLAIMS_MAGIC + b"x\n50 a.rec\n"
     outside.write_bytes(planted)
     (root / store / ".claims").symlink_to(outside)
     reader = open_backend(f"file://{root}")
@@ -236,7 +243,7 @@ async def test_a_failed_claim_leaves_no_line_and_no_version_behind(
     def no_space(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_filesystem, "_fdatasync", no_space)
+    monkeypatch.setattr(_files_claims, "fdatasync", no_space)
     with pytest.raises(StorageError, match="No space left"):
         await files.read_batch([RecordRead(store, "a", claim=True)])
     monkeypatch.undo()
@@ -253,7 +260,7 @@ async def test_a_failed_claim_leaves_no_line_and_no_version_behind(
 async def test_compaction_keeps_only_claims_that_still_raise_a_record(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_filesystem, "_CLAIMS_SLACK", 4)
+    monkeypatch.setattr(_files_claims, "CLAIMS_SLACK", 4)
     first, second = open_backend(f"file://{root}"), open_backend(f"file://{root}")
     try:
         store = (await first.open_store(name="jobs")).id
@@ -264,7 +271,7 @@ async def test_compaction_keeps_only_claims_that_still_raise_a_record(
             # Never more than twice the live lines, plus the slack, plus the batch just appended.
             assert len(journal_lines(root, store)) <= 2 * 5 + 4 + 5
         await put(first, store, "k0", b"w")  # its header now holds 12: its claim line is dropped
-        await first.delete(store, "k1")  # gone: dropped too
+        await delete(first, store, "k1")  # gone: dropped too
         for n in range(20):  # the other backend's claims grow the journal until it compacts
             assert await claim(second, store, "k2") == [12 + n]
         lines = journal_lines(root, store)
@@ -308,7 +315,7 @@ operations = st.lists(
 async def test_random_claims_writes_and_deletes_match_the_memory_store(
     steps: list[tuple[object, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_filesystem, "_CLAIMS_SLACK", 2)  # compact often
+    monkeypatch.setattr(_files_claims, "CLAIMS_SLACK", 2)  # compact often
     model = MemoryBackend()
     model_store = (await model.open_store(name="jobs")).id
     with tempfile.TemporaryDirectory() as tmp:
@@ -336,8 +343,8 @@ async def test_random_claims_writes_and_deletes_match_the_memory_store(
                 elif kind == "delete":
                     key = str(step[2])
                     expected = (await version_of(model, model_store, key)) if step[3] else None
-                    assert await files.delete(store, key, expected) == await model.delete(
-                        model_store, key, expected
+                    assert await delete(files, store, key, expected) == await delete(
+                        model, model_store, key, expected
                     ), step
                 elif kind == "list":
                     got = [(i.key, i.version) for i in await files.list_records(store)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from recoverable_state import InvalidKeyError, KeyValueStore, RecordCorruptError, StorageError
-from recoverable_state.storage import open_backend
+from recoverable_state.storage import RecordDelete, RecordWrite, WriteOutcome, open_backend
 
 pytestmark = pytest.mark.anyio
 
@@ -287,3 +287,91 @@ async def test_a_store_directory_replaced_by_a_link_is_not_used(tmp_path: Path) 
     assert "jobs" not in {s.name for s in await fresh.list_stores()}
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
     await fresh.aclose()
+
+
+# -- deletes among the writes of a batch ---------------------------------------------
+
+
+async def test_a_damaged_record_file_is_removed_by_a_delete(tmp_path: Path) -> None:
+    """A record the store cannot read counts as version 0: deleting it (expecting nothing or 0) works."""
+    backend = open_backend(f"file://{tmp_path}")
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    for key in ("a", "b", "c"):
+        await kvs.set_value(key, 1)
+        (tmp_path / kvs.id / f"{key}.rec").write_bytes(b"")
+    assert not await kvs.delete_record("a", expected_version=1)  # its version is unknown: not 1
+    assert (tmp_path / kvs.id / "a.rec").exists()
+    await kvs.delete_value("a")
+    assert await kvs.delete_record("b", expected_version=0)
+    assert (await kvs.put_record("c", b"new", "text/plain", expected_version=0)).applied  # replaced
+    assert not (tmp_path / kvs.id / "a.rec").exists()
+    assert not (tmp_path / kvs.id / "b.rec").exists()
+    assert await kvs.get_value("c") == "new"
+    await backend.aclose()
+
+
+async def test_a_delete_that_cannot_remove_its_file_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend(f"file://{tmp_path}")
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    await kvs.put_record("stuck", b"v", "text/plain", keep_history=2)
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name == "stuck.rec":
+            raise PermissionError(13, "Permission denied", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    outcomes = await backend.write_batch(
+        [
+            RecordDelete(kvs.id, "stuck", 1),
+            RecordWrite(kvs.id, "stuck", b"w", "text/plain", 0),
+            RecordWrite(kvs.id, "other", b"o", "text/plain"),
+        ]
+    )
+    monkeypatch.undo()
+    assert isinstance(outcomes[0], StorageError) and "could not be deleted" in str(outcomes[0])
+    assert outcomes[1] is outcomes[0]  # the write after it depended on it: nothing of either landed
+    assert outcomes[2] == WriteOutcome(True, 1)
+    record = await kvs.get_record("stuck")
+    assert record is not None and (record.value, record.version) == (b"v", 1)
+    assert [h.value for h in await kvs.get_history("stuck")] == [b"v"]
+    await backend.aclose()
+
+
+async def test_a_record_deleted_then_not_written_again_fails_the_whole_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its delete landed and its write did not: no answer per request could tell that, so the batch raises."""
+    from recoverable_state.storage import _files_batch
+
+    backend = open_backend(f"file://{tmp_path}")
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    await kvs.put_record("k", b"old", "text/plain")
+    await kvs.get_record("k", claim=True)  # version 2, in the claims journal
+    real_write = _files_batch.write_atomically
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path.name == "k.rec":
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(_files_batch, "write_atomically", full_disk)
+    with pytest.raises(StorageError, match="may or may not have landed"):
+        await backend.write_batch(
+            [
+                RecordDelete(kvs.id, "k", 2),
+                RecordWrite(kvs.id, "k", b"new", "text/plain", 0),
+                RecordWrite(kvs.id, "x", b"x", "text/plain"),
+            ]
+        )
+    monkeypatch.undo()
+    again = open_backend(f"file://{tmp_path}")  # what a reload sees: one of the two outcomes, whole
+    reread = await KeyValueStore.open(id=kvs.id, storage=again)
+    assert await reread.get_record("k") is None
+    assert await reread.get_value("x") == "x"
+    assert (await reread.put_record("k", b"new", "text/plain", expected_version=0)) == WriteOutcome(True, 1)
+    await again.aclose()
+    await backend.aclose()

@@ -1,14 +1,19 @@
-"""Group commit: writes that arrive together travel together; cancellation never loses track."""
+"""Group commit: writes that arrive together travel together; cancellation never loses track.
+
+Each backend has one batcher, found in a table that holds the backend weakly.
+"""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Sequence
 
 import anyio
 import pytest
 
 from recoverable_state import KeyValueStore, StorageError
-from recoverable_state.storage import MemoryBackend, RecordWrite, WriteOutcome
+from recoverable_state.storage import MemoryBackend, WriteOp, WriteOutcome, _batching, batcher_of
 
 pytestmark = pytest.mark.anyio
 
@@ -24,7 +29,7 @@ class GatedMemory(MemoryBackend):
         self.release = anyio.Event()
         self.entered = anyio.Event()
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
+    async def write_batch(self, writes: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
         self.batches.append([w.key for w in writes])
         self.entered.set()
         await self.release.wait()
@@ -119,7 +124,7 @@ async def test_a_failing_batch_fails_every_write_in_it_and_the_next_batch_runs()
         failed = False
         entered = anyio.Event()  # the failing batch is on its way to the store
 
-        async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
+        async def write_batch(self, writes: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
             if not self.failed:
                 self.failed = True
                 self.entered.set()
@@ -143,3 +148,43 @@ async def test_a_failing_batch_fails_every_write_in_it_and_the_next_batch_runs()
         tg.start_soon(write, "b")
     assert errors == ["a: store 'default': disk full"]
     assert await kvs.get_value("b") == b"x"
+
+
+# -- the one batcher of a backend ------------------------------------------------------
+
+
+async def test_the_batcher_of_a_backend_writes_nothing_onto_it() -> None:
+    backend = MemoryBackend()
+    before = dict(vars(backend))
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    await kvs.set_value("k", 1)
+    assert batcher_of(backend) is batcher_of(backend)
+    assert vars(backend).keys() == before.keys()
+
+
+async def test_a_backend_nobody_holds_is_forgotten_with_its_batcher() -> None:
+    backend = MemoryBackend()
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    await kvs.set_value("k", 1)
+    gone = weakref.ref(backend)
+    batcher = weakref.ref(batcher_of(backend))
+    key = id(backend)
+    del backend, kvs
+    gc.collect()
+    assert gone() is None
+    assert batcher() is None
+    assert key not in _batching._batchers
+
+
+async def test_a_backend_that_is_not_hashable_is_served_too() -> None:
+    class Unhashable(MemoryBackend):
+        __hash__ = None  # type: ignore[assignment]  # as a dataclass with eq=True makes it
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Unhashable)
+
+    backend = Unhashable()
+    kvs = await KeyValueStore.open(name="jobs", storage=backend)
+    await kvs.set_value("k", 1)
+    assert await kvs.get_value("k") == 1
+    assert batcher_of(backend) is not batcher_of(Unhashable())

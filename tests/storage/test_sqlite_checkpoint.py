@@ -15,7 +15,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from recoverable_state.storage import KeyValueStore, SQLiteBackend, _sqlite, open_backend
+from recoverable_state.storage import (
+    KeyValueStore,
+    SQLiteBackend,
+    _sqlite_checkpoint,
+    _sqlite_schema,
+    open_backend,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -95,7 +101,7 @@ async def test_closing_ends_the_thread_and_removes_the_wal(tmp_path: Path) -> No
 async def test_the_thread_ends_when_idle_and_comes_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_sqlite, "_CHECKPOINTER_IDLE", 0.05)
+    monkeypatch.setattr(_sqlite_checkpoint, "CHECKPOINTER_IDLE", 0.05)
     path = tmp_path / "state.sqlite3"
     async with open_backend(f"sqlite:///{path}") as backend:
         kvs = await KeyValueStore.open(name="big", storage=backend)
@@ -135,15 +141,15 @@ async def test_a_stalled_checkpointer_leaves_writes_bounded(
     """With the thread held up, commits past the limit copy the WAL back themselves."""
     release = threading.Event()
     started = threading.Event()
-    real_work = _sqlite._Checkpointer._work
+    real_work = _sqlite_checkpoint.Checkpointer._work
 
-    def stalled(self: _sqlite._Checkpointer) -> None:
+    def stalled(self: _sqlite_checkpoint.Checkpointer) -> None:
         started.set()
         release.wait(30)
         real_work(self)
 
-    monkeypatch.setattr(_sqlite._Checkpointer, "_work", stalled)
-    monkeypatch.setattr(_sqlite, "_SELF_CHECKPOINT_PAGES", 1000)
+    monkeypatch.setattr(_sqlite_checkpoint.Checkpointer, "_work", stalled)
+    monkeypatch.setattr(_sqlite_schema, "SELF_CHECKPOINT_PAGES", 1000)
     path = tmp_path / "state.sqlite3"
     try:
         async with open_backend(f"sqlite:///{path}") as backend:

@@ -1,18 +1,24 @@
-"""Storage: the KeyValueStore facade, the backend protocol and the backends."""
+"""Storage: the KeyValueStore facade, the backend surface, the record contract and the backends.
+
+The layers above import storage from here alone; the modules behind it are private.
+"""
 
 from ._backend import (
     DEFAULT_STORE_NAME,
+    RecordDelete,
     RecordInfo,
     RecordRead,
     RecordWrite,
     StorageBackend,
     StoredRecord,
     StoreInfo,
+    WriteOp,
     WriteOutcome,
 )
 from ._batching import Batcher, batcher_of
 from ._contract import (
     HistoryPlan,
+    Pair,
     WritePlan,
     claim_reads,
     compare_and_set,
@@ -31,25 +37,36 @@ from ._kvs import (
     is_json_content_type,
 )
 from ._memory import MemoryBackend
+from ._registry import ENTRY_POINT_GROUP, BackendFactory, open_backend, registered_schemes
+from ._server import Failure, ServerBackend
 from ._sqlite import SQLiteBackend
-from ._url import open_backend
+from ._transactional import TransactionalBackend
+from ._url import redact_url, url_options
 
 __all__ = [
     "DEFAULT_STORE_NAME",
+    "ENTRY_POINT_GROUP",
     "JSON_CONTENT_TYPE",
     "QUARANTINE_SUFFIX",
     "SCHEMA_VERSION_PARAM",
+    "BackendFactory",
     "Batcher",
+    "Failure",
     "HistoryPlan",
     "KeyValueStore",
     "MemoryBackend",
+    "Pair",
+    "RecordDelete",
     "RecordInfo",
     "RecordRead",
     "RecordWrite",
     "SQLiteBackend",
+    "ServerBackend",
     "StorageBackend",
     "StoreInfo",
     "StoredRecord",
+    "TransactionalBackend",
+    "WriteOp",
     "WriteOutcome",
     "WritePlan",
     "batcher_of",
@@ -63,4 +80,7 @@ __all__ = [
     "open_backend",
     "plan_reads",
     "plan_writes",
+    "redact_url",
+    "registered_schemes",
+    "url_options",
 ]

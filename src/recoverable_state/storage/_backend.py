@@ -1,31 +1,9 @@
-"""What every storage backend must do, and the records that cross that line.
+"""What a storage backend must do, and the records that cross that line.
 
-A backend stores records in named stores. A record is one whole snapshot: its
-bytes, content type, a version and the time it was written. Backends know
-nothing of events or models; the `KeyValueStore` facade is their only caller.
-
-To add a backend (S3, DynamoDB, a cluster), subclass `StorageBackend` and
-implement its abstract methods; that is all. What a batch of requests does is
-decided by the functions of `_contract.py` (the record contract, written once):
-`read_batch` and `write_batch` fetch the stored versions of the batch's keys and
-the stores that are missing, ask `plan_reads` / `plan_writes`, and apply the
-answer. What every backend shares (group commit, the store cache) lives in
-`_batching.py` and is not the backend's concern. Their contract:
-
-- `write_batch` makes the whole batch durable together, in one transaction,
-  pipeline or round trip where the store has one, and returns only once every
-  applied write is durable for that store.
-- Each write's outcome tells the truth: a write answered as applied is stored;
-  a write answered with a StorageError in its place changed nothing. A store
-  that cannot apply part of a batch (a disk filling up under a file store)
-  answers the records it could not store with their error (`fail_records`),
-  the rest as applied. An error that concerns the whole batch (the server is
-  down) is raised; the caller then cannot know whether it landed.
-- `read_batch` with `claim=True` bumps the version of each record it finds, in
-  the same atomic step as the read (fencing).
-- A record is never torn: a reader, or a process restarted after SIGKILL, sees
-  either the whole previous snapshot or the whole new one.
-- Blocking drivers run in anyio worker threads; nothing blocks the event loop.
+A backend keeps named stores of records. A record is one whole snapshot: its
+bytes, a content type, a version and the time it was written. Backends know
+nothing of events or models; the `KeyValueStore` facade (through the group
+commit of `_batching.py`) and the CLI are their callers.
 
 Records are named tuples: a batch of 10,000 writes builds them 10,000 times, and a
 frozen dataclass costs about ten times as much to build.
@@ -37,7 +15,7 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from anyio.abc import AsyncResource
 
@@ -100,50 +78,118 @@ class RecordWrite(NamedTuple):
     """Keep this many earlier snapshots of the key (0: keep none)."""
 
 
+class RecordDelete(NamedTuple):
+    """Delete one record and its history, optionally only if the stored version is `expected_version`."""
+
+    store_id: str
+    key: str
+    expected_version: int | None = None
+
+
+WriteOp: TypeAlias = RecordWrite | RecordDelete
+"""One request of a write batch: a write or a delete."""
+
+
 class WriteOutcome(NamedTuple):
-    """The result of one write: applied or not, and the version now stored (0: none)."""
+    """The result of one write or delete: applied or not, and the version now stored (0: none).
+
+    A write answers `(True, new version)` or `(False, stored version)`. A delete
+    answers `(True, 0)` when it removed the record, and `(False, stored version)`
+    when the record is absent (`(False, 0)`) or at another version.
+    """
 
     applied: bool
     version: int
 
 
 class StorageBackend(AsyncResource):
-    """A place where stores of records live: memory, SQLite, files, Redis, PostgreSQL.
+    """A place where stores of records live: memory, SQLite, files, Redis, PostgreSQL, or yours.
 
-    Use it as `async with open_backend(url) as storage:` or call `aclose()`.
+    Seven abstract methods make a backend. Callers never call `read_batch` and
+    `write_batch` one request at a time: the group commit in front of every
+    backend hands them whatever arrived together, up to `max_batch` requests.
+    The rules every answer follows (compare-and-set, claims, order inside a
+    batch, history) are written once, in `recoverable_state.storage.plan_writes`
+    and `plan_reads`: a backend over a medium with transactions subclasses
+    `TransactionalBackend`, which calls them for it; one that must decide
+    elsewhere (inside a server, as Redis does in Lua) follows the same rules and
+    proves it with the conformance suite (`recoverable_state.testing`).
+
+    The contract of a batch:
+
+    - Requests of one batch act one after another, in order: a second write to
+      a key sees the first, a delete after a write removes it, a write after a
+      delete creates the record afresh (version 1).
+    - `write_batch` makes the whole batch durable together (one transaction,
+      pipeline or script where the medium has one) and returns only once every
+      applied request is durable for that medium.
+    - Each answer tells the truth: a request answered as applied is stored; a
+      request answered with a StorageError in its place changed nothing. A
+      medium that cannot apply part of a batch (a disk filling up under a file
+      store) answers the records it could not store with their error, the rest
+      as applied. An error that concerns the whole batch (the server is down)
+      is raised: the caller then cannot know whether it landed.
+    - A request to a store that does not exist fails alone, answered with a
+      StoreNotFoundError in its place.
+    - A record is never torn: a reader, or a process restarted after SIGKILL,
+      sees the whole previous snapshot or the whole new one.
+    - Blocking drivers run in anyio worker threads; nothing blocks the event loop.
+
+    Usage (what the facade does, one batch at a time)::
+
+        async with open_backend("sqlite:///./state.sqlite3") as storage:
+            store = await storage.open_store(name="jobs")
+            (outcome,) = await storage.write_batch(
+                [RecordWrite(store.id, "job-1", b'{"page": 3}', "application/json", expected_version=0)]
+            )
+            (record,) = await storage.read_batch([RecordRead(store.id, "job-1", claim=True)])
+            # outcome == WriteOutcome(True, 1); record.version == 2 (the claim bumped it)
     """
 
     url: str
     """Where the data lives, for messages (never holds a password)."""
 
     max_batch: int = 10_000
-    """The most writes or reads handed to `write_batch` / `read_batch` at once."""
+    """The most requests handed to `write_batch` / `read_batch` at once."""
 
     @abstractmethod
     async def open_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
-        """Find a store by id (StoreNotFoundError when missing) or by name (created when missing)."""
+        """Find a store by id (StoreNotFoundError when missing) or by name (created when missing).
+
+        Two callers opening one new name at once, also from two processes, get one store.
+        """
 
     @abstractmethod
     async def list_stores(self) -> list[StoreInfo]:
-        """Every store in this backend."""
+        """Every store in this backend, sorted by name, then id."""
 
     @abstractmethod
     async def drop_store(self, store_id: str) -> None:
-        """Delete a store with all its records and history."""
+        """Delete a store with all its records and history (nothing happens if it is gone)."""
 
     @abstractmethod
-    async def read_batch(
-        self, reads: Sequence[RecordRead]
-    ) -> Sequence[StoredRecord | StorageError | None]:
-        """Read each record (None when absent), claiming those asked to be claimed."""
+    async def read_batch(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
+        """Answer each read, in order: its record, None when absent, or its own error.
+
+        A read with `claim` bumps the version of the record it finds in the same
+        atomic step as the read (fencing: a writer still expecting the older
+        version is refused from now on), and answers with the bumped version. A
+        claim of an absent record creates nothing. Two claims of one key in a
+        batch bump it twice; a read after a claim sees the claimed version.
+        """
 
     @abstractmethod
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome | StorageError]:
-        """Apply each write, durably and together; see the module docstring."""
+    async def write_batch(self, ops: Sequence[WriteOp]) -> Sequence[WriteOutcome | StorageError]:
+        """Apply each write or delete, in order, durably and together; answer each one.
 
-    @abstractmethod
-    async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
-        """Delete a record and its history; False when absent or the version differs."""
+        A `RecordWrite` with `expected_version=None` applies whatever is stored;
+        with 0, only when the key is absent; with n, only when the stored version
+        is n. An applied write stores version `stored + 1` (1 for a new key) and,
+        with `keep_history=n`, keeps its snapshot among the newest n of the key.
+        A `RecordDelete` applies when the record exists and, if a version is
+        expected, is at that version; it removes the record and its history.
+        See `WriteOutcome` for the answers, and the class docstring for the batch.
+        """
 
     @abstractmethod
     async def list_records(
@@ -155,24 +201,27 @@ class StorageBackend(AsyncResource):
         their UTF-8). `exclusive_start_key` need not be a stored key; None starts at
         the first key, and `limit` None means no limit. A backend answers with a range
         query where it has one, so that paging through a large store stays cheap.
+        StoreNotFoundError when the store is missing.
         """
 
     async def purge_store(self, store_id: str) -> None:
         """Delete every record of a store and its history, keeping the store (its id and name).
 
-        This default deletes the records one by one; backends override it with one
-        statement or script.
+        This default deletes the records a page at a time, each page in one write
+        batch; backends override it with one statement or script.
         """
         start: str | None = None
         while records := await self.list_records(store_id, exclusive_start_key=start, limit=1_000):
-            for info in records:
-                await self.delete(store_id, info.key)
+            outcomes = await self.write_batch([RecordDelete(store_id, info.key) for info in records])
+            for outcome in outcomes:
+                if isinstance(outcome, StorageError):
+                    raise outcome
             start = records[-1].key
 
     @abstractmethod
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
-        """The kept earlier snapshots of a key, newest first."""
+        """The kept earlier snapshots of a key, newest first (StoreNotFoundError: no such store)."""
 
     @abstractmethod
     async def aclose(self) -> None:
-        """Release connections and files; the backend is not used afterwards."""
+        """Release connections, threads and files; the backend is not used afterwards."""

@@ -1,5 +1,9 @@
 """What every backend shares: group commit and the store cache, kept beside the backend.
 
+`batcher_of(backend)` finds a backend's one batcher in a process-wide table that
+holds the backend weakly: nothing is written onto the backend object, and a
+backend nobody holds any more is forgotten with its batcher.
+
 Group commit: requests that arrive together reach the backend as one batch.
 
 The first caller to find no batch in flight leads: it yields once so that
@@ -15,14 +19,15 @@ An exception raised by the flush itself fails every caller of the batch.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 from .._errors import StorageError
-from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOutcome
+from ._backend import RecordRead, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")
@@ -163,25 +168,34 @@ class Batcher:
     """
 
     def __init__(self, backend: StorageBackend) -> None:
-        self.backend = backend
+        # Weakly: the table of batchers holds each batcher for as long as its backend lives.
+        self._backend = weakref.ref(backend)
         # Late-bound, so that a subclass or a test wrapping write_batch is honoured.
-        self._writes: GroupCommitter[RecordWrite, WriteOutcome | StorageError] = GroupCommitter(
-            lambda writes: backend.write_batch(writes), max_batch=backend.max_batch
+        self._writes: GroupCommitter[WriteOp, WriteOutcome | StorageError] = GroupCommitter(
+            lambda ops: self.backend.write_batch(ops), max_batch=backend.max_batch
         )
         self._reads: GroupCommitter[RecordRead, StoredRecord | StorageError | None] = GroupCommitter(
-            lambda reads: backend.read_batch(reads), max_batch=backend.max_batch
+            lambda reads: self.backend.read_batch(reads), max_batch=backend.max_batch
         )
         self._known_stores: dict[tuple[str, str], StoreInfo] = {}
         self._opening: dict[tuple[str, str], anyio.Event] = {}
-        self.open_stores: dict[str, object] = {}
+        self.open_stores: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         """The object handed out for each open store, by store id (the KeyValueStore facade
-        keeps its objects here, so that opening a store twice gives one object)."""
+        keeps its objects here, so that opening a store twice gives one object while it lives)."""
         self._started = False
         self._starting: anyio.Event | None = None
 
-    async def write(self, write: RecordWrite) -> WriteOutcome:
-        """Write one record, batched with every write that arrives together."""
-        outcome = await self._writes.submit(write)
+    @property
+    def backend(self) -> StorageBackend:
+        """The backend this batcher is in front of."""
+        backend = self._backend()
+        if backend is None:  # its callers hold it: only a batcher kept on its own meets this
+            raise RuntimeError("the storage backend of this batcher is gone")
+        return backend
+
+    async def write(self, op: WriteOp) -> WriteOutcome:
+        """Write or delete one record, batched with every request that arrives together."""
+        outcome = await self._writes.submit(op)
         if isinstance(outcome, StorageError):
             raise outcome
         return outcome
@@ -193,9 +207,9 @@ class Batcher:
             raise record
         return record
 
-    async def write_many(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome | StorageError]:
-        """Write many records in one batch; a write that failed alone is answered with its error."""
-        return await self._writes.submit_many(writes)
+    async def write_many(self, ops: Sequence[WriteOp]) -> Sequence[WriteOutcome | StorageError]:
+        """Write (or delete) many records in one batch; a request that failed alone gets its error."""
+        return await self._writes.submit_many(ops)
 
     async def read_many(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
         """Read many records in one batch; a read that failed alone is answered with its error."""
@@ -256,9 +270,19 @@ class Batcher:
         self.open_stores.pop(store_id, None)
 
 
+_batchers: dict[int, Batcher] = {}
+"""Each live backend's batcher, by the backend's id; an entry leaves when its backend is collected.
+
+By id, with a finalizer, rather than a WeakKeyDictionary: a backend need not be hashable
+(a dataclass with eq=True is not). An id is reused only after its object is gone, and
+the finalizer has then removed the entry.
+"""
+
+
 def batcher_of(backend: StorageBackend) -> Batcher:
-    """The one batcher in front of `backend`, made on first use and kept on it."""
-    batcher: Batcher | None = backend.__dict__.get("_batcher")
+    """The one batcher in front of `backend`, made on first use (nothing is written onto `backend`)."""
+    batcher = _batchers.get(id(backend))
     if batcher is None:
-        batcher = backend.__dict__["_batcher"] = Batcher(backend)
+        batcher = _batchers[id(backend)] = Batcher(backend)
+        weakref.finalize(backend, _batchers.pop, id(backend), None)
     return batcher

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .._config import configuration_service
 from .._services import Service
 from ._backend import StorageBackend
-from ._url import open_backend
+from ._registry import open_backend
 
 
 def _from_configuration() -> StorageBackend:

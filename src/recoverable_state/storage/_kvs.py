@@ -6,7 +6,7 @@ import json
 import operator
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import pydantic_core
 
@@ -14,6 +14,7 @@ from .._config import configuration_service
 from .._errors import InvalidKeyError, RecordCorruptError, StorageError
 from ._backend import (
     DEFAULT_STORE_NAME,
+    RecordDelete,
     RecordInfo,
     RecordRead,
     RecordWrite,
@@ -137,13 +138,16 @@ class KeyValueStore:
         name: str | None = None,
         id: str | None = None,
         storage: StorageBackend | None = None,
-    ) -> KeyValueStore:
+    ) -> Self:
         """Open a store by id (StoreNotFoundError when there is none) or by name.
 
         A store opened by name is created when missing. A store that is open
         already (in this backend, by its name or its id) is returned as the same
         object, as Crawlee does; `drop()` forgets it. `storage` defaults to the
         service locator's backend, built from `RECOVERABLE_STATE_STORAGE_URL`.
+
+        A subclass's `open` makes objects of the subclass: when the object open for
+        a store is not one, a new object of the subclass replaces it from then on.
 
         The first store opened in a backend first empties the default store when
         the `purge_on_start` setting is on (`RECOVERABLE_STATE_PURGE_ON_START`).
@@ -159,7 +163,7 @@ class KeyValueStore:
         await batcher.start_once(lambda: _purge_default_store_on_start(storage))
         info = await batcher.find_store(name=name, id=id)
         opened = batcher.open_stores.get(info.id)
-        if isinstance(opened, KeyValueStore):
+        if isinstance(opened, cls):
             return opened
         kvs = cls(info, storage)
         batcher.open_stores[info.id] = kvs
@@ -224,7 +228,7 @@ class KeyValueStore:
     async def delete_value(self, key: str) -> None:
         """Delete the record under `key` (and its history); nothing happens if absent."""
         check_key(key, store=self.label)
-        await self._storage.delete(self.id, key)
+        await self._batcher.write(RecordDelete(self.id, key))
 
     async def record_exists(self, key: str) -> bool:
         """Whether a record is stored under `key`."""
@@ -266,9 +270,9 @@ class KeyValueStore:
         _check_listing(self.label, limit, exclusive_start_key)
         return await self._storage.list_records(self.id, exclusive_start_key=exclusive_start_key, limit=limit)
 
-    async def open_quarantine(self) -> KeyValueStore:
+    async def open_quarantine(self) -> Self:
         """The store where unusable records of this one are set aside (created when missing)."""
-        return await KeyValueStore.open(name=self.label + QUARANTINE_SUFFIX, storage=self._storage)
+        return await type(self).open(name=self.label + QUARANTINE_SUFFIX, storage=self._storage)
 
     async def drop(self) -> None:
         """Delete the store with every record in it and their history.
@@ -309,9 +313,13 @@ class KeyValueStore:
         )
 
     async def delete_record(self, key: str, *, expected_version: int | None = None) -> bool:
-        """Delete the record if its version is `expected_version` (when given)."""
+        """Delete the record and its history if its version is `expected_version` (when given).
+
+        True when it was deleted; False when it is absent or at another version.
+        The delete travels in the batch of the writes that arrive with it.
+        """
         check_key(key, store=self.label)
-        return await self._storage.delete(self.id, key, expected_version)
+        return (await self._batcher.write(RecordDelete(self.id, key, expected_version))).applied
 
     async def get_history(self, key: str) -> list[StoredRecord]:
         """The kept snapshots of `key`, newest first."""

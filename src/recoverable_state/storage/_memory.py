@@ -4,33 +4,33 @@ from __future__ import annotations
 
 import heapq
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import anyio.lowlevel
 
 from .._errors import StorageError, StoreNotFoundError
-from ._backend import (
-    RecordInfo,
-    RecordRead,
-    RecordWrite,
-    StorageBackend,
-    StoredRecord,
-    StoreInfo,
-    WriteOutcome,
-)
-from ._contract import compare_and_set, plan_reads, plan_writes
+from ._backend import RecordInfo, StoredRecord, StoreInfo
+from ._contract import Pair, WritePlan
+from ._transactional import TransactionalBackend
+
+T = TypeVar("T")
 
 
-class MemoryBackend(StorageBackend):
-    """Keeps every store in dictionaries; nothing survives the process."""
+class MemoryBackend(TransactionalBackend["MemoryBackend"]):
+    """Keeps every store in dictionaries; nothing survives the process.
+
+    A transaction is the code between two awaits on the event loop (nothing else
+    runs meanwhile), and its handle is the backend itself.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.url = "memory://"
         self._stores: dict[str, StoreInfo] = {}
         self._records: dict[str, dict[str, StoredRecord]] = {}
-        self._history: dict[tuple[str, str], list[StoredRecord]] = {}
+        self._history: dict[Pair, list[StoredRecord]] = {}
 
     def _store(self, store_id: str) -> dict[str, StoredRecord]:
         try:
@@ -60,56 +60,57 @@ class MemoryBackend(StorageBackend):
         await anyio.lowlevel.checkpoint()
         self._stores.pop(store_id, None)
         self._records.pop(store_id, None)
+        self._forget_history(store_id)
+
+    def _forget_history(self, store_id: str) -> None:
         for hkey in [k for k in self._history if k[0] == store_id]:
             del self._history[hkey]
 
-    def _missing(self, store_ids: set[str]) -> dict[str, StorageError]:
+    # -- the transactional primitives ------------------------------------------
+
+    async def run_transaction(
+        self, fn: Callable[[MemoryBackend], T], *, write: bool, store_ids: Set[str]
+    ) -> T:
+        await anyio.lowlevel.checkpoint()
+        return fn(self)
+
+    def _missing(self, store_ids: Set[str]) -> dict[str, StorageError]:
         return {
             sid: StoreNotFoundError("no such store (was it dropped?)", store=sid)
             for sid in store_ids
             if sid not in self._records
         }
 
-    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
-        await anyio.lowlevel.checkpoint()
-        missing = self._missing({r.store_id for r in reads})
+    def find_records(
+        self, txn: MemoryBackend, store_ids: Set[str], pairs: Sequence[Pair]
+    ) -> tuple[dict[str, StorageError], dict[Pair, StoredRecord]]:
+        records = self._records
         found = {
-            (r.store_id, r.key): rec
-            for r in reads
-            if r.store_id not in missing and (rec := self._records[r.store_id].get(r.key)) is not None
+            (sid, key): rec
+            for sid, key in pairs
+            if sid in records and (rec := records[sid].get(key)) is not None
         }
-        results, bumped = plan_reads(reads, found, missing)
-        for (store_id, key), version in bumped.items():
-            self._records[store_id][key] = found[(store_id, key)]._replace(version=version)
-        return results
+        return self._missing(store_ids), found
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> list[WriteOutcome | StorageError]:
-        await anyio.lowlevel.checkpoint()
-        missing = self._missing({w.store_id for w in writes})
-        stored = {
-            (w.store_id, w.key): rec.version
-            for w in writes
-            if w.store_id not in missing and (rec := self._records[w.store_id].get(w.key)) is not None
-        }
-        plan = plan_writes(writes, stored, missing)
+    def store_claims(self, txn: MemoryBackend, claimed: Mapping[Pair, int]) -> None:
+        for (store_id, key), version in claimed.items():
+            records = self._records[store_id]
+            records[key] = records[key]._replace(version=version)
+
+    def apply_plan(self, txn: MemoryBackend, plan: WritePlan) -> dict[Pair, StorageError]:
         now = datetime.now(UTC)
+        for pair in plan.deletes:
+            del self._records[pair[0]][pair[1]]
+            self._history.pop(pair, None)
         for (store_id, key), (w, version) in plan.rows.items():
             self._records[store_id][key] = StoredRecord(key, bytes(w.value), w.content_type, version, now)
         for pair, change in plan.history.items():
             kept = self._history.get(pair, [])
             new = [StoredRecord(pair[1], bytes(w.value), w.content_type, v, now) for v, w in change.added]
             self._history[pair] = new + kept[: change.keep_old]
-        return plan.outcomes
+        return {}
 
-    async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
-        await anyio.lowlevel.checkpoint()
-        records = self._store(store_id)
-        old = records.get(key)
-        if old is None or not compare_and_set(expected_version, old.version):
-            return False
-        del records[key]
-        self._history.pop((store_id, key), None)
-        return True
+    # -- listings ----------------------------------------------------------------
 
     async def list_records(
         self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
@@ -127,8 +128,7 @@ class MemoryBackend(StorageBackend):
     async def purge_store(self, store_id: str) -> None:
         await anyio.lowlevel.checkpoint()
         self._store(store_id).clear()
-        for hkey in [k for k in self._history if k[0] == store_id]:
-            del self._history[hkey]
+        self._forget_history(store_id)
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         await anyio.lowlevel.checkpoint()

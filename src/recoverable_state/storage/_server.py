@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from abc import abstractmethod
+from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import anyio
 
 from .._errors import StorageAuthenticationError, StorageError, StorageUnavailableError
 from ._backend import StorageBackend
+from ._url import redact_url, url_passwords
 
 T = TypeVar("T")
 
@@ -38,30 +39,6 @@ _GRACE = 0.25
 
 _MIN_WAIT = 0.1
 """The shortest driver timeout set (a zero timeout would mean "do not block" or "no limit")."""
-
-
-def redact_url(url: str) -> str:
-    """The URL without any password (in the user part or the query), for messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
-    return parts._replace(netloc=netloc, query=query).geturl()
-
-
-def _passwords(url: str) -> list[str]:
-    """The passwords a URL carries (user part and query), to scrub them from any text."""
-    parts = urlsplit(url)
-    found = [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        if ":" in userinfo:
-            secret = userinfo.split(":", 1)[1]
-            found += [secret, unquote(secret)]
-    return [p for p in found if p]
 
 
 class Failure(enum.Enum):
@@ -83,7 +60,25 @@ _RETRIED = (Failure.UNREACHABLE, Failure.SILENT, Failure.BUSY)
 
 
 class ServerBackend(StorageBackend):
-    """A backend on a server reached over the network, which may be down for a while."""
+    """A backend on a server reached over the network, which may be down for a while.
+
+    Subclass it (with `TransactionalBackend` too, where the server has transactions)
+    to get one retry budget, told-apart failures and passwords kept out of every
+    message. Its protected surface, stable for server backends:
+
+    - `_classify(exc)` (abstract): what kind of `Failure` a driver exception is,
+      or None for one that is not the server's (raised unchanged).
+    - `_describe(exc)`: the detail a message quotes for `exc` (override to say
+      more, such as which lock timed out).
+    - `_retrying(store, attempt, interrupt=)`: await `attempt(deadline)`, retried
+      with backoff within `retry_timeout`, then raise the library error. Every
+      call of a server backend goes through it.
+    - `_dsn` (the URL as given, password included: for the driver only),
+      `_label(store_ids)` and `_labels` (store names for messages), `_scrub(text)`.
+
+    A subclass sets `server_name` and calls `super().__init__(url, pool_size=,
+    retry_timeout=)`; `url` is then the URL without its password.
+    """
 
     server_name: str = "server"
     """How messages name the kind of server ("Redis server", "PostgreSQL server")."""
@@ -95,7 +90,7 @@ class ServerBackend(StorageBackend):
         if not retry_timeout >= 0:
             raise ValueError(f"retry_timeout must be a number of seconds >= 0, not {retry_timeout!r}")
         self._dsn = url
-        self._secrets = _passwords(url)
+        self._secrets = url_passwords(url)
         self.url = redact_url(url)
         self.pool_size = pool_size
         """Connections kept at most (worker threads use one each)."""
@@ -109,14 +104,14 @@ class ServerBackend(StorageBackend):
         """The retry budget as a driver timeout (never zero)."""
         return max(self.retry_timeout, _MIN_WAIT)
 
-    def _label(self, store_ids: Sequence[str] | set[str]) -> str:
+    def _label(self, store_ids: Collection[str]) -> str:
         """How messages name these stores: by name where known, at most three of them."""
         labels = sorted({self._labels.get(s, s) for s in store_ids})
         return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
 
+    @abstractmethod
     def _classify(self, exc: BaseException) -> Failure | None:
         """What kind of failure `exc` is; None: not the server's (raised unchanged)."""
-        raise NotImplementedError
 
     def _describe(self, exc: BaseException) -> str:
         """`exc` for a message: its type and text."""

@@ -1,69 +1,57 @@
-"""Pick and build a storage backend from a storage URL."""
+"""Storage URLs: their query parameters checked against what a backend accepts, passwords kept out."""
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+from collections.abc import Collection
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._errors import StorageError
-from ._backend import StorageBackend
-from ._server import redact_url
 
 
-def open_backend(
-    url: str, *, pool_size: int | None = None, retry_timeout: float | None = None
-) -> StorageBackend:
-    """Build the backend a storage URL names (no I/O happens until first use).
+def redact_url(url: str) -> str:
+    """The URL without any password (in the user part or the query), for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{host}" if user else host
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
+    return parts._replace(netloc=netloc, query=query).geturl()
 
-    `sqlite:///relative/path.sqlite3`, `sqlite:////absolute/path.sqlite3`,
-    `file:///absolute/dir` (or `file://./relative/dir`), `memory://`,
-    `redis://host:port/db`, `postgresql://user@host:port/db`.
 
-    `pool_size` (connections) and `retry_timeout` apply to Redis and PostgreSQL;
-    None keeps the backend's default. `retry_timeout` is the budget, in seconds,
-    of one operation on the server in all: connecting, every reply, locks held
-    by other connections, and the retries in between (the CLI's `--timeout`).
+def url_passwords(url: str) -> list[str]:
+    """The passwords a URL carries (user part and query), to scrub them from any text."""
+    parts = urlsplit(url)
+    found = [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        if ":" in userinfo:
+            secret = userinfo.split(":", 1)[1]
+            found += [secret, unquote(secret)]
+    return [p for p in found if p]
+
+
+def url_options(url: str, allowed: Collection[str]) -> dict[str, str]:
+    """The query parameters of a storage URL, each one checked against those its backend accepts.
+
+    A backend's factory calls it first, so that a misspelt or unsupported
+    parameter fails when the URL is opened (a StorageError naming it and listing
+    the accepted ones) instead of being ignored or failing deep in a driver. The
+    message shows the URL without its query and its password (a value might be a
+    secret), and only the parameter's name.
     """
-    server_options: dict[str, float] = {}
-    if pool_size is not None:
-        server_options["pool_size"] = pool_size
-    if retry_timeout is not None:
-        server_options["retry_timeout"] = retry_timeout
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "memory":
-        from ._memory import MemoryBackend
-
-        return MemoryBackend()
-    if scheme == "sqlite":
-        from ._sqlite import SQLiteBackend
-
-        if not url.lower().startswith("sqlite:///") or len(url) <= len("sqlite:///"):
-            raise StorageError(f"storage URL {url!r}: write sqlite:///relative/path or sqlite:////abs/path")
-        return SQLiteBackend(unquote(url[len("sqlite:///") :]))
-    if scheme == "file":
-        from ._filesystem import FileSystemBackend
-
-        parts = urlsplit(url)
-        path = unquote(parts.netloc + parts.path)
-        if not path:
-            raise StorageError(f"storage URL {url!r}: write file:///absolute/dir")
-        return FileSystemBackend(path)
-    if scheme in ("redis", "rediss"):
-        try:
-            from ._redis import RedisBackend
-        except ImportError as exc:
+    options: dict[str, str] = {}
+    parts = urlsplit(url)
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in allowed:
+            accepted = ", ".join(sorted(allowed)) if allowed else "none"
+            shown = url.split("?", 1)[0]
+            if "@" in urlsplit(shown).netloc:  # else as written: geturl would respell sqlite:////abs
+                shown = redact_url(shown)
             raise StorageError(
-                f"storage URL {redact_url(url)!r} needs redis-py: pip install 'recoverable-state[redis]'"
-            ) from exc
-        return RedisBackend(url, **server_options)  # type: ignore[arg-type]
-    if scheme in ("postgresql", "postgres"):
-        try:
-            from ._postgres import PostgresBackend
-        except ImportError as exc:
-            raise StorageError(
-                f"storage URL {redact_url(url)!r} needs psycopg: pip install 'recoverable-state[postgres]'"
-            ) from exc
-        return PostgresBackend(url, **server_options)  # type: ignore[arg-type]
-    raise StorageError(
-        f"storage URL {redact_url(url)!r} has an unknown scheme; "
-        "use sqlite, file, memory, redis or postgresql"
-    )
+                f"storage URL {shown!r} has a query parameter {name!r} that {parts.scheme.lower()}:// "
+                f"does not accept (it accepts: {accepted})"
+            )
+        options[name] = value
+    return options

@@ -1,4 +1,4 @@
-"""Tools for testing workers and stores: a backend wrapper that injects storage faults.
+"""A backend wrapper that injects storage faults, to test workers and stores.
 
 Wrap any backend, tell it which faults the next batches meet, and check that
 what every caller was told matches what the store holds::
@@ -20,18 +20,20 @@ from typing import Literal, TypeVar
 
 import anyio
 
-from ._errors import StorageError
-from .storage import (
+from .._errors import StorageError
+from ..storage import (
+    RecordDelete,
     RecordInfo,
     RecordRead,
     RecordWrite,
     StorageBackend,
     StoredRecord,
     StoreInfo,
+    WriteOp,
     WriteOutcome,
 )
 
-R = TypeVar("R", RecordWrite, RecordRead)
+R = TypeVar("R", WriteOp, RecordRead)
 X = TypeVar("X")
 
 When = Literal["before", "after", "requests", "delay", "hang"]
@@ -40,7 +42,7 @@ When = Literal["before", "after", "requests", "delay", "hang"]
 @dataclass
 class _Fault:
     when: When
-    match: Callable[[RecordWrite | RecordRead], bool] | None
+    match: Callable[[RecordWrite | RecordDelete | RecordRead], bool] | None
     seconds: float
     message: str
 
@@ -50,8 +52,9 @@ class FaultInjectingBackend(StorageBackend):
 
     - `when="before"`: the whole batch fails before anything is applied.
     - `when="after"`: the whole batch is applied, then fails (its outcome unknown to the caller).
-    - `when="requests"`: the requests `match` picks fail alone, answered with their own
-      error and never applied; the rest of the batch goes through.
+    - `when="requests"`: the requests `match` picks (writes, deletes or reads) fail
+      alone, answered with their own error and never applied; the rest of the batch
+      goes through.
     - `delay_next(seconds)`: the batch waits, then goes through.
     - `hang_next()`: the batch waits until it is cancelled.
     """
@@ -70,10 +73,10 @@ class FaultInjectingBackend(StorageBackend):
         *,
         on: Literal["write", "read"] = "write",
         when: Literal["before", "after", "requests"] = "before",
-        match: Callable[[RecordWrite | RecordRead], bool] | None = None,
+        match: Callable[[RecordWrite | RecordDelete | RecordRead], bool] | None = None,
         message: str = "injected fault",
     ) -> None:
-        """Make the next batch of kind `on` fail as `when` says."""
+        """Make the next batch of kind `on` fail as `when` says (`on="write"`: writes and deletes)."""
         if when == "requests" and match is None:
             raise ValueError("when='requests' needs match= to pick the requests that fail")
         self.faults[on].append(_Fault(when, match, 0.0, message))
@@ -119,8 +122,8 @@ class FaultInjectingBackend(StorageBackend):
                 answered[i] = result
         return answered
 
-    async def write_batch(self, writes: Sequence[RecordWrite]) -> Sequence[WriteOutcome | StorageError]:
-        return await self._batch("write", writes, self.inner.write_batch)
+    async def write_batch(self, ops: Sequence[WriteOp]) -> Sequence[WriteOutcome | StorageError]:
+        return await self._batch("write", ops, self.inner.write_batch)
 
     async def read_batch(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
         return await self._batch("read", reads, self.inner.read_batch)
@@ -133,9 +136,6 @@ class FaultInjectingBackend(StorageBackend):
 
     async def drop_store(self, store_id: str) -> None:
         await self.inner.drop_store(store_id)
-
-    async def delete(self, store_id: str, key: str, expected_version: int | None = None) -> bool:
-        return await self.inner.delete(store_id, key, expected_version)
 
     async def list_records(
         self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None

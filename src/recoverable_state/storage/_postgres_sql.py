@@ -1,0 +1,134 @@
+"""The PostgreSQL backend's layout and statements: the tables, and a batch's SQL.
+
+Parameters travel in binary (`%b`): for 10,000 writes of 600 bytes the apply
+statement took 0.15 s instead of 0.4 s in text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+SCHEMA = "recoverable_state"
+LOCK_ID = 0x7265636F76657273  # advisory lock taken while creating the tables
+KEY_INDEX = "records_by_key"  # made last: its presence says the schema is complete
+KEY_PREFIX = 200  # characters of a key in the listing index: at most 800 bytes an entry
+
+DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.stores (
+    id text PRIMARY KEY,
+    name text UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.records (
+    store_id text NOT NULL,
+    key_hash bytea NOT NULL,
+    key text NOT NULL,
+    value bytea NOT NULL,
+    content_type text NOT NULL,
+    version bigint NOT NULL,
+    updated_at timestamptz NOT NULL,
+    PRIMARY KEY (store_id, key_hash)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.history (
+    store_id text NOT NULL,
+    key_hash bytea NOT NULL,
+    version bigint NOT NULL,
+    value bytea NOT NULL,
+    content_type text NOT NULL,
+    updated_at timestamptz NOT NULL,
+    PRIMARY KEY (store_id, key_hash, version)
+);
+CREATE INDEX IF NOT EXISTS {KEY_INDEX} ON {SCHEMA}.records
+    (store_id, (left(key, {KEY_PREFIX})) COLLATE "C");
+"""
+
+FIND_STORES = f"SELECT id FROM {SCHEMA}.stores WHERE id = ANY(%b)"
+# Writers hold the store's row with KEY SHARE, so a concurrent drop waits for them
+# (and they, for it). Readers take no lock: a lock would make them write.
+CHECK_STORES = FIND_STORES + " FOR KEY SHARE"
+
+LOCK_ROWS = f"""
+SELECT r.store_id, r.key_hash, r.version FROM {SCHEMA}.records r
+WHERE (r.store_id, r.key_hash) IN (SELECT * FROM unnest(%b::text[], %b::bytea[]))
+ORDER BY r.store_id, r.key_hash FOR UPDATE
+"""
+
+READ_ROWS = f"""
+SELECT r.store_id, r.key_hash, r.value, r.content_type, r.version, r.updated_at
+FROM {SCHEMA}.records r
+WHERE (r.store_id, r.key_hash) IN (SELECT * FROM unnest(%b::text[], %b::bytea[]))
+ORDER BY r.store_id, r.key_hash
+"""
+
+CLAIM_ROWS = f"""
+UPDATE {SCHEMA}.records r SET version = u.version
+FROM unnest(%b::text[], %b::bytea[], %b::bigint[]) AS u(store_id, key_hash, version)
+WHERE r.store_id = u.store_id AND r.key_hash = u.key_hash
+"""
+
+# One statement applies a whole batch: updates of locked rows, inserts of new
+# ones (a skipped insert means a concurrent writer got there first), and history.
+APPLY = f"""
+WITH upd AS (
+    UPDATE {SCHEMA}.records r
+    SET value = u.value, content_type = u.content_type, version = u.version, updated_at = %(now)b
+    FROM unnest(%(u_store)b::text[], %(u_hash)b::bytea[], %(u_value)b::bytea[],
+                %(u_type)b::text[], %(u_version)b::bigint[])
+         AS u(store_id, key_hash, value, content_type, version)
+    WHERE r.store_id = u.store_id AND r.key_hash = u.key_hash
+    RETURNING 1
+), ins AS (
+    INSERT INTO {SCHEMA}.records
+        (store_id, key_hash, key, value, content_type, version, updated_at)
+    SELECT i.store_id, i.key_hash, i.key, i.value, i.content_type, i.version, %(now)b
+    FROM unnest(%(i_store)b::text[], %(i_hash)b::bytea[], %(i_key)b::text[],
+                %(i_value)b::bytea[], %(i_type)b::text[], %(i_version)b::bigint[])
+         AS i(store_id, key_hash, key, value, content_type, version)
+    ORDER BY i.store_id, i.key_hash
+    ON CONFLICT (store_id, key_hash) DO NOTHING
+    RETURNING 1
+), cut AS (
+    DELETE FROM {SCHEMA}.history h
+    USING unnest(%(t_store)b::text[], %(t_hash)b::bytea[], %(t_keep)b::bigint[])
+          AS t(store_id, key_hash, keep),
+          LATERAL (
+              SELECT x.version FROM {SCHEMA}.history x
+              WHERE x.store_id = t.store_id AND x.key_hash = t.key_hash
+              ORDER BY x.version DESC OFFSET t.keep
+          ) AS old
+    WHERE h.store_id = t.store_id AND h.key_hash = t.key_hash AND h.version = old.version
+    RETURNING 1
+), hist AS (
+    INSERT INTO {SCHEMA}.history (store_id, key_hash, version, value, content_type, updated_at)
+    SELECT *, %(now)b FROM unnest(%(h_store)b::text[], %(h_hash)b::bytea[],
+                                  %(h_version)b::bigint[], %(h_value)b::bytea[], %(h_type)b::text[])
+    ON CONFLICT (store_id, key_hash, version) DO UPDATE
+    SET value = excluded.value, content_type = excluded.content_type, updated_at = excluded.updated_at
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins),
+       (SELECT count(*) FROM cut), (SELECT count(*) FROM hist)
+"""
+
+# A batch's deletes, sent before its apply statement in the same transaction.
+DELETE_ROWS = f"""
+DELETE FROM {SCHEMA}.records r USING unnest(%b::text[], %b::bytea[]) AS d(store_id, key_hash)
+WHERE r.store_id = d.store_id AND r.key_hash = d.key_hash
+"""
+
+DELETE_HISTORY = f"""
+DELETE FROM {SCHEMA}.history h USING unnest(%b::text[], %b::bytea[]) AS d(store_id, key_hash)
+WHERE h.store_id = d.store_id AND h.key_hash = d.key_hash
+"""
+
+
+def key_hash(key: str) -> bytes:
+    """The SHA-256 of a key's UTF-8: the records' primary key holds it, not the key (see _postgres.py)."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def utc(value: datetime) -> datetime:
+    """A time the driver read, in UTC."""
+    return value.astimezone(UTC)
