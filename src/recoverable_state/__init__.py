@@ -9,6 +9,7 @@ from ._errors import (
     InvalidKeyError,
     PersistenceTimeoutError,
     RecordCorruptError,
+    RecordDecryptionError,
     RecoverableStateError,
     SchemaVersionError,
     ServiceConflictError,
@@ -36,7 +37,7 @@ from .events import (
 )
 from .runners import WorkerInterrupted, run, run_sync, stop_requested, use_state_sync
 from .state import KeyValueStore, RecoverableState, use_state
-from .storage import StorageBackend, open_backend
+from .storage import KeyRing, StorageBackend, open_backend
 
 __all__ = [
     "Configuration",
@@ -50,10 +51,12 @@ __all__ = [
     "EventStateOwnershipLostData",
     "EventSystemInfoData",
     "InvalidKeyError",
+    "KeyRing",
     "KeyValueStore",
     "PersistStats",
     "PersistenceTimeoutError",
     "RecordCorruptError",
+    "RecordDecryptionError",
     "RecoverableState",
     "RecoverableStateError",
     "SchemaVersionError",

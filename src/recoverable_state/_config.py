@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._services import Service
@@ -80,6 +80,11 @@ class Configuration(BaseSettings):
 
     storage_retry_timeout: Seconds = timedelta(seconds=10)
     """How long a Redis or PostgreSQL backend retries an unreachable server before failing."""
+
+    encryption_keys: Annotated[SecretStr | None, BeforeValidator(_blank_is_none)] = None
+    """A key ring, `id:base64key,id:base64key,...`: records of the default storage are sealed
+    (AES-GCM) with the first key and opened with any of them (the `[crypto]` extra). Unset: records
+    are stored in clear, each with a checksum. Never printed: it is a secret."""
 
     preemption_notice_url: Annotated[str | None, BeforeValidator(_blank_is_none)] = None
     """Poll this cloud metadata URL for a preemption notice (off when unset): `aws`, `gcp`,

@@ -63,10 +63,40 @@ class StorageAuthenticationError(StorageError, PermissionError):
 
 
 class RecordCorruptError(StorageError, ValueError):
-    """A stored record cannot be read as the state model (not JSON, or fails validation)."""
+    """A stored record cannot be read as the state model: damaged (its checksum does not match),
+    not JSON, or it fails validation."""
 
     raw: bytes | None = None
-    """The unreadable bytes as the store holds them, when the store could not even parse them."""
+    """The unreadable bytes as the store holds them, when they could not even be taken apart."""
+    version: int = 0
+    """The stored version of the record, when the store told it (0: not known)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        store: str | None = None,
+        key: str | None = None,
+        raw: bytes | None = None,
+        version: int = 0,
+    ) -> None:
+        super().__init__(message, store=store, key=key)
+        if raw is not None:
+            self.raw = raw
+        self.version = version
+
+
+class RecordDecryptionError(StorageError, PermissionError):
+    """A sealed record cannot be opened: its key id is not in the key ring, or it fails authentication.
+
+    Not a bad record: it is never quarantined, and never overwritten by a default.
+    The message names the store, the key and the key id, never key material.
+    """
+
+    def __init__(self, message: str, *, store: str | None, key: str | None, key_id: str | None) -> None:
+        super().__init__(message, store=store, key=key)
+        self.key_id = key_id
+        """The id of the key the record is sealed with."""
 
 
 class SchemaVersionError(StorageError):

@@ -50,7 +50,7 @@ class StateCore:
         event_manager: EventManager | None,
         history: int,
         migrations: Mapping[int, Migration],
-        on_bad_record: Literal["raise", "quarantine"],
+        on_bad_record: Literal["raise", "quarantine", "previous"],
         timeout: float | None,
         track: bool,
     ) -> None:

@@ -1,9 +1,10 @@
 """Loading a state: a stored record (or nothing) becomes the slot's live value.
 
-A record that does not load (not JSON, fails validation) raises
+A record that does not load (damaged, not JSON, fails validation) raises
 RecordCorruptError naming store, key and fields, and is left as it is, unless
-the state asked to quarantine it: then it is copied aside and the state starts
-from its default.
+the state asked otherwise: "quarantine" copies it aside and starts from the
+default; "previous" starts from the newest good snapshot of its history (and
+copies the bad record aside). Either way the next persist replaces the bad record.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .._errors import RecordCorruptError
+from .._errors import RecordCorruptError, StorageError
 from ..storage import StoredRecord
 from ._codec import describe_validation_error
 from ._schema import migrate
@@ -53,20 +54,70 @@ def start_from(slot: StateSlot, record: StoredRecord | None, default: Callable[[
 async def start_over(
     slot: StateSlot, record: StoredRecord | None, error: RecordCorruptError, default: Callable[[], Any]
 ) -> None:
-    """A record that does not load: quarantine it and start from the default, or raise.
+    """A record that does not load: start from its history, or quarantine it and its default, or raise.
 
-    `record` is None when the store itself could not parse it (a damaged file).
+    `record` is None when the store itself could not take it apart (a damaged file,
+    a checksum that does not match); `error.raw` then holds its bytes, if known.
     """
+    if slot.on_bad_record == "previous":
+        await _start_from_history(slot, record, error)
+        return
     if slot.on_bad_record != "quarantine" or (record is None and error.raw is None):
         raise error
-    if record is None:
-        assert error.raw is not None
-        record = StoredRecord(slot.key, error.raw, "application/octet-stream", 0, datetime.now(UTC))
+    record = _bad_record(slot, record, error)
     await _quarantine(slot, record, error)
     slot.lost = False
     slot.in_doubt = None
     slot.take(default(), synced=False)  # the default replaces the bad record on the next persist
     slot.version, slot.stored = record.version, None
+
+
+def _bad_record(slot: StateSlot, record: StoredRecord | None, error: RecordCorruptError) -> StoredRecord:
+    """The bad record as stored (rebuilt from the error when the store could not take it apart)."""
+    if record is not None:
+        return record
+    assert error.raw is not None
+    return StoredRecord(slot.key, error.raw, "application/octet-stream", error.version, datetime.now(UTC))
+
+
+async def _start_from_history(
+    slot: StateSlot, record: StoredRecord | None, error: RecordCorruptError
+) -> None:
+    """Take the newest snapshot of the key's history that loads; RecordCorruptError when none does."""
+    kvs = slot.kvs
+    assert kvs is not None
+    skipped = [record.version if record is not None else error.version]
+    for snapshot in await kvs.get_history(slot.key, errors="return"):
+        if isinstance(snapshot, RecordCorruptError):
+            skipped.append(snapshot.version)
+            continue
+        if isinstance(snapshot, StorageError):  # sealed with a key the ring lacks: not a bad record
+            raise snapshot
+        try:
+            start_from(slot, snapshot, lambda: None)
+        except RecordCorruptError:
+            skipped.append(snapshot.version)
+            continue
+        # The record stays at its own version: the next persist replaces it, fenced as usual.
+        slot.version, slot.stored, slot.synced = skipped[0], None, False
+        slot.log.warning(
+            "store %r, key %r: the stored record does not load (%s); starting from the snapshot of version "
+            "%d in its history (versions skipped: %s); the next persist writes a good record",
+            slot.label,
+            slot.key,
+            error,
+            snapshot.version,
+            ", ".join(str(v) for v in skipped),
+            extra=slot.log_fields,
+        )
+        if record is not None or error.raw is not None:
+            await _quarantine(slot, _bad_record(slot, record, error), error, starts_from="its history")
+        return
+    raise RecordCorruptError(
+        f"{error}; and no snapshot of its history loads either (versions {', '.join(map(str, skipped))})",
+        store=slot.label,
+        key=slot.key,
+    ) from error
 
 
 def _validate(slot: StateSlot, data: bytes) -> tuple[Any, bool]:
@@ -92,15 +143,18 @@ def _validate(slot: StateSlot, data: bytes) -> tuple[Any, bool]:
     return value, bool(dropped)
 
 
-async def _quarantine(slot: StateSlot, record: StoredRecord, error: Exception) -> None:
+async def _quarantine(
+    slot: StateSlot, record: StoredRecord, error: Exception, *, starts_from: str = "its default"
+) -> None:
     assert slot.kvs is not None
     quarantine = await slot.kvs.open_quarantine()
     stamp = datetime.now(UTC).isoformat(timespec="microseconds")
     await quarantine.put_record(f"{slot.key}@{stamp}", record.value, record.content_type)
     slot.log.warning(
-        "%s; the record was copied to store %r, key %r, and the state starts from its default",
+        "%s; the record was copied to store %r, key %r, and the state starts from %s",
         error,
         quarantine.label,
         f"{slot.key}@{stamp}",
+        starts_from,
         extra=slot.log_fields,
     )

@@ -66,7 +66,7 @@ class StateSlot:
         content_type: str,
         schema_version: int | None,
         migrations: Mapping[int, Migration],
-        on_bad_record: Literal["raise", "quarantine"],
+        on_bad_record: Literal["raise", "quarantine", "previous"],
         history: int,
         timeout: float | None,
         log: logging.Logger,

@@ -58,8 +58,10 @@ def _check(
         raise ValueError("history must be 0 or more")
     if change_detection not in ("track", "compare"):
         raise ValueError(f"change_detection must be 'track' or 'compare', not {change_detection!r}")
-    if on_bad_record not in ("raise", "quarantine"):
-        raise ValueError(f"on_bad_record must be 'raise' or 'quarantine', not {on_bad_record!r}")
+    if on_bad_record not in ("raise", "quarantine", "previous"):
+        raise ValueError(f"on_bad_record must be 'raise', 'quarantine' or 'previous', not {on_bad_record!r}")
+    if on_bad_record == "previous" and history < 1:
+        raise ValueError("on_bad_record='previous' starts from the record's history: give history=1 or more")
 
 
 class RecoverableState(SyncFacade, Generic[TStateModel]):
@@ -96,7 +98,7 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         event_manager: EventManager | None = None,
         history: int = 0,
         migrations: Mapping[int, Migration] | None = None,
-        on_bad_record: Literal["raise", "quarantine"] = "raise",
+        on_bad_record: Literal["raise", "quarantine", "previous"] = "raise",
         persistence_timeout: timedelta | float | None = DEFAULT_PERSISTENCE_TIMEOUT,
         state_type: Any = None,
         change_detection: Literal["track", "compare"] = "track",
@@ -116,10 +118,13 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
             history: keep this many snapshots of the record (0: keep none).
             migrations: `{k: fn}` turning stored JSON of schema version k into k + 1;
                 the type declares its version as `schema_version: ClassVar[int]`.
-            on_bad_record: what `initialize()` does with a record that is not JSON
-                or does not validate (after migrations): "raise" a RecordCorruptError
-                (the record stays as it is), or "quarantine": copy it to the store's
-                quarantine store and start from the default state.
+            on_bad_record: what `initialize()` does with a record that is damaged (its
+                checksum does not match), not JSON, or does not validate (after migrations):
+                "raise" a RecordCorruptError (the record stays as it is); "quarantine": copy
+                it to the store's quarantine store and start from the default state;
+                "previous" (with `history` 1 or more): start from the newest snapshot of its
+                history that loads, and copy the bad record aside. A record sealed with a key
+                the ring lacks is never bad: RecordDecryptionError, the record left as it is.
             persistence_timeout: how long each load and each save may take (a timedelta
                 or seconds; None: no bound); PersistenceTimeoutError names store and key.
                 The final persist of `teardown()` and of a shutdown is bounded by the

@@ -28,6 +28,7 @@ from ._contract import (
     plan_writes,
 )
 from ._defaults import default_storage
+from ._envelope import CHECKSUM_PARAM, SEALED_CONTENT_TYPE, KeyRing, sealed_key_id
 from ._kvs import (
     JSON_CONTENT_TYPE,
     QUARANTINE_SUFFIX,
@@ -44,15 +45,18 @@ from ._transactional import TransactionalBackend
 from ._url import redact_url, url_options
 
 __all__ = [
+    "CHECKSUM_PARAM",
     "DEFAULT_STORE_NAME",
     "ENTRY_POINT_GROUP",
     "JSON_CONTENT_TYPE",
     "QUARANTINE_SUFFIX",
     "SCHEMA_VERSION_PARAM",
+    "SEALED_CONTENT_TYPE",
     "BackendFactory",
     "Batcher",
     "Failure",
     "HistoryPlan",
+    "KeyRing",
     "KeyValueStore",
     "MemoryBackend",
     "Pair",
@@ -82,5 +86,6 @@ __all__ = [
     "plan_writes",
     "redact_url",
     "registered_schemes",
+    "sealed_key_id",
     "url_options",
 ]

@@ -15,9 +15,12 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 from anyio.abc import AsyncResource
+
+if TYPE_CHECKING:
+    from ._envelope import KeyRing
 
 from .._errors import StorageError
 
@@ -148,6 +151,13 @@ class StorageBackend(AsyncResource):
 
     url: str
     """Where the data lives, for messages (never holds a password)."""
+
+    key_ring: KeyRing | None = None
+    """Seal every record written with this ring (AES-GCM), open them as they are read.
+
+    Set by `open_backend(url, encryption_keys=...)` or assigned. The shared layer
+    in front of the backend does the sealing and the checksums: a backend only
+    ever stores and returns opaque bytes."""
 
     max_batch: int = 10_000
     """The most requests handed to `write_batch` / `read_batch` at once."""

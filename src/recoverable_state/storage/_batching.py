@@ -27,7 +27,8 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import StorageError
-from ._backend import RecordRead, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
+from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
+from ._envelope import KeyRing, seal, unseal
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")
@@ -172,10 +173,10 @@ class Batcher:
         self._backend = weakref.ref(backend)
         # Late-bound, so that a subclass or a test wrapping write_batch is honoured.
         self._writes: GroupCommitter[WriteOp, WriteOutcome | StorageError] = GroupCommitter(
-            lambda ops: self.backend.write_batch(ops), max_batch=backend.max_batch
+            self._flush_writes, max_batch=backend.max_batch
         )
         self._reads: GroupCommitter[RecordRead, StoredRecord | StorageError | None] = GroupCommitter(
-            lambda reads: self.backend.read_batch(reads), max_batch=backend.max_batch
+            self._flush_reads, max_batch=backend.max_batch
         )
         self._known_stores: dict[tuple[str, str], StoreInfo] = {}
         self._opening: dict[tuple[str, str], anyio.Event] = {}
@@ -184,6 +185,27 @@ class Batcher:
         keeps its objects here, so that opening a store twice gives one object while it lives)."""
         self._started = False
         self._starting: anyio.Event | None = None
+
+    async def _flush_writes(self, ops: Sequence[WriteOp]) -> Sequence[WriteOutcome | StorageError]:
+        """Hand a batch to the backend, each record sealed (checksummed, and encrypted with a ring)."""
+        backend = self.backend
+        return await backend.write_batch(seal_writes(ops, backend.key_ring))
+
+    async def _flush_reads(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
+        """Read a batch; each record opened, or answered with the error that says why it cannot be."""
+        backend = self.backend
+        return unseal_reads(reads, await backend.read_batch(reads), backend.key_ring, self.label)
+
+    async def history(self, store_id: str, key: str) -> list[StoredRecord | StorageError]:
+        """The kept snapshots of a key, newest first, each opened or answered with its error."""
+        backend = self.backend
+        snapshots = await backend.read_history(store_id, key)
+        return [_unseal_one(r, backend.key_ring, self.label(store_id)) for r in snapshots]
+
+    def label(self, store_id: str) -> str:
+        """How messages name a store this batcher has seen: its name, or its id."""
+        info = self._known_stores.get(("id", store_id))
+        return info.label if info is not None else store_id
 
     @property
     def backend(self) -> StorageBackend:
@@ -286,3 +308,38 @@ def batcher_of(backend: StorageBackend) -> Batcher:
         batcher = _batchers[id(backend)] = Batcher(backend)
         weakref.finalize(backend, _batchers.pop, id(backend), None)
     return batcher
+
+
+def seal_writes(ops: Sequence[WriteOp], ring: KeyRing | None) -> list[WriteOp]:
+    """`ops` with each write's value sealed as it is stored (deletes as they are)."""
+    sealed: list[WriteOp] = []
+    for op in ops:
+        if type(op) is RecordWrite:
+            store_id, key, value, content_type, expected, keep = op
+            value, content_type = seal(value, content_type, ring)
+            op = _new_write(RecordWrite, (store_id, key, value, content_type, expected, keep))
+        sealed.append(op)
+    return sealed
+
+
+def unseal_reads(
+    reads: Sequence[RecordRead],
+    records: Sequence[StoredRecord | StorageError | None],
+    ring: KeyRing | None,
+    label: Callable[[str], str],
+) -> list[StoredRecord | StorageError | None]:
+    """Each record as written; one that cannot be opened is answered with its error in its place."""
+    return [
+        _unseal_one(record, ring, label(read.store_id)) if type(record) is StoredRecord else record
+        for read, record in zip(reads, records, strict=True)
+    ]
+
+
+def _unseal_one(record: StoredRecord, ring: KeyRing | None, store: str) -> StoredRecord | StorageError:
+    try:
+        return unseal(record, ring, store=store)
+    except StorageError as error:  # damaged, or sealed with a key the ring lacks
+        return error
+
+
+_new_write = tuple.__new__

@@ -14,6 +14,7 @@ def _from_configuration() -> StorageBackend:
         config.storage_url,
         pool_size=config.storage_pool_size,
         retry_timeout=config.storage_retry_timeout.total_seconds(),
+        encryption_keys=config.encryption_keys.get_secret_value() if config.encryption_keys else None,
     )
 
 

@@ -6,7 +6,7 @@ import json
 import operator
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar, overload
 
 import pydantic_core
 
@@ -25,6 +25,7 @@ from ._backend import (
 )
 from ._batching import Batcher, batcher_of
 from ._defaults import default_storage
+from ._envelope import without_checksum
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
@@ -252,7 +253,7 @@ class KeyValueStore:
             page = KEY_PAGE_SIZE if left is None else min(KEY_PAGE_SIZE, left)
             infos = await self._storage.list_records(self.id, exclusive_start_key=start, limit=page)
             for info in infos:
-                yield info
+                yield _listed(info)
             if len(infos) < page:
                 return
             start = infos[-1].key
@@ -268,7 +269,9 @@ class KeyValueStore:
         record of the store (Crawlee stops at 1,000 unless told otherwise).
         """
         _check_listing(self.label, limit, exclusive_start_key)
-        return await self._storage.list_records(self.id, exclusive_start_key=exclusive_start_key, limit=limit)
+        start = exclusive_start_key
+        infos = await self._storage.list_records(self.id, exclusive_start_key=start, limit=limit)
+        return [_listed(info) for info in infos]
 
     async def open_quarantine(self) -> Self:
         """The store where unusable records of this one are set aside (created when missing)."""
@@ -321,10 +324,30 @@ class KeyValueStore:
         check_key(key, store=self.label)
         return (await self._batcher.write(RecordDelete(self.id, key, expected_version))).applied
 
-    async def get_history(self, key: str) -> list[StoredRecord]:
-        """The kept snapshots of `key`, newest first."""
+    @overload
+    async def get_history(self, key: str, *, errors: Literal["raise"] = "raise") -> list[StoredRecord]: ...
+    @overload
+    async def get_history(
+        self, key: str, *, errors: Literal["return"]
+    ) -> list[StoredRecord | StorageError]: ...
+
+    async def get_history(
+        self, key: str, *, errors: Literal["raise", "return"] = "raise"
+    ) -> list[StoredRecord] | list[StoredRecord | StorageError]:
+        """The kept snapshots of `key`, newest first.
+
+        A snapshot that cannot be read (damaged, or sealed with a key the ring
+        lacks) raises its error; with `errors="return"` it is answered with its
+        error in its place, and the others are still read.
+        """
         check_key(key, store=self.label)
-        return await self._storage.read_history(self.id, key)
+        snapshots = await self._batcher.history(self.id, key)
+        if errors == "return":
+            return snapshots
+        for snapshot in snapshots:
+            if isinstance(snapshot, StorageError):
+                raise snapshot
+        return [s for s in snapshots if not isinstance(s, StorageError)]  # none is left
 
     def prepare_put(
         self,
@@ -362,6 +385,12 @@ class KeyValueStore:
         # Built from their fields: the NamedTuple's constructor is Python code (0.9 us a read).
         reads = [_new_read(RecordRead, (kvs.id, key, claim)) for kvs, key, claim in gets]
         return await _per_backend(list(map(_first, gets)), reads, Batcher.read_many)
+
+
+def _listed(info: RecordInfo) -> RecordInfo:
+    """A listed record as written: its content type without the checksum parameter."""
+    content_type = without_checksum(info.content_type)
+    return info if content_type is info.content_type else info._replace(content_type=content_type)
 
 
 async def _purge_default_store_on_start(storage: StorageBackend) -> None:

@@ -23,6 +23,7 @@ from typing import Any, TypeAlias
 
 from .._errors import StorageError
 from ._backend import StorageBackend
+from ._envelope import KeyRing
 from ._url import redact_url
 
 ENTRY_POINT_GROUP = "recoverable_state.backends"
@@ -88,7 +89,11 @@ def _factory(scheme: str) -> BackendFactory:
 
 
 def open_backend(
-    url: str, *, pool_size: int | None = None, retry_timeout: float | None = None
+    url: str,
+    *,
+    pool_size: int | None = None,
+    retry_timeout: float | None = None,
+    encryption_keys: str | KeyRing | None = None,
 ) -> StorageBackend:
     """Build the backend a storage URL names (no I/O happens until first use).
 
@@ -101,6 +106,9 @@ def open_backend(
     None keeps the backend's default. `retry_timeout` is the budget, in seconds,
     of one operation on the server in all: connecting, every reply, locks held
     by other connections, and the retries in between (the CLI's `--timeout`).
+
+    `encryption_keys` (a `KeyRing`, or its text `id:base64key,...`) seals every record
+    written through this backend and opens those it reads (see `KeyRing`).
 
     Raises StorageError for an unknown scheme (naming the registered ones), a
     query parameter the backend does not accept (naming those it does), or a
@@ -120,4 +128,8 @@ def open_backend(
         options["pool_size"] = pool_size
     if retry_timeout is not None:
         options["retry_timeout"] = retry_timeout
-    return factory(url, **options)
+    ring = KeyRing.parse(encryption_keys) if isinstance(encryption_keys, str) else encryption_keys
+    backend = factory(url, **options)
+    if ring is not None:
+        backend.key_ring = ring
+    return backend

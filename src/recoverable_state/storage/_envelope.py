@@ -1,0 +1,181 @@
+"""How a record's value is kept in a store: a checksum of what was written, and encryption at rest.
+
+Every record written carries a CRC-32 of its stored bytes as a content-type
+parameter (`rs-crc32=...`), so a damaged record (a flipped digit on a failing
+disk, a bad restore) is found before anything parses it. A record written
+before checksums existed has none and loads unchanged.
+
+With a key ring, a record's value and its content type are sealed with
+AES-GCM under the ring's first key: the stored value is a short header, a
+random nonce and the ciphertext, and its content type says only that it is
+sealed and by which key id (`key-id=...`). Keys and store names stay readable;
+everything in the value does not. Any key of the ring opens a record sealed
+with it, so a key is rotated by putting a new one first; records move to it as
+they are written (or with `recoverable-state rekey`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from .._errors import RecordCorruptError, RecordDecryptionError, StorageError
+from ._backend import StoredRecord
+
+CHECKSUM_PARAM = "rs-crc32"
+"""The content-type parameter that carries a record's checksum."""
+
+SEALED_CONTENT_TYPE = "application/vnd.recoverable-state.sealed"
+"""The content type of an encrypted record (its own content type is sealed inside)."""
+
+KEY_ID_PARAM = "key-id"
+
+_MAGIC = b"RS1\x00"
+_NONCE = 12
+_AAD = b"recoverable-state sealed record 1"
+_SUFFIX = f"; {CHECKSUM_PARAM}="
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class KeyRing:
+    """Encryption keys by id: the first seals new records, every one opens the records sealed with it.
+
+    Written `id:base64key,id:base64key,...` (RECOVERABLE_STATE_ENCRYPTION_KEYS); each
+    key is 16, 24 or 32 bytes (AES-128, -192, -256). Its repr names the ids only,
+    never key material. Needs `cryptography` (`pip install 'recoverable-state[crypto]'`).
+    """
+
+    def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        try:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        except ImportError as exc:
+            raise StorageError(
+                "encryption keys are set, but `cryptography` is missing: "
+                "pip install 'recoverable-state[crypto]'"
+            ) from exc
+        if not keys:
+            raise ValueError("a key ring holds at least one key")
+        self._ciphers: dict[str, Any] = {}
+        for key_id, key in keys:
+            if not _KEY_ID.fullmatch(key_id):
+                raise ValueError(f"encryption key id {key_id!r} is not valid: use 1 to 64 of A-Za-z0-9._-")
+            if key_id in self._ciphers:
+                raise ValueError(f"encryption key id {key_id!r} is given twice")
+            if len(key) not in (16, 24, 32):
+                raise ValueError(f"encryption key {key_id!r} must be 16, 24 or 32 bytes, not {len(key)}")
+            self._ciphers[key_id] = AESGCM(key)
+        self.current = keys[0][0]
+        """The id of the key that seals new records."""
+
+    @classmethod
+    def parse(cls, text: str) -> KeyRing:
+        """A ring from `id:base64key,id:base64key,...`; a ValueError names the id that is wrong."""
+        keys: list[tuple[str, bytes]] = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            key_id, sep, encoded = part.partition(":")
+            if not sep:
+                raise ValueError(f"encryption key {key_id[:16]!r}...: write id:base64key")
+            try:
+                keys.append((key_id.strip(), base64.b64decode(encoded.strip(), validate=True)))
+            except binascii.Error:
+                raise ValueError(f"encryption key {key_id.strip()!r} is not valid base64") from None
+        return cls(keys)
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the ring's keys, the current one first."""
+        return list(self._ciphers)
+
+    def __repr__(self) -> str:
+        return f"<KeyRing {', '.join(self._ciphers)} (sealing with {self.current})>"
+
+    def seal(self, value: bytes, content_type: str) -> tuple[bytes, str]:
+        """`value` and `content_type`, sealed with the current key."""
+        nonce = os.urandom(_NONCE)
+        box = self._ciphers[self.current].encrypt(nonce, content_type.encode() + b"\n" + value, _AAD)
+        return _MAGIC + nonce + box, f"{SEALED_CONTENT_TYPE}; {KEY_ID_PARAM}={self.current}"
+
+    def open(self, value: bytes, key_id: str, *, store: str, key: str) -> tuple[bytes, str]:
+        """The value and content type a sealed record holds; RecordDecryptionError if it cannot be opened."""
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            raise RecordDecryptionError(
+                f"the record is sealed with encryption key {key_id!r}, which is not in the key ring "
+                f"({', '.join(self._ciphers)}); add that key to RECOVERABLE_STATE_ENCRYPTION_KEYS. "
+                "The record is left as it is",
+                store=store,
+                key=key,
+                key_id=key_id,
+            )
+        try:
+            head = len(_MAGIC)
+            plain = cipher.decrypt(value[head : head + _NONCE], value[head + _NONCE :], _AAD)
+        except Exception:  # cryptography's InvalidTag: a wrong key under that id, or tampering
+            raise RecordDecryptionError(
+                f"the record does not open with encryption key {key_id!r} (a different key under that "
+                "id, or the ciphertext was changed); the record is left as it is",
+                store=store,
+                key=key,
+                key_id=key_id,
+            ) from None
+        content_type, _, inner = plain.partition(b"\n")
+        return inner, content_type.decode()
+
+
+def seal(value: bytes, content_type: str, ring: KeyRing | None) -> tuple[bytes, str]:
+    """What a backend stores for a record: sealed with `ring` when one is given, and checksummed."""
+    if ring is not None:
+        value, content_type = ring.seal(value, content_type)
+    return value, f"{content_type}{_SUFFIX}{zlib.crc32(value):08x}"
+
+
+def unseal(record: StoredRecord, ring: KeyRing | None, *, store: str) -> StoredRecord:
+    """The record as it was written: checksum checked, opened when sealed.
+
+    Raises RecordCorruptError (its `raw` the stored bytes) when the checksum does
+    not match, and RecordDecryptionError when a sealed record cannot be opened.
+    """
+    key, value, content_type, version, updated_at = record
+    head, sep, checksum = content_type.rpartition(_SUFFIX)
+    if not sep:
+        return record  # written before checksums: nothing to check
+    if f"{zlib.crc32(value):08x}" != checksum:
+        raise RecordCorruptError(
+            "the stored record does not match its checksum (it was damaged after it was written)",
+            store=store,
+            key=key,
+            raw=value,
+            version=version,
+        )
+    if head.startswith(SEALED_CONTENT_TYPE):
+        key_id = head.partition(f"{KEY_ID_PARAM}=")[2].split(";", 1)[0].strip()
+        if ring is None:
+            raise RecordDecryptionError(
+                f"the record is sealed with encryption key {key_id!r}, and no key ring is set "
+                "(RECOVERABLE_STATE_ENCRYPTION_KEYS); the record is left as it is",
+                store=store,
+                key=key,
+                key_id=key_id,
+            )
+        value, head = ring.open(value, key_id, store=store, key=key)
+    return StoredRecord(key, value, head, version, updated_at)
+
+
+def without_checksum(content_type: str) -> str:
+    """A stored content type without the checksum parameter (what a listing shows)."""
+    head, sep, _ = content_type.rpartition(_SUFFIX)
+    return head if sep else content_type
+
+
+def sealed_key_id(content_type: str) -> str | None:
+    """The key id a stored record is sealed with, or None when it is not sealed."""
+    if not content_type.startswith(SEALED_CONTENT_TYPE):
+        return None
+    return content_type.partition(f"{KEY_ID_PARAM}=")[2].split(";", 1)[0].strip() or None
