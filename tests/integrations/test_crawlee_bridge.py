@@ -15,7 +15,6 @@ pytest.importorskip("crawlee")
 
 import crawlee.events as ce
 from crawlee import service_locator as crawlee_services
-from crawlee._service_locator import ServiceLocator as CrawleeServiceLocator
 
 from recoverable_state import (
     Event,
@@ -40,7 +39,7 @@ def test_it_is_an_event_manager_of_both_frameworks_and_crawlee_takes_it() -> Non
     events = quiet()
     assert isinstance(events, EventManager)
     assert isinstance(events, ce.EventManager)
-    locator = CrawleeServiceLocator()  # not the process-wide one: other tests must not see it
+    locator = type(crawlee_services)()  # not the process-wide one: other tests must not see it
     locator.set_event_manager(events)
     assert locator.get_event_manager() is events
     assert crawlee_services is not locator

@@ -19,10 +19,10 @@ import inspect
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import sniffio
@@ -68,13 +68,11 @@ _SHARED: dict[str, Event] = {
 """The events both frameworks have, by value: PERSIST_STATE, MIGRATING, ABORTING, EXIT, SYSTEM_INFO."""
 
 
+if TYPE_CHECKING:  # crawlee.crawlers takes a second to import; only the annotation needs it
+    from crawlee.crawlers import BasicCrawler
 
-class Crawler(Protocol):
-    """What `run_crawler` needs of a crawler: Crawlee's BasicCrawler and every crawler built on it."""
-
-    def run(self, requests: Sequence[Any] | None = None, **options: Any) -> Awaitable[Any]: ...
-
-    def stop(self, reason: str = ...) -> None: ...
+    Crawler = BasicCrawler[Any, Any]
+    """What `run_crawler` runs: Crawlee's BasicCrawler, or any crawler built on it."""
 
 
 _CRAWLEE_PAYLOADS = (
@@ -308,8 +306,13 @@ class CrawleeEventManager(EventManager, crawlee_events.EventManager):  # type: i
     its state is saved by the last persist, which is shielded and bounded by
     `close_timeout`, and counts towards the exit code (75 when it failed).
 
-    Crawlee's base class is there for Crawlee's type checks only: every
-    method Crawlee calls is this library's, and the base's own state is never made.
+    `run_crawler()` runs a crawler so that a shutdown signal stops it the way
+    Crawlee stops one, instead of cancelling it in the middle of a request.
+
+    Crawlee's base class is there for Crawlee's type checks only (Crawlee
+    checks no type at run time; `set_event_manager` is annotated with its
+    EventManager): every method Crawlee calls is this library's, and the
+    base's own state is never made.
     """
 
     def __init__(
