@@ -134,17 +134,17 @@ def test_sigterm_mid_crawl_saves_both_states_and_a_restart_resumes_both(tmp_path
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(30) == 143, first.stderr()
     counted_first = first.counted()
-    assert 40 <= len(counted_first) < PAGES, "SIGTERM must land mid-crawl"
+    assert 40 <= len(counted_first) < PAGES, f"SIGTERM must land mid-crawl\n{first.stderr()}"
     stats_first = crawlee_statistics(storage)
     finished_first = int(stats_first["requestsFinished"])  # type: ignore[call-overload]
     # Saved by the last persist: every page whose handler finished, but those the signal cut off
     # before Crawlee marked them finished (at most the crawler's concurrency).
-    assert len(counted_first) - 4 <= finished_first <= len(counted_first)
+    assert len(counted_first) - 4 <= finished_first <= len(counted_first), (stats_first, first.stderr())
 
     second = Crawl(site, tmp_path, env)
     assert second.wait(120) == 0, second.stderr()
-    assert f"resumed {len(counted_first)}" in second.lines
-    assert second.lines[-1] == "done"
+    assert f"resumed {len(counted_first)}" in second.lines, (second.lines[:3], second.stderr())
+    assert second.lines[-1] == "done", second.stderr()
     counted_second = second.counted()
     assert not set(counted_first) & set(counted_second), "a page counted before the restart was counted again"
     assert len(counted_first) + len(counted_second) == PAGES
