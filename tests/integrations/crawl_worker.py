@@ -1,6 +1,6 @@
 """A Crawlee crawl whose pages are counted in a RecoverableState, both persisting on one CrawleeEventManager.
 
-Started by test_crawlee_crawl.py as `python crawl_worker.py START_URL`. It prints
+Started by test_crawlee_crawl.py as `python crawl_worker.py START_URL [--under-run]`. It prints
 `resumed N` once its state is loaded, `counted N URL` for each page it counts,
 `skipped URL` for a page it had counted already (crawled again after a restart),
 and `done` when the crawl ends. SIGTERM persists both frameworks' states and
@@ -19,7 +19,8 @@ from crawlee import service_locator as crawlee_services
 from crawlee.crawlers import HttpCrawler, HttpCrawlingContext
 from pydantic import BaseModel
 
-from recoverable_state import RecoverableState
+import recoverable_state
+from recoverable_state import RecoverableState, service_locator
 from recoverable_state.integrations.crawlee import CrawleeEventManager
 
 
@@ -28,8 +29,11 @@ class Pages(BaseModel):
     """The URLs counted, in order; a URL is never counted twice."""
 
 
-async def main(start_url: str) -> None:
-    events = CrawleeEventManager(handle_signals=True, close_timeout=10)
+async def main(start_url: str, events: CrawleeEventManager | None = None) -> None:
+    if events is None:  # under run(): the manager it made
+        made = service_locator.get_event_manager()
+        assert isinstance(made, CrawleeEventManager), made
+        events = made
     crawlee_services.set_event_manager(events)  # before any Crawlee component asks for one
     crawler = HttpCrawler(
         concurrency_settings=ConcurrencySettings(max_concurrency=4, desired_concurrency=4),
@@ -61,4 +65,8 @@ async def main(start_url: str) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], backend="asyncio")  # Crawlee runs on asyncio only
+    if sys.argv[2:] == ["--under-run"]:  # needs run() to build its manager with a factory (not yet)
+        recoverable_state.run(main, sys.argv[1], close_timeout=10, event_manager_factory=CrawleeEventManager)  # type: ignore[call-arg]
+    else:
+        events = CrawleeEventManager(handle_signals=True, close_timeout=10)
+        anyio.run(main, sys.argv[1], events, backend="asyncio")  # Crawlee runs on asyncio only

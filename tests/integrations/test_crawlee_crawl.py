@@ -67,11 +67,11 @@ def site() -> Iterator[str]:
 class Crawl:
     """crawl_worker.py in a subprocess, its stdout lines collected as they come."""
 
-    def __init__(self, start_url: str, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(self, start_url: str, cwd: Path, env: dict[str, str], *args: str) -> None:
         self.log = cwd / "crawl.log"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(WORKER), start_url],
+                [sys.executable, str(WORKER), start_url, *args],
                 cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
             )
         self.lines: list[str] = []
@@ -118,7 +118,23 @@ def crawlee_statistics(storage: Path) -> dict[str, object]:
     return data
 
 
-def test_sigterm_mid_crawl_saves_both_states_and_a_restart_resumes_both(tmp_path: Path, site: str) -> None:
+RUNNERS = [
+    pytest.param((), id="manager-entered-by-the-worker"),
+    pytest.param(
+        ("--under-run",),
+        id="under-run",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="run() cannot build a CrawleeEventManager yet (event_manager_factory=, report item E)",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_sigterm_mid_crawl_saves_both_states_and_a_restart_resumes_both(
+    tmp_path: Path, site: str, runner: tuple[str, ...]
+) -> None:
     storage = tmp_path / "crawlee-storage"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RECOVERABLE_STATE_", "CRAWLEE_"))}
     env.update(
@@ -129,7 +145,7 @@ def test_sigterm_mid_crawl_saves_both_states_and_a_restart_resumes_both(tmp_path
         NO_PROXY="*",
     )
 
-    first = Crawl(site, tmp_path, env)
+    first = Crawl(site, tmp_path, env, *runner)
     first.wait_until(lambda: len(first.counted()) >= 40, timeout=60)
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(30) == 143, first.stderr()
@@ -141,7 +157,7 @@ def test_sigterm_mid_crawl_saves_both_states_and_a_restart_resumes_both(tmp_path
     # before Crawlee marked them finished (at most the crawler's concurrency).
     assert len(counted_first) - 4 <= finished_first <= len(counted_first), (stats_first, first.stderr())
 
-    second = Crawl(site, tmp_path, env)
+    second = Crawl(site, tmp_path, env, *runner)
     assert second.wait(120) == 0, second.stderr()
     assert f"resumed {len(counted_first)}" in second.lines, (second.lines[:3], second.stderr())
     assert second.lines[-1] == "done", second.stderr()
