@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -93,7 +94,9 @@ SIGTERM_SCRIPT = HERE / "sigterm.py"
 """Written separately; run as a subprocess when it exists."""
 CRAWLEE_MAX_N = 10_000
 LARGE_N = 50_000
-SMOKE_N = 200
+SMOKE_N = 20
+SMOKE_N_BIG = 5
+"""States of 50 KB in a smoke run."""
 
 CASE_NAMES = {
     "persist": "persist-all",
@@ -187,6 +190,12 @@ class Plan:
     root: Path
     profile_dir: Path | None
     skipped: list[str] = field(default_factory=list)
+    smoke: bool = False
+    """A smoke run: every case once at tiny sizes, SIGTERM to exit included."""
+
+    @property
+    def sigterm_ns(self) -> tuple[int, ...]:
+        return (min(self.ns),) if self.smoke else SIGTERM_NS
 
     def repeats(self, n: int) -> int:
         return self.repeat if n < LARGE_N else min(self.repeat, self.repeat_large)
@@ -230,7 +239,12 @@ def persist_rows(plan: Plan, store: Store, loop: str, n: int, big: bool) -> list
     reps = plan.repeats(n)
     fractions = (1.0,) if big else (1.0, 0.01)
     with_crawlee = (
-        not big and store.name == "file" and loop == "asyncio" and n <= CRAWLEE_MAX_N and crawlee_available()
+        not big
+        and not plan.smoke  # a comparison column, not a case: left out of the smoke run
+        and store.name == "file"
+        and loop == "asyncio"
+        and n <= CRAWLEE_MAX_N
+        and crawlee_available()
     )
     label = "persist-50kb" if big else "persist"
     others = [] if big or store.name != "sqlite" else [
@@ -331,7 +345,13 @@ def persist_rows(plan: Plan, store: Store, loop: str, n: int, big: bool) -> list
 
 def initialize_rows(plan: Plan, store: Store, loop: str, n: int) -> list[Row]:
     reps = plan.repeats(n)
-    with_crawlee = store.name == "file" and loop == "asyncio" and n <= CRAWLEE_MAX_N and crawlee_available()
+    with_crawlee = (
+        not plan.smoke
+        and store.name == "file"
+        and loop == "asyncio"
+        and n <= CRAWLEE_MAX_N
+        and crawlee_available()
+    )
     others = [] if store.name != "sqlite" else [
         (name, fn)
         for name, available, fn in (
@@ -539,7 +559,7 @@ def sigterm_rows(plan: Plan) -> list[Row]:
     if not script.exists():
         return [
             Row("SIGTERM to exit", "-", "-", n, note="benchmarks/sigterm.py does not exist yet; skipped")
-            for n in SIGTERM_NS
+            for n in plan.sigterm_ns
         ]
     helptext = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
@@ -553,7 +573,7 @@ def sigterm_rows(plan: Plan) -> list[Row]:
                 n,
                 note="benchmarks/sigterm.py has no --json option; skipped (run that script on its own)",
             )
-            for n in SIGTERM_NS
+            for n in plan.sigterm_ns
         ]
     outputs: dict[tuple[str, ...], Any] = {}
 
@@ -577,7 +597,7 @@ def sigterm_rows(plan: Plan) -> list[Row]:
         return outputs[key]
 
     rows = []
-    for n in SIGTERM_NS:
+    for n in plan.sigterm_ns:
         target = (f"<{SIGTERM_TARGET_S:g} s", SIGTERM_TARGET_S * 1000) if n >= 10_000 else ("-", None)
         args = (
             ["--n", str(n)] if "--n" in helptext else ["--states", str(n)] if "--states" in helptext else []
@@ -821,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bench").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     ns = args.n or ([SMOKE_N] if args.smoke else [1_000, 10_000, 100_000])
     repeat = args.repeat or (1 if args.smoke else 5)
-    cases = args.cases or [c for c in CASES if not (args.smoke and c == "sigterm")]
+    cases = args.cases or list(CASES)
     started = time.perf_counter()
     info = machine()  # before the run: others may commit while it runs
     notes: list[str] = []
@@ -869,7 +889,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stores.append(make_store(name, root, urls))
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
-        plan = Plan(ns, repeat, args.repeat_large, stores, args.loops, cases, root, args.profile)
+        plan = Plan(
+            ns, repeat, args.repeat_large, stores, args.loops, cases, root, args.profile, smoke=args.smoke
+        )
         rows = run_plan(plan)
 
     rows += linearity_rows(rows)
@@ -934,9 +956,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_plan(plan: Plan) -> list[Row]:
     rows: list[Row] = []
+    sigterm_rows_in_background: list[Row] = []
+    background: threading.Thread | None = None
     for case in plan.cases:
         if case == "sigterm":
-            guarded(rows, ("sigterm", "-", "-", "1k,10k"), lambda: sigterm_rows(plan))
+            ident = ("sigterm", "-", "-", ",".join(f"{n:,}" for n in plan.sigterm_ns))
+            if plan.smoke:
+                # sigterm.py's own processes take most of a smoke run: let them run beside the
+                # other cases (a smoke run checks that every case runs, not its figures).
+                def run_sigterm(ident: tuple[str, str, str, str] = ident) -> None:
+                    guarded(sigterm_rows_in_background, ident, lambda: sigterm_rows(plan))
+
+                background = threading.Thread(target=run_sigterm, name="sigterm case")
+                background.start()
+            else:
+                guarded(rows, ident, lambda: sigterm_rows(plan))
             continue
         if case == "emit":
             for loop in plan.loops:
@@ -968,7 +1002,7 @@ def run_plan(plan: Plan) -> list[Row]:
                             partial(persist_rows, plan, store, loop, n, False),
                         )
                 elif case == "persist-50kb":
-                    n_big = 1_000 if 1_000 in plan.ns else min(plan.ns)
+                    n_big = SMOKE_N_BIG if plan.smoke else 1_000 if 1_000 in plan.ns else min(plan.ns)
                     if n_big <= 1_000:
                         guarded(
                             rows,
@@ -980,6 +1014,9 @@ def run_plan(plan: Plan) -> list[Row]:
                         guarded(
                             rows, (case, store.name, loop, n), partial(initialize_rows, plan, store, loop, n)
                         )
+    if background is not None:
+        background.join()
+        rows += sigterm_rows_in_background
     rows.sort(key=lambda r: (case_rank(r.case), r.store, r.loop, r.n if isinstance(r.n, int) else 0))
     return rows
 

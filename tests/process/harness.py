@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,12 +19,38 @@ from recoverable_state import KeyValueStore, open_backend
 
 WORKER = Path(__file__).with_name("worker.py")
 BACKENDS = ["asyncio", "trio"]
+SHUTDOWN_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+"""The signals whose handling the tests check: each worker starts with them at their defaults."""
+
+
+def signal_dispositions(ignored: tuple[signal.Signals, ...] = ()) -> Any:
+    """A preexec_fn that sets the shutdown signals to their defaults in the child, but `ignored`.
+
+    A child inherits ignored signals through exec: under `nohup` (SIGHUP
+    ignored) or a shell that ignores SIGINT for background jobs, a worker would
+    not start as it does under a supervisor, and the tests of those signals
+    would test the runner's environment instead of the library.
+    """
+
+    def reset() -> None:  # runs in the child between fork and exec: signal.signal takes no lock
+        for signum in SHUTDOWN_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
+
+    return reset
 
 
 class Worker:
     """worker.py in a subprocess: its stdout lines are collected as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log: Path,
+        *,
+        ignored_signals: tuple[signal.Signals, ...] = (),
+    ) -> None:
         self.log_path = log
         # The worker's stderr (the library's log lines), kept for a failure's report; closed in close().
         self._log = open(log, "ab")  # noqa: SIM115
@@ -34,6 +61,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            preexec_fn=signal_dispositions(ignored_signals),
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -105,13 +133,17 @@ class WorkerFactory:
         )
         self.started: list[Worker] = []
 
-    def start(self, backend: str, *args: str, **env: str) -> Worker:
+    def start(
+        self, backend: str, *args: str, ignored_signals: tuple[signal.Signals, ...] = (), **env: str
+    ) -> Worker:
+        """Start worker.py; the shutdown signals at their defaults in it, but `ignored_signals`."""
         (self.report_dir / "final.json").unlink(missing_ok=True)
         worker = Worker(
             ["--backend", backend, "--report-dir", str(self.report_dir), *args],
             {**self.env, **env},
             self.tmp_path,
             self.tmp_path / f"worker-{len(self.started)}.log",
+            ignored_signals=ignored_signals,
         )
         self.started.append(worker)
         return worker

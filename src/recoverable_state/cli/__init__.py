@@ -10,6 +10,7 @@ a plain install puts on PATH can say what is missing instead of a traceback.
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
     app: Typer
 
-__all__ = ["app", "main"]
+__all__ = ["app", "installed_version", "main"]
 
 INSTALL_HINT = "pip install 'recoverable-state[cli]'"
 """What to run when the command line's extra is missing."""
@@ -26,8 +27,19 @@ _EXTRA = ("typer", "rich")
 """The packages the `cli` extra brings."""
 
 
+def installed_version() -> str:
+    """The version of the installed `recoverable-state` distribution (what `--version` prints)."""
+    try:
+        return metadata.version("recoverable-state")
+    except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main() -> None:
     """Run the command line (the `recoverable-state` script); one line and exit 1 without the extra."""
+    if sys.argv[1:] == ["--version"]:  # answered without the extra, as a plain install has it
+        sys.stdout.write(f"recoverable-state {installed_version()}\n")
+        return
     try:
         from ._app import main as run_app
     except ModuleNotFoundError as exc:

@@ -58,6 +58,14 @@ Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmat
 Raw = Annotated[bool, typer.Option("--raw", help="Write the exact stored bytes to stdout, nothing else.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import installed_version
+
+        typer.echo(f"recoverable-state {installed_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     ctx: typer.Context,
@@ -83,6 +91,15 @@ def _options(
         ),
     ] = 5.0,
     debug: Annotated[bool, typer.Option("--debug", help="On an error, show its traceback too.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the installed version of recoverable-state and exit.",
+        ),
+    ] = False,
 ) -> None:
     """The global options, read before any command."""
     if storage_url is None:
