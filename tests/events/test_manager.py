@@ -226,3 +226,25 @@ def test_payloads_use_camel_case_aliases() -> None:
     data = EventMigratingData.model_validate({"timeRemainingSecs": 12})
     assert data.time_remaining == timedelta(seconds=12)
     assert data.model_dump(by_alias=True) == {"timeRemainingSecs": 12.0}
+
+
+async def test_a_failing_event_source_stops_alone_and_the_timer_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from recoverable_state.events import PreemptionNoticePoller
+
+    async def broken(self: Any, on_notice: Any) -> None:
+        raise RuntimeError("the metadata service answered nonsense")
+
+    monkeypatch.setattr(PreemptionNoticePoller, "watch", broken)
+    ticks: list[Any] = []
+    manager = EventManager(
+        persist_state_interval=0.05,
+        preemption_notice_url="http://127.0.0.1:9/x",
+        preemption_notice_kind="aws",
+    )
+    manager.on(event=Event.PERSIST_STATE, listener=ticks.append)
+    async with manager:
+        await anyio.sleep(0.5)
+    assert len(ticks) >= 5  # the timer went on after the poller failed
+    assert any("poller of the EventManager failed" in r.getMessage() for r in caplog.records)

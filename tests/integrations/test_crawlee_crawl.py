@@ -120,14 +120,7 @@ def crawlee_statistics(storage: Path) -> dict[str, object]:
 
 RUNNERS = [
     pytest.param((), id="manager-entered-by-the-worker"),
-    pytest.param(
-        ("--under-run",),
-        id="under-run",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="run() cannot build a CrawleeEventManager yet (event_manager_factory=, report item E)",
-        ),
-    ),
+    pytest.param(("--under-run",), id="under-run"),
 ]
 
 

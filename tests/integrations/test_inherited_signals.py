@@ -40,7 +40,6 @@ def workers(tmp_path: Path) -> Iterator[WorkerFactory]:
     factory.close()
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_THE_RUNNERS_CHANGE)
 def test_a_worker_started_under_nohup_ignores_sighup(workers: WorkerFactory, backend: str) -> None:
     worker = workers.start(backend, "--states", "20", ignored_signals=(signal.SIGHUP,))
     worker.wait_for_line("READY")

@@ -63,7 +63,6 @@ def test_the_extras_bring_what_their_features_need() -> None:
     assert every_extra <= _requirements("dev")
 
 
-@pytest.mark.xfail(strict=True, reason="httpx leaves the base dependencies with the poller's check (item 5)")
 def test_httpx_is_needed_only_by_the_preemption_extra() -> None:
     assert "httpx" not in _requirements(None)
 
@@ -91,7 +90,6 @@ def test_version_works_without_the_cli_extra(tmp_path: Path) -> None:
     assert done.stdout.strip() == f"recoverable-state {metadata.version('recoverable-state')}"
 
 
-@pytest.mark.xfail(strict=True, reason="the runners' backend check is the lead's (report, item 5)")
 def test_trio_missing_names_the_extra_to_install(tmp_path: Path) -> None:
     done = _run(
         "import sys; sys.modules['trio'] = None\n"
@@ -105,7 +103,6 @@ def test_trio_missing_names_the_extra_to_install(tmp_path: Path) -> None:
     assert "anyio[trio]" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the preemption poller's check is the lead's (report, item 5)")
 def test_a_preemption_poller_without_httpx_names_the_extra_when_configured(tmp_path: Path) -> None:
     done = _run(
         "import sys; sys.modules['httpx'] = None\n"

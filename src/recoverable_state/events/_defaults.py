@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .._config import Configuration, configuration_service
@@ -9,8 +10,10 @@ from .._services import Service
 from ._manager import EventManager
 
 
-def event_manager_from_configuration(config: Configuration, **overrides: Any) -> EventManager:
-    """A new EventManager with `config`'s settings; `overrides` that are not None win."""
+def event_manager_from_configuration(
+    config: Configuration, *, factory: Callable[..., EventManager] = EventManager, **overrides: Any
+) -> EventManager:
+    """A new EventManager (made by `factory`) with `config`'s settings; `overrides` that are not None win."""
     settings: dict[str, Any] = {
         "persist_state_interval": config.persist_state_interval,
         "close_timeout": config.shutdown_timeout,
@@ -19,7 +22,7 @@ def event_manager_from_configuration(config: Configuration, **overrides: Any) ->
         "preemption_poll_interval": config.preemption_poll_interval,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    return EventManager(**settings)
+    return factory(**settings)
 
 
 default_event_manager: Service[EventManager] = Service(

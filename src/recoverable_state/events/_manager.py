@@ -361,10 +361,8 @@ class EventManager:
         main = threading.current_thread() is threading.main_thread()
         if wanted is False or (wanted == "auto" and not main):
             return None
-        # SIGHUP ignored as the manager is entered (started under nohup): leave it ignored.
-        sighup = self._handle_sighup and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
         handlers = SignalHandlers(
-            shutdown_signals(handle_sighup=sighup),
+            shutdown_signals(handle_sighup=self._handle_sighup),
             lambda signum, received: self.handle_shutdown_signal(signum, received_at=received),
             loop,
             deadline_after=self._close_timeout.total_seconds(),

@@ -251,5 +251,11 @@ def poller_for(
     """The preemption notice poller for `url`, polling every `interval` (5 s); None or "": no polling."""
     if not url:
         return None
+    try:
+        import httpx  # noqa: F401  (the poller talks to the metadata service with it)
+    except ImportError as exc:
+        raise ImportError(
+            "polling preemption notices needs httpx: pip install 'recoverable-state[preemption]'"
+        ) from exc
     every = as_timedelta(5.0 if interval is None else interval, name="preemption_poll_interval")
     return PreemptionNoticePoller(url, kind=kind, interval=every)

@@ -50,9 +50,17 @@ def exit_code(signum: int | None, *, persisted_all: bool) -> int | None:
 
 
 def shutdown_signals(*, handle_sighup: bool) -> tuple[signal.Signals, ...]:
-    """The signals a manager handles: SIGTERM, SIGINT, and SIGHUP unless turned off."""
-    handled = [signal.SIGTERM, signal.SIGINT]
-    if handle_sighup:
+    """The signals a manager handles: SIGTERM; SIGINT and SIGHUP unless they are ignored as it starts.
+
+    A process started under `nohup` ignores SIGHUP, and one started in the
+    background by a shell ignores SIGINT: those wishes are kept (CPython keeps an
+    ignored SIGINT too). SIGTERM, a supervisor's stop, is always handled.
+    `handle_sighup=False` leaves SIGHUP alone in any case.
+    """
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        handled.append(signal.SIGINT)
+    if handle_sighup and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         handled.append(signal.SIGHUP)
     return tuple(handled)
 
@@ -65,8 +73,12 @@ def hard_exit(code: int, message: str, *args: object) -> None:
     the exit, which is all that matters here.
     """
     logging_thread = threading.Thread(target=logger.error, args=(message, *args), daemon=True)
-    logging_thread.start()
-    logging_thread.join(0.5)
+    try:
+        logging_thread.start()
+    except RuntimeError:  # CPython 3.12.0-3.12.2 start no thread once the main thread ended (gh-113964)
+        pass
+    else:
+        logging_thread.join(0.5)
     os._exit(code)
 
 

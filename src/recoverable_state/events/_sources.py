@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -59,11 +59,19 @@ async def run_sources(
         on_system_info()
     started()
     async with anyio.create_task_group() as sources:
-        sources.start_soon(tick, persist_state_interval, on_persist_tick)
+        sources.start_soon(_alone, "the PERSIST_STATE timer", tick, persist_state_interval, on_persist_tick)
         if system_info_interval is not None:
-            sources.start_soon(tick, system_info_interval, on_system_info)
+            sources.start_soon(_alone, "the SYSTEM_INFO timer", tick, system_info_interval, on_system_info)
         if preemption is not None:
-            sources.start_soon(preemption.watch, on_notice)
+            sources.start_soon(_alone, "the preemption notice poller", preemption.watch, on_notice)
+
+
+async def _alone(name: str, source: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run one source; its failure is logged and ends it alone (the timer goes on without the poller)."""
+    try:
+        await source(*args)
+    except Exception:
+        logger.exception("%s of the EventManager failed; the other event sources go on", name)
 
 
 def system_info() -> dict[str, float | int]:

@@ -40,6 +40,7 @@ def run(
     preemption_notice_url: str | None = None,
     preemption_notice_kind: PreemptionNoticeKind | None = None,
     preemption_poll_interval: timedelta | float | None = None,
+    event_manager_factory: Callable[..., EventManager] = EventManager,
 ) -> T | None:
     """Run `await main(*args)` on `backend` ("asyncio" or "trio") inside an EventManager; return its result.
 
@@ -59,6 +60,9 @@ def run(
     `persist_state()`, logged with its store and key). run() is then the last
     thing the process does.
 
+    `event_manager_factory` makes the manager (an EventManager subclass such as
+    `recoverable_state.integrations.crawlee.CrawleeEventManager`), given the settings.
+
     Durations are timedeltas or seconds; left out, they come from the
     configuration (RECOVERABLE_STATE_PERSIST_STATE_INTERVAL,
     RECOVERABLE_STATE_SHUTDOWN_TIMEOUT, RECOVERABLE_STATE_PREEMPTION_*).
@@ -66,6 +70,7 @@ def run(
     check_backend(backend)
     manager = event_manager_from_configuration(
         configuration_service.get(),
+        factory=event_manager_factory,
         persist_state_interval=persist_state_interval,
         close_timeout=close_timeout,
         handle_signals=handle_signals,
