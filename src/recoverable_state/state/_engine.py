@@ -25,6 +25,7 @@ from .._errors import (
     PersistenceTimeoutError,
     RecordCorruptError,
     StorageError,
+    StoreNotFoundError,
     UnrepresentableStateError,
 )
 from ..storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
@@ -144,7 +145,9 @@ async def _write_held(
             if start < len(todo) or big:  # big: handing the batch over is a step of its own
                 await anyio.lowlevel.checkpoint()
         if puts:
-            await _write_prepared(writing, puts, errors, failed, tally)
+            again = await _write_prepared(writing, puts, errors, failed, tally)
+            if again:
+                await _write_again(again, errors, failed, tally)
     if big:  # the gates are left in a step after the collector's
         with anyio.CancelScope(shield=True):
             await anyio.lowlevel.checkpoint()
@@ -206,18 +209,22 @@ async def _write_prepared(
     errors: list[Exception],
     failed: dict[tuple[type, str], Exception],
     tally: Tally,
-) -> None:
+) -> list[tuple[StateSlot, bool]]:
     """Write the prepared records (`puts[i]` of `writing[i]`) and settle each slot with its outcome.
 
     Empties both lists as it goes: their records are freed a chunk at a time.
+    Returns the slots to write again, each with whether its store is gone: those the
+    store went back on (`behind`), and those whose store the server lost
+    (StoreNotFoundError for a store with a name).
     """
+    again: list[tuple[StateSlot, bool]] = []
     try:
         outcomes = await KeyValueStore.put_together(puts)  # a list of its own: emptied as settled
     except StorageError as exc:  # the whole batch failed: it may have landed before failing
         for slot, (_, write) in zip(writing, puts, strict=True):
             slot.in_doubt = write.value
         failed.setdefault((type(exc), str(exc)), exc)
-        return
+        return again
     except BaseException:  # cancelled (a timeout): the outcome is unknown
         for slot, (_, write) in zip(writing, puts, strict=True):
             slot.in_doubt = write.value
@@ -227,15 +234,20 @@ async def _write_prepared(
     deadline = time.perf_counter() + SLICE_SECONDS
     while writing:
         chunk = zip(writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], strict=True)
-        for slot, (_, write), outcome in chunk:
+        for slot, (kvs, write), outcome in chunk:
             if isinstance(outcome, StorageError):
-                errors.append(outcome)  # failed on its own: not applied, nothing changes
+                if isinstance(outcome, StoreNotFoundError) and kvs.name is not None:
+                    again.append((slot, True))  # the server lost the store: made again, then written
+                else:
+                    errors.append(outcome)  # failed on its own: not applied, nothing changes
                 continue
             lost = slot.settle(outcome, write.value)
-            if lost is None:
-                tally.landed(len(write.value))
-            else:
+            if lost is not None:
                 errors.append(lost)
+            elif slot.behind:
+                again.append((slot, False))
+            else:
+                tally.landed(len(write.value))
         del writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], chunk
         if writing and time.perf_counter() > deadline:
             with anyio.CancelScope(shield=True):  # what landed is settled, also when cancelled
@@ -244,6 +256,48 @@ async def _write_prepared(
     if big:  # the collector wakes next: its first run (about 10 ms) gets a step of its own
         with anyio.CancelScope(shield=True):
             await anyio.lowlevel.checkpoint()
+    return again
+
+
+async def _write_again(
+    again: list[tuple[StateSlot, bool]],
+    errors: list[Exception],
+    failed: dict[tuple[type, str], Exception],
+    tally: Tally,
+) -> None:
+    """Write once more the states the store went back on, or whose store its server lost (True).
+
+    A lost store is opened again by name (made anew, and logged); its states start
+    from version 0 there. A state still behind after this stays unsynced: the next
+    persist writes it again.
+    """
+    made: dict[int, KeyValueStore] = {}
+    slots: list[StateSlot] = []
+    for slot, store_lost in again:
+        slot.behind = False
+        kvs = slot.kvs
+        assert kvs is not None
+        if store_lost:
+            if id(kvs) not in made:
+                try:
+                    made[id(kvs)] = await kvs.reopen()
+                except StorageError as exc:
+                    errors.append(exc)
+                    continue
+                slot.log.warning(
+                    "store %r is gone from its server (restarted without its data?): it was made again, "
+                    "and its states are written again",
+                    kvs.label,
+                    extra=slot.log_fields,
+                )
+            slot.kvs, slot.version, slot.stored, slot.synced = made[id(kvs)], 0, None, False
+        slots.append(slot)
+    writing: list[StateSlot] = []
+    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    _prepare_slice(slots, 0, errors, writing, puts, full=True)
+    if puts:
+        for slot, _ in await _write_prepared(writing, puts, errors, failed, tally):
+            slot.behind = False  # still behind: the next persist writes it again
 
 
 async def _resolve_doubts(slots: Sequence[StateSlot], timeout: float | None, tally: Tally) -> list[Exception]:
@@ -324,7 +378,9 @@ async def clear_slot(slot: StateSlot, timeout: float | None) -> None:
                 deleted = await kvs.delete_record(slot.key, expected_version=slot.version)
                 if not deleted and slot.version:
                     record = await kvs.get_record(slot.key)
-                    if record is not None:
+                    if record is not None and record.version < slot.version:  # the store went back
+                        await kvs.delete_record(slot.key, expected_version=record.version)
+                    elif record is not None:
                         lost = slot.settle(WriteOutcome(False, record.version), b"")
                         assert lost is not None
                         raise lost

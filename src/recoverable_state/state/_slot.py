@@ -32,6 +32,7 @@ class StateSlot:
 
     __slots__ = (
         "_refusal",
+        "behind",
         "codec",
         "content_type",
         "editing",
@@ -91,6 +92,7 @@ class StateSlot:
         self.stored: int | None = None  # fingerprint() of what the store holds, as far as we know
         self.in_doubt: bytes | None = None  # bytes of a write whose outcome is unknown
         self.lost = False
+        self.behind = False  # the store went back past this state's last write: write it again
         self.gate = WriteGate()
         self.editing: EditGuard | None = None  # made by state.editing(): no snapshot mid-update
         self._refusal: str | None = None  # the last refusal logged, to log each once
@@ -195,10 +197,29 @@ class StateSlot:
         return error
 
     def settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
-        """Record a write's outcome; a lost compare-and-set gives the state up."""
+        """Record a write's outcome; a compare-and-set lost to a newer record gives the state up.
+
+        A record older than the one this process wrote, or none where it wrote one,
+        means the store went back (a failover to a standby that had not received
+        the last commits, a server restarted empty): that is not another owner. The
+        state takes the stored version and is marked `behind`, to be written again.
+        """
         if outcome.applied:
             self.version, self.stored, self._refusal = outcome.version, fingerprint(data), None
             self.synced = True
+            return None
+        if outcome.version < self.version:
+            self.log.warning(
+                "store %r, key %r: the store holds version %d, older than version %d that this process "
+                "wrote: the server lost writes (a failover, or a restart without its data); writing the "
+                "state again",
+                self.label,
+                self.key,
+                outcome.version,
+                self.version,
+                extra=self.log_fields,
+            )
+            self.version, self.stored, self.synced, self.behind = outcome.version, None, False, True
             return None
         self.lost = True
         self.enabled = False

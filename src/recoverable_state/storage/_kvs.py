@@ -11,7 +11,7 @@ from typing import Any, Literal, Self, TypeVar, overload
 import pydantic_core
 
 from .._config import configuration_service
-from .._errors import InvalidKeyError, RecordCorruptError, StorageError
+from .._errors import InvalidKeyError, RecordCorruptError, StorageError, StoreNotFoundError
 from ._backend import (
     DEFAULT_STORE_NAME,
     RecordDelete,
@@ -272,6 +272,17 @@ class KeyValueStore:
         start = exclusive_start_key
         infos = await self._storage.list_records(self.id, exclusive_start_key=start, limit=limit)
         return [_listed(info) for info in infos]
+
+    async def reopen(self) -> Self:
+        """This store opened again by its name, made anew when its server lost it (restarted empty).
+
+        Raises StoreNotFoundError for a store that has no name (one opened by id
+        cannot be made again).
+        """
+        if self.name is None:
+            raise StoreNotFoundError("the store is gone and has no name to make it again by", store=self.id)
+        self._batcher.forget_store(self.id)
+        return await type(self).open(name=self.name, storage=self._storage)
 
     async def open_quarantine(self) -> Self:
         """The store where unusable records of this one are set aside (created when missing)."""
