@@ -11,7 +11,8 @@ interrupted with WorkerInterrupted and prints INTERRUPTED <a>); `stubborn`
 swallows every exception and never returns (only the watchdog ends it).
 A WorkerInterrupted is raised as an editing() block ends, never inside it.
 `--hold` seconds: each change holds `state.editing()` that long between
-setting `a` and setting `b`, across the 0.05 s persist timer.
+setting `a` and setting `b`, across the 0.05 s persist timer. `--long-hold`
+seconds: the fourth change alone holds it that long (it prints HOLDING first).
 
     python sync_worker.py --backend trio --mode poll
 """
@@ -36,7 +37,7 @@ class Tally(BaseModel):
     count: int = 0
 
 
-def work(mode: str, hold: float, limit: int) -> None:
+def work(mode: str, hold: float, limit: int, long_hold: float = 0.0) -> None:
     pair = RecoverableState(
         default_state=Pair(), persist_state_key="pair", persistence_enabled=True, history=500
     )
@@ -49,8 +50,13 @@ def work(mode: str, hold: float, limit: int) -> None:
                 if mode == "poll" and stop_requested():
                     break
                 try:
+                    if long_hold and done == 3:
+                        time.sleep(0.3)  # the timer saves the pair as it is, then the long hold
                     with pair.editing():
                         p.a += 1
+                        if long_hold and done == 3:
+                            print("HOLDING", flush=True)
+                            time.sleep(long_hold)
                         time.sleep(hold)
                         p.b += 1
                         t.count += 1
@@ -74,11 +80,18 @@ def main() -> None:
     parser.add_argument("--mode", choices=["poll", "ignore", "stubborn"], default="poll")
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=10**9)
+    parser.add_argument("--long-hold", type=float, default=0.0)
     parser.add_argument("--stop-grace", type=float, default=None)
     parser.add_argument("--report-dir", default=None)  # given by the harness; unused
     args = parser.parse_args()
     recoverable_state.run_sync(
-        work, args.mode, args.hold, args.limit, backend=args.backend, stop_grace=args.stop_grace
+        work,
+        args.mode,
+        args.hold,
+        args.limit,
+        args.long_hold,
+        backend=args.backend,
+        stop_grace=args.stop_grace,
     )
 
 

@@ -149,3 +149,96 @@ def test_sigkill_never_tears_a_record(sync_workers: WorkerFactory, backend: str)
     assert numbers(again, "START")[0] == stored["pair"]["a"]
     again.signal(signal.SIGTERM)
     assert again.wait(SHUTDOWN_TIMEOUT + EXIT_GRACE + 5) == 143
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_inside_an_editing_block_longer_than_the_grace_ends_in_time_and_tears_nothing(
+    sync_workers: WorkerFactory, backend: str
+) -> None:
+    # The fourth change holds editing() for longer than the whole shutdown timeout.
+    worker = start(sync_workers, backend, "--mode", "ignore", "--long-hold", str(SHUTDOWN_TIMEOUT * 3))
+    worker.wait_for_line("HOLDING")
+    time.sleep(0.2)
+    sent = worker.signal(signal.SIGTERM)
+    code = worker.wait(SHUTDOWN_TIMEOUT + EXIT_GRACE + 10)
+    took = time.monotonic() - sent
+    assert code == 75, worker.stderr()[-2000:]  # the pair could not be saved: it was never let go
+    assert took < SHUTDOWN_TIMEOUT + EXIT_GRACE + 2  # a bound on the process, not a measurement
+    stored = sync_workers.stored()
+    assert stored["pair"]["a"] == stored["pair"]["b"] == 3  # the last whole pair, never a half one
+    assert all(s["a"] == s["b"] for s in pair_history(sync_workers.storage_url))
+
+
+THREADS_WORKER = '''
+import argparse
+import threading
+
+from pydantic import BaseModel, Field
+
+import recoverable_state
+from recoverable_state import RecoverableState, stop_requested
+
+
+class Shared(BaseModel):
+    counts: dict[str, int] = Field(default_factory=dict)
+    total: int = 0
+    plain: dict[str, int] = Field(default_factory=dict)
+
+
+def work() -> None:
+    state = RecoverableState(
+        default_state=Shared(), persist_state_key="shared", persistence_enabled=True, history=300
+    )
+    with state as shared:
+        def counter(name: str) -> None:
+            while not stop_requested():
+                with state.editing():  # counts and total change together
+                    shared.counts[name] = shared.counts.get(name, 0) + 1
+                    shared.total += 1
+                shared.plain[name] = shared.plain.get(name, 0) + 1  # a field of its own: no editing()
+
+        threads = [threading.Thread(target=counter, args=(f"t{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        print("WORKING", flush=True)
+        for thread in threads:
+            thread.join()
+        print("FINAL", shared.total, flush=True)
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--backend", default="asyncio")
+parser.add_argument("--report-dir", default=None)
+parser.add_argument("--stop-grace", default=None)
+recoverable_state.run_sync(work, backend=parser.parse_args().backend)
+'''
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_of_a_sync_worker_sharing_one_state_are_saved_whole(
+    workers: WorkerFactory, backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "threads_worker.py"
+    script.write_text(THREADS_WORKER)
+    monkeypatch.setattr(harness, "WORKER", script)
+    workers.env["RECOVERABLE_STATE_PERSIST_STATE_INTERVAL"] = "0.05"
+    worker = workers.start(backend)
+    worker.wait_for_line("WORKING")
+    time.sleep(1.0)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(SHUTDOWN_TIMEOUT + EXIT_GRACE + 5) == 143, worker.stderr()[-2000:]
+    final = int(next(line for line in worker.lines if line.startswith("FINAL ")).split()[1])
+
+    async def load() -> list[dict[str, Any]]:
+        backend_ = open_backend(workers.storage_url)
+        try:
+            kvs = await KeyValueStore.open(storage=backend_)
+            return [kvs.decode(record) for record in await kvs.get_history("shared")]
+        finally:
+            await backend_.aclose()
+
+    snapshots = anyio.run(load)
+    assert len(snapshots) >= 5
+    assert all(s["total"] == sum(s["counts"].values()) for s in snapshots)  # never half a change
+    assert snapshots[0]["total"] == final > 0
+    assert "refused" not in worker.stderr() and "Unrepresentable" not in worker.stderr()

@@ -3,23 +3,17 @@
 The worker (any thread, usually run_sync's main thread) holds an EditGuard while
 it changes the value; a persist claims the guard only while it serialises the
 value, which is a synchronous pass with no await in it. So a worker waits at
-most one serialisation, and a persist waits (without blocking the event loop)
-until the worker lets go.
+most one serialisation, and a persist writes the other states and then waits
+(without blocking the event loop) until the worker lets go.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, Protocol
-
-import anyio
 
 from .. import _bridge
 
-_POLL_FIRST = 0.001
-_POLL_MOST = 0.01
 _GIVE_WAY = 0.1
 """Seconds a worker entering editing() waits for a persist that wants a snapshot (so it is never
 starved by a worker that holds the state nearly all the time); after that it goes in anyway."""
@@ -93,68 +87,3 @@ class EditGuard:
         with self._cond:
             self._snapshotting = False
             self._cond.notify_all()
-
-
-class _Guarded(Protocol):
-    editing: EditGuard | None
-
-
-class EditClaims:
-    """The guards a persist holds while it serialises; a context manager releasing them."""
-
-    __slots__ = ("claimed", "waited_out")
-
-    def __init__(self) -> None:
-        self.claimed: list[EditGuard] = []
-        self.waited_out: list[Any] = []
-        """Slots whose worker held editing() past the timeout: not snapshotted this time."""
-
-    def __enter__(self) -> EditClaims:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        claimed, self.claimed = self.claimed, []
-        for guard in claimed:
-            guard.release_claim()
-
-
-async def claim_edits(slots: Sequence[_Guarded], timeout: float | None) -> EditClaims:
-    """Claim the edit guard of every slot that has one, waiting (polling) while workers hold them.
-
-    All or nothing on each try: guards claimed on a failed try are released
-    before sleeping, so a worker holding one state while entering another is
-    never kept waiting on a claim. Slots still held after `timeout` seconds go
-    to `waited_out`, unclaimed.
-    """
-    claims = EditClaims()
-    guarded = [slot for slot in slots if slot.editing is not None]
-    if not guarded:
-        return claims
-    delay = _POLL_FIRST
-    with anyio.move_on_after(timeout):
-        while True:
-            if _claim_all(guarded, claims):
-                return claims
-            await anyio.sleep(delay)
-            delay = min(delay * 2, _POLL_MOST)
-    # Timed out: claim what is free now, leave the rest out of this snapshot.
-    for slot in guarded:
-        guard = slot.editing
-        assert guard is not None
-        if guard.try_claim():
-            claims.claimed.append(guard)
-        else:
-            guard.withdraw()
-            claims.waited_out.append(slot)
-    return claims
-
-
-def _claim_all(slots: Iterable[_Guarded], claims: EditClaims) -> bool:
-    for slot in slots:
-        guard = slot.editing
-        assert guard is not None
-        if not guard.try_claim():
-            claims.__exit__()
-            return False
-        claims.claimed.append(guard)
-    return True

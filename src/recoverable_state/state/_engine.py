@@ -30,7 +30,6 @@ from .._errors import (
 )
 from ..storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
 from ._collector import PAUSE_COLLECTOR_AT, collector_paused
-from ._editing import claim_edits
 from ._loading import start_from, start_over
 from ._slot import DELETE_IN_DOUBT, StateSlot, Tally, fingerprinted_size
 
@@ -116,51 +115,97 @@ async def _write_held(
     keeps running during a persist of 100,000 states, and then written in one batch.
     (Writing each slice while the next one is serialised was slower: the store's
     thread and the event loop took the GIL from each other at every row, and each
-    slice cost a commit of its own.)
+    slice cost a commit of its own.) A state whose worker is inside `editing()` is
+    written after the others, as soon as the worker lets go.
     """
     errors: list[Exception] = []
     if doubtful:
         errors += await _resolve_doubts(doubtful, timeout, tally)
     todo = [s for s in slots if s.in_doubt is None and s.enabled] if doubtful else slots
-    big = len(todo) >= PAUSE_COLLECTOR_AT
-    if big:
-        await anyio.lowlevel.checkpoint()  # each pass over 100,000 states gets a step of its own
-    edits = await claim_edits(todo, timeout)  # never a snapshot while a worker is in editing()
-    if edits.waited_out:
-        held = "waiting for the worker's editing() to end before saving"
-        errors += [_timed_out(s, timeout, held) for s in edits.waited_out]
-        todo = [s for s in todo if s not in edits.waited_out]
-    failed: dict[tuple[type, str], Exception] = {}
     # A big pass keeps its slices' objects alive while they are written: with the collector
     # on they would reach the oldest generation and set off full scans of every live state.
     big = len(todo) >= PAUSE_COLLECTOR_AT
+    if big:
+        await anyio.lowlevel.checkpoint()  # each pass over 100,000 states gets a step of its own
+    failed: dict[tuple[type, str], Exception] = {}
     writing: list[StateSlot] = []
     puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    held: list[StateSlot] = []  # their worker is inside editing(): written when it lets go
     start = 0
-    with edits, anyio.move_on_after(timeout) as scope, collector_paused(active=big):
+    with anyio.move_on_after(timeout) as scope, collector_paused(active=big):
         if big:
             await anyio.lowlevel.checkpoint()  # the passes above took a slice's time already
         while start < len(todo):
-            start = _prepare_slice(todo, start, errors, writing, puts, full)
+            start = _prepare_slice(todo, start, errors, writing, puts, held, full)
             if start < len(todo) or big:  # big: handing the batch over is a step of its own
                 await anyio.lowlevel.checkpoint()
         if puts:
-            again = await _write_prepared(writing, puts, errors, failed, tally)
-            if again:
-                await _write_again(again, errors, failed, tally)
+            await _write_and_again(writing, puts, errors, failed, tally)
+        if held:
+            await _write_when_let_go(held, errors, failed, tally, full)
     if big:  # the gates are left in a step after the collector's
         with anyio.CancelScope(shield=True):
             await anyio.lowlevel.checkpoint()
     if scope.cancelled_caught:
         # None of these is known to be saved: sent with the outcome unknown, serialised but
         # never sent (the timeout came between slices), or never reached.
-        unsaved = [s for s in todo[:start] if s.in_doubt is not None]
+        unsaved = [s for s in todo[:start] if s.in_doubt is not None and s not in held]
         unsaved += [s for s in writing if s.in_doubt is None]
         unsaved += todo[start:]
         errors += [_timed_out(slot, timeout, "saving") for slot in unsaved]
+        errors += [_timed_out(slot, timeout, _HELD) for slot in _let_go(held)]
     for error in failed.values():  # a whole-batch failure, once
         errors.append(error)
     return errors
+
+
+_HELD = "waiting for the worker's editing() to end before saving"
+
+
+async def _write_and_again(
+    writing: list[StateSlot],
+    puts: list[tuple[KeyValueStore, RecordWrite]],
+    errors: list[Exception],
+    failed: dict[tuple[type, str], Exception],
+    tally: Tally,
+) -> None:
+    """Write the prepared records; once more those the store went back on or lost the store of."""
+    again = await _write_prepared(writing, puts, errors, failed, tally)
+    if again:
+        await _write_again(again, errors, failed, tally)
+
+
+async def _write_when_let_go(
+    held: list[StateSlot],
+    errors: list[Exception],
+    failed: dict[tuple[type, str], Exception],
+    tally: Tally,
+    full: bool,
+) -> None:
+    """Write each held slot as soon as its worker leaves editing() (polling); `held` keeps the rest."""
+    delay = _POLL_FIRST
+    while held:
+        await anyio.sleep(delay)
+        delay = min(delay * 2, _POLL_MOST)
+        waiting, held[:] = list(held), []
+        writing: list[StateSlot] = []
+        puts: list[tuple[KeyValueStore, RecordWrite]] = []
+        _prepare_slice(waiting, 0, errors, writing, puts, held, full, deadline=None)
+        if puts:
+            await _write_and_again(writing, puts, errors, failed, tally)
+
+
+def _let_go(held: list[StateSlot]) -> list[StateSlot]:
+    """Stop waiting for these slots' workers (the persist gave up on them); the slots."""
+    for slot in held:
+        if slot.editing is not None:
+            slot.editing.withdraw()
+    return held
+
+
+_POLL_FIRST = 0.001
+_POLL_MOST = 0.01
+"""Seconds between two looks at a worker's editing(), first and at most."""
 
 
 def _prepare_slice(
@@ -169,10 +214,18 @@ def _prepare_slice(
     errors: list[Exception],
     writing: list[StateSlot],
     puts: list[tuple[KeyValueStore, RecordWrite]],
+    held: list[StateSlot],
     full: bool = False,
+    *,
+    deadline: float | None = 0.0,
 ) -> int:
-    """Serialise slots from `start` on for up to SLICE_SECONDS into `writing` and `puts`; where to go on."""
-    deadline = time.perf_counter() + SLICE_SECONDS
+    """Serialise slots from `start` on, for up to SLICE_SECONDS, into `writing` and `puts`; where to go on.
+
+    A slot whose worker is inside `editing()` goes to `held`. A slot's edit guard is
+    claimed for its serialisation alone (no await in between), so a worker entering
+    `editing()` waits at most one serialisation. `deadline=None`: the whole list.
+    """
+    until = time.perf_counter() + SLICE_SECONDS if deadline is not None else None
     i = start
     # One catch per slice: entering it per state would cost more than the slice.
     with warnings.catch_warnings(record=True) as warned:
@@ -180,24 +233,36 @@ def _prepare_slice(
         while i < len(slots):
             slot = slots[i]
             i += 1
+            guard = slot.editing
+            if guard is not None and not guard.try_claim():
+                held.append(slot)
+                continue
             try:
-                prepared = slot.prepare(warned, full)
-            except UnrepresentableStateError as exc:
-                errors.append(exc)
-                prepared = None
-            except Exception:  # a bug in a user's serializer must not spoil the batch
-                where = slot.log_fields
-                slot.log.exception(
-                    "store %r, key %r: the state cannot be serialised", *where.values(), extra=where
-                )
-                prepared = None
+                prepared = _prepare_one(slot, warned, full, errors)
+            finally:
+                if guard is not None:
+                    guard.release_claim()
             if prepared is not None:
                 assert slot.kvs is not None
                 writing.append(slot)
                 puts.append((slot.kvs, prepared))
-            if not i % 64 and time.perf_counter() > deadline:
+            if until is not None and not i % 64 and time.perf_counter() > until:
                 break
     return i
+
+
+def _prepare_one(
+    slot: StateSlot, warned: list[warnings.WarningMessage], full: bool, errors: list[Exception]
+) -> RecordWrite | None:
+    """The write one slot needs (None: none, or it failed; its error goes to `errors`)."""
+    try:
+        return slot.prepare(warned, full)
+    except UnrepresentableStateError as exc:
+        errors.append(exc)
+    except Exception:  # a bug in a user's serializer must not spoil the batch
+        where = slot.log_fields
+        slot.log.exception("store %r, key %r: the state cannot be serialised", *where.values(), extra=where)
+    return None
 
 
 _SETTLE_CHUNK = 256  # about 0.5 ms of settling: a step ends soon after its slice's time
@@ -294,7 +359,9 @@ async def _write_again(
         slots.append(slot)
     writing: list[StateSlot] = []
     puts: list[tuple[KeyValueStore, RecordWrite]] = []
-    _prepare_slice(slots, 0, errors, writing, puts, full=True)
+    held: list[StateSlot] = []  # a worker entered editing() meanwhile: the next persist writes them
+    _prepare_slice(slots, 0, errors, writing, puts, held, full=True, deadline=None)
+    _let_go(held)
     if puts:
         for slot, _ in await _write_prepared(writing, puts, errors, failed, tally):
             slot.behind = False  # still behind: the next persist writes it again
