@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +30,12 @@ Listener = Callable[..., Any]
 _CANCEL_GRACE = 1.0
 """Seconds a listener cancelled at its timeout gets to unwind before it is left behind."""
 
-_current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+_current_call: contextvars.ContextVar[weakref.ref[_Call] | None] = contextvars.ContextVar(
     "recoverable_state_current_listener_call", default=None
 )
+"""The listener call the running code belongs to, weakly: a context lives on in whatever it was
+copied into (a thread, a task the listener started), and must not keep the call's listener, and
+what that listener holds (every state of a manager), alive."""
 
 
 class _Listener:
@@ -73,7 +77,7 @@ def _takes_data(fn: Callable[..., Any]) -> bool:
 class _Call:
     """One running call of a listener: its cancel scope, whether it finished, how, and what it returned."""
 
-    __slots__ = ("done", "failed", "listener", "result", "scope", "session")
+    __slots__ = ("__weakref__", "done", "failed", "listener", "result", "scope", "session")
 
     def __init__(self, listener: _Listener, session: int) -> None:
         self.listener = listener
@@ -191,7 +195,7 @@ class ListenerBus:
 
     async def _run(self, call: _Call, event_data: Any, loop: LoopHandle) -> None:
         listener = call.listener
-        _current_call.set(call)
+        _current_call.set(weakref.ref(call))
         try:
             with call.scope:
                 call.result = await listener(event_data, loop)
@@ -229,7 +233,8 @@ class ListenerBus:
         `_CANCEL_GRACE` to unwind. A listener that waits does not wait for itself,
         nor for work coalesced behind its own call.
         """
-        me = _current_call.get()
+        ref = _current_call.get()
+        me = ref() if ref is not None else None
         inside = me is not None and me in self._running
         if inside:
             assert me is not None

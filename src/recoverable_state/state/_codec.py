@@ -244,6 +244,8 @@ class StateCodec:
         self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
         """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
         self._forbid_first = _EXTRA_ON_CALL and not _allows_extra(schema)
+        self.content_type = ""
+        """The content type this type's records are written with (set with its schema version)."""
         """Whether a load first validates refusing unknown keys (where they are kept, none is dropped)."""
 
     # -- the hot path ----------------------------------------------------------
@@ -447,6 +449,8 @@ def codec_for(state_type: Any) -> StateCodec:
 
 def infer_state_type(value: Any) -> Any:
     """The type a default value is validated as: its class, or dict/list of any JSON."""
+    if isinstance(value, BaseModel):
+        return type(value)
     if isinstance(value, dict):
         return dict[str, Any]
     if isinstance(value, list):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 from .._errors import StateOwnershipLost
@@ -21,7 +22,7 @@ from ._codec import StateCodec, codec_for, infer_state_type
 from ._engine import clear_slot, load_slots, persist_slots
 from ._scheduler import PersistGroup, group_of, name_unsaved
 from ._schema import Migration, check_migrations, content_type_for, model_schema_version
-from ._slot import StateSlot, smallest_timeout
+from ._slot import SlotSettings, StateSlot, smallest_timeout
 
 _package_logger = logging.getLogger("recoverable_state")
 
@@ -34,26 +35,44 @@ StoreKey = tuple[str | None, str | None]
 class StateCore:
     """The working part of one state (see the module docstring)."""
 
+    __slots__ = (
+        "__weakref__",
+        "_default",
+        "_factory",
+        "_group",
+        "_kvs_factory",
+        "_log",
+        "_open_store",
+        "_owner_key",
+        "_sample",
+        "_settings",
+        "_state_type",
+        "_store",
+        "active",
+        "event_manager",
+        "has_value",
+        "key",
+        "persistence_enabled",
+        "slot",
+    )
+
     def __init__(
         self,
-        *,
         key: str,
         default: Any,
         factory: Callable[[], Any] | None,
         state_type: Any,
         persistence_enabled: bool | Literal["explicit_only"],
-        kvs_name: str | None,
-        kvs_id: str | None,
+        store: StoreKey,
         kvs_factory: Callable[[], Awaitable[KeyValueStore]] | None,
         open_store: OpenStore,
         log: logging.Logger | None,
         event_manager: EventManager | None,
-        history: int,
-        migrations: Mapping[int, Migration],
-        on_bad_record: Literal["raise", "quarantine", "previous"],
-        timeout: float | None,
-        track: bool,
+        settings: SlotSettings,
     ) -> None:
+        # Positional, and shared where states share them (`store`, `settings`): ten thousand
+        # states made in a loop cost ten thousand of these, and every object made wakes the
+        # collector sooner.
         self.key = key
         self.persistence_enabled = persistence_enabled
         self.event_manager = event_manager
@@ -62,13 +81,13 @@ class StateCore:
         self.active = False  # initialized and not torn down
         self._default = default
         self._factory = factory
-        self._sample: list[Any] = []  # a factory's product made to learn the type: the first default
+        self._sample: list[Any] | None = None  # a factory's product made to learn the type
         self._state_type = state_type
-        self._store = (kvs_name, kvs_id)
+        self._store = store
         self._kvs_factory = kvs_factory
         self._open_store = open_store
         self._log = log or _package_logger
-        self._settings = (history, dict(migrations), on_bad_record, timeout, track)
+        self._settings = settings
         self._group: weakref.ref[PersistGroup] | None = None
         self._owner_key: _ownership.OwnerKey | None = None
 
@@ -83,30 +102,15 @@ class StateCore:
             if isinstance(self._factory, type):
                 state_type = self._factory
             elif self._factory is not None:
-                self._sample.append(self._factory())
+                self._sample = [self._factory()]
                 state_type = infer_state_type(self._sample[0])
             else:
                 state_type = infer_state_type(self._default)
-        try:
-            codec = codec_for(state_type)
-        except TypeError:  # an unhashable type annotation
-            codec = StateCodec(state_type)
-        history, migrations, on_bad_record, timeout, track = self._settings
-        schema_version = model_schema_version(state_type)
-        check_migrations(schema_version, migrations)
-        self.slot = StateSlot(
-            key=self.key,
-            codec=codec,
-            content_type=content_type_for(schema_version),
-            schema_version=schema_version,
-            migrations=migrations,
-            on_bad_record=on_bad_record,
-            history=history,
-            timeout=timeout,
-            log=self._log,
-            on_lost=_LostHandler(self),
-            track=track,
-        )
+        codec, schema_version = _kind_of(state_type, self._settings[1])
+        # A weak reference back: a core and its slot then hold no cycle, so a dropped state is
+        # freed by reference counting alone (also while the collector is paused). CPython
+        # shares it with the one the live-key registry holds.
+        self.slot = StateSlot(self.key, codec, schema_version, self._settings, self._log, weakref.ref(self))
         return self.slot
 
     def fresh_default(self) -> Any:
@@ -156,7 +160,7 @@ class StateCore:
             raise
         begun: list[StateCore] = []
         for core, error in zip(loading, results, strict=True):
-            core._sample.clear()  # made to learn the type, unused when a record was stored
+            core._sample = None  # made to learn the type, unused when a record was stored
             if error is None:
                 begun.append(core)
             else:
@@ -303,17 +307,54 @@ class StateCore:
         self._owner_key = None
 
 
-class _LostHandler:
-    """Tells a core it lost its record, through a weak reference: a core and its slot then hold
-    no cycle, so a dropped state is freed by reference counting alone (also while the
-    collector is paused). CPython shares the weak reference with the one the registry holds."""
+def settings_for(
+    history: int,
+    migrations: Mapping[int, Migration],
+    on_bad_record: Literal["raise", "quarantine", "previous"],
+    timeout: float | None,
+    track: bool,
+) -> SlotSettings:
+    """The settings tuple of a state, one object for every state with the same ones."""
+    if migrations:
+        return (history, dict(migrations), on_bad_record, timeout, track)
+    key = (history, on_bad_record, timeout, track)
+    known = _settings.get(key)
+    if known is None:
+        known = _settings[key] = (history, _NO_MIGRATIONS, on_bad_record, timeout, track)
+    return known
 
-    __slots__ = ("_core",)
 
-    def __init__(self, core: StateCore) -> None:
-        self._core = weakref.ref(core)
+_NO_MIGRATIONS: Mapping[int, Migration] = MappingProxyType({})
+_settings: dict[tuple[Any, ...], SlotSettings] = {}
+NO_STORE: StoreKey = (None, None)
+"""The store key of a state in the default store (shared)."""
 
-    def __call__(self, error: StateOwnershipLost) -> None:
-        core = self._core()
-        if core is not None:
-            core.ownership_lost(error)
+
+def _kind_of(state_type: Any, migrations: Mapping[int, Migration]) -> tuple[StateCodec, int | None]:
+    """The codec and schema version of a state type, checked against `migrations` (cached when none)."""
+    if not migrations:
+        known = _kinds.get(state_type) if _hashable(state_type) else None
+        if known is not None:
+            return known
+    try:
+        codec = codec_for(state_type)
+    except TypeError:  # an unhashable type annotation
+        codec = StateCodec(state_type)
+    schema_version = model_schema_version(state_type)
+    check_migrations(schema_version, migrations)
+    codec.content_type = content_type_for(schema_version)
+    if not migrations and _hashable(state_type):
+        _kinds[state_type] = (codec, schema_version)
+    return codec, schema_version
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+_kinds: dict[Any, tuple[StateCodec, int | None]] = {}
+"""Each state type's codec and schema version (a thousand states of one type look it up once)."""

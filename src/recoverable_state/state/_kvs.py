@@ -17,7 +17,7 @@ import anyio
 from ..events import default_event_manager
 from ..storage import KeyValueStore as _StorageKeyValueStore
 from ..storage import StorageBackend, check_key
-from ._core import StateCore
+from ._core import NO_STORE, StateCore, settings_for
 
 JsonValue = dict[str, Any] | list[Any]
 
@@ -135,22 +135,17 @@ async def _load(kvs: KeyValueStore, key: str, default: JsonValue) -> StateCore:
         return kvs
 
     core = StateCore(
-        key=key,
-        default=default,
-        factory=None,
-        state_type=dict[str, Any] if isinstance(default, dict) else list[Any],
-        persistence_enabled=True,
-        kvs_name=None,
-        kvs_id=None,
-        kvs_factory=this_store,
-        open_store=open_store,
-        log=None,
-        event_manager=None,
-        history=0,
-        migrations={},
-        on_bad_record="raise",
-        timeout=60.0,
-        track=True,
+        key,
+        default,
+        None,
+        dict[str, Any] if isinstance(default, dict) else list[Any],
+        True,
+        NO_STORE,
+        this_store,
+        open_store,
+        None,
+        None,
+        settings_for(0, {}, "raise", 60.0, True),
     )
     errors = await StateCore.initialize_many([core])
     if errors:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic_core import PydanticSerializationError
@@ -22,6 +23,10 @@ from ._editing import EditGuard
 from ._gate import WriteGate
 from ._schema import Migration
 from ._tracking import ChangeMark, watch
+
+OnBadRecord = Literal["raise", "quarantine", "previous"]
+SlotSettings = tuple[int, Mapping[int, Migration], OnBadRecord, float | None, bool]
+"""What many states share: (history, migrations, on_bad_record, timeout in seconds, track)."""
 
 DELETE_IN_DOUBT = b""
 """`in_doubt` of a delete whose outcome is unknown (no state serialises to empty bytes)."""
@@ -48,7 +53,7 @@ class StateSlot:
         "mark",
         "migrations",
         "on_bad_record",
-        "on_lost",
+        "owner",
         "schema_version",
         "stored",
         "synced",
@@ -61,22 +66,17 @@ class StateSlot:
 
     def __init__(
         self,
-        *,
         key: str,
         codec: StateCodec,
-        content_type: str,
         schema_version: int | None,
-        migrations: Mapping[int, Migration],
-        on_bad_record: Literal["raise", "quarantine", "previous"],
-        history: int,
-        timeout: float | None,
+        settings: SlotSettings,
         log: logging.Logger,
-        on_lost: Callable[[StateOwnershipLost], None],
-        track: bool = True,
+        owner: weakref.ref[Any],
     ) -> None:
+        history, migrations, on_bad_record, timeout, track = settings
         self.key = key
         self.codec = codec
-        self.content_type = content_type
+        self.content_type = codec.content_type
         self.schema_version = schema_version
         self.migrations = migrations
         self.on_bad_record = on_bad_record
@@ -84,7 +84,8 @@ class StateSlot:
         self.timeout = timeout
         """Seconds each load and save of this state may take (None: no bound)."""
         self.log = log
-        self.on_lost = on_lost
+        self.owner = owner
+        """The state this slot belongs to, weakly (told when another process takes the record over)."""
         self.kvs: KeyValueStore | None = None
         self.enabled = False  # whether persists write (initialized, persistence on)
         self.value: Any = None
@@ -231,7 +232,9 @@ class StateSlot:
             key=self.key,
         )
         self.log.error("%s", error, extra=self.log_fields)
-        self.on_lost(error)
+        owner = self.owner()
+        if owner is not None:
+            owner.ownership_lost(error)
         return error
 
     def resolve(self, record: StoredRecord | None) -> bool:

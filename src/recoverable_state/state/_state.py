@@ -12,7 +12,7 @@ from typing import Any, Generic, Literal, TypeVar, get_args
 import anyio
 
 from ..events import EventManager, EventPersistStateData
-from ._core import StateCore
+from ._core import NO_STORE, StateCore, settings_for
 from ._editing import EditGuard
 from ._kvs import KeyValueStore, open_store
 from ._schema import Migration
@@ -50,7 +50,7 @@ def _check(
         raise ValueError(
             f"persistence_enabled must be True, False or 'explicit_only', not {persistence_enabled!r}"
         )
-    if sum(x is not None for x in sources) > 1:
+    if (sources[0] is not None) + (sources[1] is not None) + (sources[2] is not None) > 1:
         raise ValueError(
             "give at most one of persist_state_kvs_name, persist_state_kvs_id and persist_state_kvs_factory"
         )
@@ -141,36 +141,34 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         """
         sources = (persist_state_kvs_name, persist_state_kvs_id, persist_state_kvs_factory)
         _check(persistence_enabled, sources, history, change_detection, on_bad_record)
+        factory = default_state if callable(default_state) else None
+        store = NO_STORE if persist_state_kvs_name is None and persist_state_kvs_id is None else (
+            persist_state_kvs_name,
+            persist_state_kvs_id,
+        )
+        timeout = _seconds(persistence_timeout, "persistence_timeout")
+        track = change_detection == "track"
+        settings = settings_for(history, migrations or {}, on_bad_record, timeout, track)
         self._core = StateCore(
-            key=persist_state_key,
-            default=default_state,
-            factory=default_state if callable(default_state) else None,
-            state_type=state_type,
-            persistence_enabled=persistence_enabled,
-            kvs_name=persist_state_kvs_name,
-            kvs_id=persist_state_kvs_id,
-            kvs_factory=persist_state_kvs_factory,
-            open_store=open_store,
-            log=logger,
-            event_manager=event_manager,
-            history=history,
-            migrations=migrations or {},
-            on_bad_record=on_bad_record,
-            timeout=_seconds(persistence_timeout, "persistence_timeout"),
-            track=change_detection == "track",
+            persist_state_key,
+            default_state,
+            factory,
+            state_type,
+            persistence_enabled,
+            store,
+            persist_state_kvs_factory,
+            open_store,
+            logger,
+            event_manager,
+            settings,
         )
         # The type is known now unless it must come from RecoverableState[T] (set after
         # __init__) or from calling a factory: the slot is then made at initialize(). Made
         # here, a bad `migrations` or `schema_version` is refused at once.
-        factory = self._core_factory(default_state)
         if state_type is not None or isinstance(factory, type) or (
-            factory is None and not isinstance(default_state, dict | list)
+            factory is None and type(default_state) is not dict and type(default_state) is not list
         ):
             self._core.make_slot()
-
-    @staticmethod
-    def _core_factory(default_state: Any) -> Callable[[], Any] | None:
-        return default_state if callable(default_state) else None
 
     def _slot(self) -> StateSlot:
         """The core's slot, made with `RecoverableState[T]`'s T when that is how the type is given."""
