@@ -46,7 +46,7 @@ def start_from(slot: StateSlot, record: StoredRecord | None, default: Callable[[
     value, dropped = _validate(slot, data)
     # A migrated record, or one with dropped fields, is written back at the next persist.
     synced = data is record.value and not dropped
-    slot.take(value, synced=synced)
+    slot.take(value, synced=synced, fresh=True)
     slot.version = record.version
     slot.stored = fingerprint(record.value) if synced else None
 

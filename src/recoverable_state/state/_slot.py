@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
 from .._errors import StateOwnershipLost, UnrepresentableStateError
@@ -23,6 +24,7 @@ from ._editing import EditGuard
 from ._gate import WriteGate
 from ._schema import Migration
 from ._tracking import ChangeMark, watch
+from ._watch_plan import apply, plan_for
 
 OnBadRecord = Literal["raise", "quarantine", "previous"]
 SlotSettings = tuple[int, Mapping[int, Migration], OnBadRecord, float | None, bool]
@@ -42,6 +44,7 @@ class StateSlot:
         "content_type",
         "editing",
         "enabled",
+        "fresh",
         "gate",
         "handed",
         "history",
@@ -105,22 +108,34 @@ class StateSlot:
         self.handed = False
         self.tracked = False
         self.synced = False
+        self.fresh = False
 
     def hand_out(self) -> Any:
         """The live value, for the worker: from now on it may change, so it is watched."""
         if not self.handed:
             self.handed = True
             if self.track and self.enabled:
-                self.tracked = watch(self, self.mark)
+                value = self.value
+                plan = plan_for(type(value)) if self.fresh and isinstance(value, BaseModel) else None
+                if plan is not None:  # just validated: its schema says what to watch
+                    apply(value, plan, self.mark)
+                    self.tracked = True
+                else:
+                    self.tracked = watch(self, self.mark)
         return self.value
 
-    def take(self, value: Any, *, synced: bool) -> None:
-        """Make `value` (nobody else holds it) the live value; `synced`: the store holds it."""
+    def take(self, value: Any, *, synced: bool, fresh: bool = False) -> None:
+        """Make `value` (nobody else holds it) the live value.
+
+        `synced`: the store holds it; `fresh`: pydantic just validated it, so it holds
+        exactly the types its schema declares.
+        """
         self.value = value
         self.mark = ChangeMark()
         self.handed = False
         self.tracked = False
         self.synced = synced
+        self.fresh = fresh
 
     def changed(self) -> None:
         """The value was changed in a way the mark cannot see (a reset): look at it next persist."""

@@ -261,7 +261,7 @@ class _Untrackable(Exception):
 _model_ok: dict[type, bool] = {}
 
 
-def _model_trackable(cls: type[BaseModel]) -> bool:
+def model_trackable(cls: type[BaseModel]) -> bool:
     """Whether a model class writes its fields only through `__dict__[name] = value`."""
     ok = _model_ok.get(cls)
     if ok is None:
@@ -402,7 +402,7 @@ class _Adopter:
                     raise _Untrackable
 
     def model(self, model: BaseModel, depth: int) -> None:
-        if not _model_trackable(type(model)):
+        if not model_trackable(type(model)):
             raise _Untrackable
         fields = model.__dict__
         if type(fields) is TrackedDict:
