@@ -28,7 +28,7 @@ import anyio.lowlevel
 
 from .._errors import StorageError
 from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
-from ._envelope import KeyRing, seal, unseal
+from ._envelope import KeyRing, seal, unseal, unseal_many
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")
@@ -194,7 +194,8 @@ class Batcher:
     async def _flush_reads(self, reads: Sequence[RecordRead]) -> Sequence[StoredRecord | StorageError | None]:
         """Read a batch; each record opened, or answered with the error that says why it cannot be."""
         backend = self.backend
-        return unseal_reads(reads, await backend.read_batch(reads), backend.key_ring, self.label)
+        records = await backend.read_batch(reads)
+        return unseal_many(records, backend.key_ring, [read.store_id for read in reads], self.label)
 
     async def history(self, store_id: str, key: str) -> list[StoredRecord | StorageError]:
         """The kept snapshots of a key, newest first, each opened or answered with its error."""
@@ -320,19 +321,6 @@ def seal_writes(ops: Sequence[WriteOp], ring: KeyRing | None) -> list[WriteOp]:
             op = _new_write(RecordWrite, (store_id, key, value, content_type, expected, keep))
         sealed.append(op)
     return sealed
-
-
-def unseal_reads(
-    reads: Sequence[RecordRead],
-    records: Sequence[StoredRecord | StorageError | None],
-    ring: KeyRing | None,
-    label: Callable[[str], str],
-) -> list[StoredRecord | StorageError | None]:
-    """Each record as written; one that cannot be opened is answered with its error in its place."""
-    return [
-        _unseal_one(record, ring, label(read.store_id)) if type(record) is StoredRecord else record
-        for read, record in zip(reads, records, strict=True)
-    ]
 
 
 def _unseal_one(record: StoredRecord, ring: KeyRing | None, store: str) -> StoredRecord | StorageError:
