@@ -162,7 +162,9 @@ def langgraph_initialize(root: Path, n: int) -> float:
             saver = _saver(path)
             try:
                 models = [
-                    WorkerState.model_validate(saver.get_tuple(_config(i)).checkpoint["channel_values"]["state"])
+                    WorkerState.model_validate(
+                        saver.get_tuple(_config(i)).checkpoint["channel_values"]["state"]
+                    )
                     for i in range(n)
                 ]
             finally:

@@ -261,8 +261,16 @@ def servers(args: argparse.Namespace) -> Iterator[dict[str, tuple[str, int | Non
 
 def render(results: Sequence[Result], states: int) -> str:
     headers = [
-        "store", "K", "states", "seconds", "writes/s", "p50 (ms)", "p99 (ms)",
-        "server CPU", "CPU us/write", "held",
+        "store",
+        "K",
+        "states",
+        "seconds",
+        "writes/s",
+        "p50 (ms)",
+        "p99 (ms)",
+        "server CPU",
+        "CPU us/write",
+        "held",
     ]
     rows = []
     for r in results:

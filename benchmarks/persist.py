@@ -247,14 +247,18 @@ def persist_rows(plan: Plan, store: Store, loop: str, n: int, big: bool) -> list
         and crawlee_available()
     )
     label = "persist-50kb" if big else "persist"
-    others = [] if big or store.name != "sqlite" else [
-        (name, fn)
-        for name, available, fn in (
-            ("diskcache", diskcache_available, diskcache_persist),
-            ("langgraph", langgraph_available, langgraph_persist),
-        )
-        if n <= OTHERS_MAX_N[name] and available()
-    ]
+    others = (
+        []
+        if big or store.name != "sqlite"
+        else [
+            (name, fn)
+            for name, available, fn in (
+                ("diskcache", diskcache_available, diskcache_persist),
+                ("langgraph", langgraph_available, langgraph_persist),
+            )
+            if n <= OTHERS_MAX_N[name] and available()
+        ]
+    )
 
     async def main() -> dict[str, list[float]]:
         series: dict[str, list[float]] = {
@@ -352,14 +356,18 @@ def initialize_rows(plan: Plan, store: Store, loop: str, n: int) -> list[Row]:
         and n <= CRAWLEE_MAX_N
         and crawlee_available()
     )
-    others = [] if store.name != "sqlite" else [
-        (name, fn)
-        for name, available, fn in (
-            ("diskcache", diskcache_available, diskcache_initialize),
-            ("langgraph", langgraph_available, langgraph_initialize),
-        )
-        if n <= OTHERS_MAX_N[name] and available()
-    ]
+    others = (
+        []
+        if store.name != "sqlite"
+        else [
+            (name, fn)
+            for name, available, fn in (
+                ("diskcache", diskcache_available, diskcache_initialize),
+                ("langgraph", langgraph_available, langgraph_initialize),
+            )
+            if n <= OTHERS_MAX_N[name] and available()
+        ]
+    )
 
     async def main() -> dict[str, list[float]]:
         names = ("lib", "raw", "crawlee", "diskcache", "langgraph")
@@ -411,7 +419,7 @@ def initialize_rows(plan: Plan, store: Store, loop: str, n: int) -> list[Row]:
             crawlee=median(s["crawlee"]),
             diskcache=median(s["diskcache"]),
             langgraph=median(s["langgraph"]),
-        )
+        ),
     ]
 
 

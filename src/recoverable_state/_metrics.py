@@ -33,6 +33,7 @@ class PersistFigures(Protocol):
     @property
     def succeeded(self) -> bool: ...
 
+
 METER_NAME = "recoverable_state"
 """The name of the OpenTelemetry meter every instrument belongs to."""
 

@@ -48,7 +48,13 @@ _CONTAINER_KEYS = {
     "dataclass": {"cls", "fields", "schema", "post_init", "slots", "config", "frozen", "generic_origin"},
     "dataclass-args": {"dataclass_name", "fields", "computed_fields", "collect_init_only", "extra_behavior"},
     "dataclass-field": {
-        "name", "schema", "kw_only", "init", "validation_alias", "serialization_alias", "frozen"
+        "name",
+        "schema",
+        "kw_only",
+        "init",
+        "validation_alias",
+        "serialization_alias",
+        "frozen",
     },
     "typed-dict": {"fields", "cls", "computed_fields", "extras_schema", "extra_behavior", "total", "config"},
     "typed-dict-field": {"schema", "required", "validation_alias", "serialization_alias"},
@@ -88,8 +94,21 @@ def _read_schema(schema: Any) -> _SchemaFacts:
         for key, child in node.items():
             if key in ("metadata", "cls", "config", "default", "members", "expected", "sub_type"):
                 continue
-            nested = depth + (1 if kind in ("list", "set", "frozenset", "tuple", "dict", "model-fields",
-                                             "dataclass-args", "typed-dict") else 0)
+            nested = depth + (
+                1
+                if kind
+                in (
+                    "list",
+                    "set",
+                    "frozenset",
+                    "tuple",
+                    "dict",
+                    "model-fields",
+                    "dataclass-args",
+                    "typed-dict",
+                )
+                else 0
+            )
             if isinstance(child, dict) and "type" in child:
                 walk(child, nested)
             elif isinstance(child, dict):  # fields by name
@@ -172,9 +191,10 @@ def _dropped(data: Any, node: Any, defs: dict[str, Any], path: tuple[Any, ...], 
         if target is not None and len(path) < MAX_DEPTH:
             _dropped(data, target, defs, path, out)
         return
-    if kind in ("model", "dataclass", "typed-dict") and (node.get("config") or {}).get(
-        "extra_fields_behavior"
-    ) == "allow":
+    if (
+        kind in ("model", "dataclass", "typed-dict")
+        and (node.get("config") or {}).get("extra_fields_behavior") == "allow"
+    ):
         return
     if kind in ("model", "dataclass", "default", "nullable", "definitions") and "schema" in node:
         if kind != "nullable" or data is not None:
@@ -184,8 +204,9 @@ def _dropped(data: Any, node: Any, defs: dict[str, Any], path: tuple[Any, ...], 
         fields = node["fields"]
         named = fields.values() if isinstance(fields, dict) else fields
         by_name = {}
-        for name, field in zip(fields if isinstance(fields, dict) else [f["name"] for f in fields], named,
-                               strict=True):
+        for name, field in zip(
+            fields if isinstance(fields, dict) else [f["name"] for f in fields], named, strict=True
+        ):
             alias = field.get("validation_alias")
             by_name[alias if isinstance(alias, str) else name] = field
         for key, item in data.items():
@@ -261,8 +282,11 @@ class StateCodec:
         bytes alone (they must load back to themselves).
         """
         facts = self._facts
-        if not suspect and facts.exact and not (facts.floats and b"null" in data) and not (
-            facts.deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH
+        if (
+            not suspect
+            and facts.exact
+            and not (facts.floats and b"null" in data)
+            and not (facts.deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH)
         ):
             return data
         for _ in range(_CHECK_TRIES):
@@ -273,6 +297,7 @@ class StateCodec:
                 data = self.serializer.to_json(value, by_alias=True, warnings=False)
         self._check_bytes(data)
         return data
+
     def load(self, data: bytes) -> tuple[Any, list[str]]:
         """Validate stored JSON bytes; also name the stored fields the type no longer has."""
         if self._forbid_first:
@@ -461,4 +486,3 @@ def infer_state_type(value: Any) -> Any:
 def describe_validation_error(exc: ValidationError) -> str:
     """Name each failing field and what is wrong with it, on one line."""
     return "; ".join(f"{_where(err['loc'])}: {err['msg']}" for err in exc.errors())
-

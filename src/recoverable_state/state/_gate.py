@@ -58,4 +58,3 @@ class WriteGate:
             self._waiting.popleft().set()
         else:
             self._busy = False
-

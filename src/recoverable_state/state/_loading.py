@@ -35,13 +35,17 @@ def start_from(slot: StateSlot, record: StoredRecord | None, default: Callable[[
         slot.take(default(), synced=False)
         slot.version, slot.stored = 0, None
         return
-    data = record.value if record.content_type == slot.content_type else migrate(
-        record.value,
-        record.content_type,
-        code_version=slot.schema_version,
-        migrations=slot.migrations,
-        store=kvs.label,
-        key=slot.key,
+    data = (
+        record.value
+        if record.content_type == slot.content_type
+        else migrate(
+            record.value,
+            record.content_type,
+            code_version=slot.schema_version,
+            migrations=slot.migrations,
+            store=kvs.label,
+            key=slot.key,
+        )
     )
     value, dropped = _validate(slot, data)
     # A migrated record, or one with dropped fields, is written back at the next persist.

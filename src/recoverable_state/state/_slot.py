@@ -308,5 +308,3 @@ class Tally:
     def landed(self, size: int) -> None:
         self.states += 1
         self.bytes += size
-
-

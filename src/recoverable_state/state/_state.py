@@ -142,9 +142,13 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         sources = (persist_state_kvs_name, persist_state_kvs_id, persist_state_kvs_factory)
         _check(persistence_enabled, sources, history, change_detection, on_bad_record)
         factory = default_state if callable(default_state) else None
-        store = NO_STORE if persist_state_kvs_name is None and persist_state_kvs_id is None else (
-            persist_state_kvs_name,
-            persist_state_kvs_id,
+        store = (
+            NO_STORE
+            if persist_state_kvs_name is None and persist_state_kvs_id is None
+            else (
+                persist_state_kvs_name,
+                persist_state_kvs_id,
+            )
         )
         timeout = _seconds(persistence_timeout, "persistence_timeout")
         track = change_detection == "track"
@@ -165,8 +169,10 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         # The type is known now unless it must come from RecoverableState[T] (set after
         # __init__) or from calling a factory: the slot is then made at initialize(). Made
         # here, a bad `migrations` or `schema_version` is refused at once.
-        if state_type is not None or isinstance(factory, type) or (
-            factory is None and type(default_state) is not dict and type(default_state) is not list
+        if (
+            state_type is not None
+            or isinstance(factory, type)
+            or (factory is None and type(default_state) is not dict and type(default_state) is not list)
         ):
             self._core.make_slot()
 
