@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from .. import Configuration
+from .. import Configuration, StorageError
+from ..storage import KeyRing
 from . import _changing, _looking
 from ._help import PlainCommand, PlainGroup
 from ._runtime import CommandError, Options, fail
@@ -72,14 +73,20 @@ def _options(
     ] = False,
 ) -> None:
     """The global options, read before any command."""
-    if storage_url is None:
+    try:
+        config = Configuration()
+    except ValidationError as exc:
+        error = CommandError("a RECOVERABLE_STATE_* environment variable is not valid: " + _fields(exc))
+        error.__cause__ = exc
+        fail(error, debug=debug)
+    ring = None
+    if config.encryption_keys is not None:
         try:
-            storage_url = Configuration().storage_url
-        except ValidationError as exc:
-            error = CommandError("a RECOVERABLE_STATE_* environment variable is not valid: " + _fields(exc))
-            error.__cause__ = exc
-            fail(error, debug=debug)
-    ctx.obj = Options(storage_url=storage_url, timeout=timeout, debug=debug)
+            ring = KeyRing.parse(config.encryption_keys.get_secret_value())
+        except (ValueError, StorageError) as exc:  # the messages name ids, never key material
+            fail(CommandError(f"RECOVERABLE_STATE_ENCRYPTION_KEYS is not valid: {exc}"), debug=False)
+    url = storage_url if storage_url is not None else config.storage_url
+    ctx.obj = Options(storage_url=url, timeout=timeout, debug=debug, key_ring=ring)
 
 
 def _fields(exc: ValidationError) -> str:
@@ -103,6 +110,7 @@ for command, name in (
     (_changing.delete, None),
     (_changing.export, None),
     (_changing.import_records, "import"),
+    (_changing.rekey, None),
     (_looking.quarantine, None),
 ):
     app.command(name, cls=PlainCommand)(command)

@@ -1,4 +1,4 @@
-"""The commands that change stores: restore, reset, delete, export and import."""
+"""The commands that change stores: restore, reset, delete, export, import and rekey."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import typer
 from ..storage import DEFAULT_STORE_NAME, KeyValueStore, StorageBackend
 from ._output import is_json, plural, warn
 from ._params import Key, Store, Yes
+from ._rekey import RekeyReport, rekey_stores
 from ._runtime import CommandError, confirm, find_store, options_of, reported_errors, require_record, run
 from ._transfer import check_file, export_stores, import_file
 
@@ -135,17 +136,22 @@ def export(
     if store is not None and all_stores:
         raise typer.BadParameter("give --store or --all, not both")
 
-    async def body(storage: StorageBackend, out: TextIO) -> tuple[int, int]:
+    async def body(storage: StorageBackend, out: TextIO) -> tuple[int, int, int]:
         if all_stores:
             chosen = [KeyValueStore(info, storage) for info in await storage.list_stores()]
         else:
             chosen = [await find_store(storage, store or DEFAULT_STORE_NAME)]
-        return await export_stores(chosen, out), len(chosen)
+        return *await export_stores(chosen, out), len(chosen)
 
     with reported_errors(ctx), _output_file(output) as out:
-        count, n_stores = run(ctx, lambda storage: body(storage, out))
+        count, sealed, n_stores = run(ctx, lambda storage: body(storage, out))
     where = "stdout" if output == "-" else output
     warn(f"exported {plural(count, 'record')} from {plural(n_stores, 'store')} to {where}")
+    if sealed:
+        warn(
+            f"{plural(sealed, 'record')} sealed in the store {'was' if sealed == 1 else 'were'} decrypted "
+            f"with RECOVERABLE_STATE_ENCRYPTION_KEYS: {where} has them in clear; keep it as safe as the keys"
+        )
 
 
 @contextlib.contextmanager
@@ -205,7 +211,9 @@ def import_records(
             lambda storage: import_file(storage, source, stores=list(per_store), total=total, store=store),
             creates=True,
         )
-    typer.echo(f"imported {plural(count, 'record')} into {options_of(ctx).shown_url}")
+    ring = options_of(ctx).key_ring
+    sealing = f", sealed with encryption key {ring.current!r}" if ring is not None else ""
+    typer.echo(f"imported {plural(count, 'record')} into {options_of(ctx).shown_url}{sealing}")
 
 
 @contextlib.contextmanager
@@ -220,3 +228,64 @@ def _input_file(file: str) -> Iterator[IO[bytes]]:
             copy.write(chunk)
         copy.seek(0)
         yield copy
+
+
+def rekey(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            "-s",
+            metavar="NAME",
+            help="Only this store (by default: every store).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what would be sealed again.")
+    ] = False,
+    yes: Yes = False,
+) -> None:
+    """Seal every record not sealed with the ring's current key again with it (key rotation).
+
+    The ring is RECOVERABLE_STATE_ENCRYPTION_KEYS, the new key first: every key of
+    the ring opens what it sealed, the first seals. Records stored in clear (from
+    before encryption) are sealed too. Each record is written back only if no
+    worker wrote it in between (those are left to the worker, whose writes seal
+    with its own ring); a worker holding a rewritten record gets
+    StateOwnershipLost on its next write, so rekey while the workers are stopped,
+    or let records move to the new key as they are written. Kept history is not
+    rewritten: the snapshots still under an older key are counted, and that key
+    must stay in the ring until newer snapshots replace them.
+    """
+    ring = options_of(ctx).key_ring
+    if ring is None:
+        with reported_errors(ctx):
+            raise CommandError(
+                "rekey needs the key ring: set RECOVERABLE_STATE_ENCRYPTION_KEYS, the new key first "
+                "(id:base64key,id:base64key,...)"
+            )
+    assert ring is not None
+
+    async def body(storage: StorageBackend) -> RekeyReport:
+        if store is None:
+            chosen = [KeyValueStore(info, storage) for info in await storage.list_stores()]
+        else:
+            chosen = [await find_store(storage, store)]
+        if not dry_run:
+            await confirm(
+                f"Seal every record of {plural(len(chosen), 'store')} in {options_of(ctx).shown_url} "
+                f"not sealed with key {ring.current!r} again with it (a worker holding one of them "
+                "gets StateOwnershipLost on its next write)?",
+                yes=yes,
+            )
+        return await rekey_stores(chosen, ring, dry_run=dry_run)
+
+    report = run(ctx, body)
+    for line in report.lines(ring, dry_run=dry_run):
+        typer.echo(line)
+    if report.failed:
+        shown = "; ".join(report.failed[:5]) + ("; ..." if len(report.failed) > 5 else "")
+        typer.echo(f"error: {plural(len(report.failed), 'record')} left as they are: {shown}", err=True)
+        raise typer.Exit(1)

@@ -11,7 +11,7 @@ from ..storage import DEFAULT_STORE_NAME, RecordInfo, StorageBackend, StoredReco
 from ._output import print_json, print_record, print_table, timestamp, warn
 from ._params import Json, Key, Raw, Store
 from ._quarantine import SetAside, pick, set_aside
-from ._runtime import find_store, options_of, require_record, run
+from ._runtime import find_store, options_of, require_record, run, sealed_with
 
 
 def stores(ctx: typer.Context, json_: Json = False) -> None:
@@ -146,10 +146,15 @@ def show(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, raw: R
     stored bytes exactly as they are.
     """
 
-    async def body(storage: StorageBackend) -> StoredRecord:
-        return await require_record(await find_store(storage, store), key)
+    async def body(storage: StorageBackend) -> tuple[StoredRecord, str | None]:
+        kvs = await find_store(storage, store)
+        record = await require_record(kvs, key)  # without the key that sealed it: an error naming its id
+        return record, await sealed_with(kvs, key) if storage.key_ring is not None else None
 
-    print_record(run(ctx, body), raw=raw)
+    record, key_id = run(ctx, body)
+    if key_id is not None and not raw:
+        warn(f"decrypted with encryption key {key_id!r} of RECOVERABLE_STATE_ENCRYPTION_KEYS")
+    print_record(record, raw=raw)
 
 
 def history(ctx: typer.Context, key: Key, store: Store = DEFAULT_STORE_NAME, json_: Json = False) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import re
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -15,7 +15,15 @@ import anyio
 import typer
 
 from .. import RecoverableStateError, StoreNotFoundError
-from ..storage import KeyValueStore, StorageBackend, StoredRecord, open_backend
+from ..storage import (
+    KeyRing,
+    KeyValueStore,
+    RecordRead,
+    StorageBackend,
+    StoredRecord,
+    open_backend,
+    sealed_key_id,
+)
 
 T = TypeVar("T")
 
@@ -27,6 +35,8 @@ class Options:
     storage_url: str
     timeout: float
     debug: bool
+    key_ring: KeyRing | None = field(default=None)
+    """The ring from RECOVERABLE_STATE_ENCRYPTION_KEYS: records are opened and sealed with it."""
 
     @property
     def shown_url(self) -> str:
@@ -104,7 +114,9 @@ async def _with_storage(options: Options, body: Callable[[StorageBackend], Await
             f"there is no {what} at {str(path)!r}: check --storage-url or "
             "RECOVERABLE_STATE_STORAGE_URL (relative paths start at the working directory)"
         )
-    storage = open_backend(options.storage_url, retry_timeout=options.timeout)
+    storage = open_backend(
+        options.storage_url, retry_timeout=options.timeout, encryption_keys=options.key_ring
+    )
     try:
         return await body(storage)
     finally:
@@ -169,3 +181,13 @@ async def confirm(question: str, *, yes: bool) -> None:
     if not await anyio.to_thread.run_sync(lambda: typer.confirm(question, err=True)):
         typer.echo("nothing changed", err=True)
         raise typer.Exit(1)
+
+
+async def sealed_with(kvs: KeyValueStore, key: str) -> str | None:
+    """The id of the key the record under `key` is sealed with as stored, or None (in clear, absent).
+
+    Read from the stored record itself, past the layer that opens it: what was
+    sealed is told from what the store holds, not from what opening gave.
+    """
+    found = (await kvs.storage.read_batch([RecordRead(kvs.id, key)]))[0]
+    return sealed_key_id(found.content_type) if isinstance(found, StoredRecord) else None

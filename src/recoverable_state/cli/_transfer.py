@@ -34,7 +34,15 @@ from typing import IO, Any, TextIO
 from rich.progress import Progress
 
 from .. import InvalidKeyError, StorageError
-from ..storage import KeyValueStore, RecordWrite, StorageBackend, StoredRecord, WriteOutcome, check_key
+from ..storage import (
+    KeyValueStore,
+    RecordWrite,
+    StorageBackend,
+    StoredRecord,
+    WriteOutcome,
+    check_key,
+    sealed_key_id,
+)
 from ._output import console, is_json, plural
 from ._runtime import CommandError
 
@@ -194,16 +202,19 @@ def _progress(description: str, total: int | None) -> tuple[Progress, Callable[[
     return progress, lambda n: progress.advance(task, n)
 
 
-async def export_stores(stores: Sequence[KeyValueStore], out: TextIO) -> int:
-    """Write every current record of `stores` to `out` as JSON Lines, a page at a time; return how many.
+async def export_stores(stores: Sequence[KeyValueStore], out: TextIO) -> tuple[int, int]:
+    """Write every current record of `stores` to `out` as JSON Lines, a page at a time.
 
-    The trailer line comes last, once every record is written.
+    Returns how many records were written, and how many of them are sealed in
+    the store (written to `out` opened, in clear). The trailer line comes last,
+    once every record is written.
     """
     progress, advance = _progress("exporting", None)
-    written = 0
+    written = sealed = 0
     with progress:
         for kvs in stores:
             infos = await kvs.list_keys()  # keys, sizes and times: no values
+            sealed += sum(sealed_key_id(info.content_type) is not None for info in infos)
             start = 0
             while start < len(infos):
                 end, size = start, 0
@@ -222,7 +233,7 @@ async def export_stores(stores: Sequence[KeyValueStore], out: TextIO) -> int:
                 start = end
         out.write(trailer_line(written) + "\n")
     out.flush()
-    return written
+    return written, sealed
 
 
 @dataclass

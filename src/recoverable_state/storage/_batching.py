@@ -251,13 +251,17 @@ class Batcher:
         self._opening[key] = opening = anyio.Event()
         try:
             info = await self.backend.open_store(name=name, id=id)
-            self._known_stores[("id", info.id)] = info
-            if info.name is not None:
-                self._known_stores[("name", info.name)] = info
+            self.know_store(info)
             return info
         finally:
             del self._opening[key]
             opening.set()
+
+    def know_store(self, info: StoreInfo) -> None:
+        """Remember a store found by other means (a listing): messages name it by its name."""
+        self._known_stores[("id", info.id)] = info
+        if info.name is not None:
+            self._known_stores[("name", info.name)] = info
 
     async def start_once(self, prepare: Callable[[], Awaitable[None]]) -> None:
         """Run `prepare` before the first store of this backend is handed out, once.

@@ -83,12 +83,12 @@ class KeyRing:
     def parse(cls, text: str) -> KeyRing:
         """A ring from `id:base64key,id:base64key,...`; a ValueError names the id that is wrong."""
         keys: list[tuple[str, bytes]] = []
-        for part in (p.strip() for p in text.split(",")):
+        for number, part in enumerate((p.strip() for p in text.split(",")), 1):
             if not part:
                 continue
             key_id, sep, encoded = part.partition(":")
-            if not sep:
-                raise ValueError(f"encryption key {key_id[:16]!r}...: write id:base64key")
+            if not sep:  # what was written may be the key itself: never quoted back
+                raise ValueError(f"entry {number} of the key ring has no id: write id:base64key,...")
             try:
                 keys.append((key_id.strip(), base64.b64decode(encoded.strip(), validate=True)))
             except binascii.Error:

@@ -130,6 +130,7 @@ class KeyValueStore:
         self._info = info
         self._storage = storage
         self._batcher = batcher_of(storage)
+        self._batcher.know_store(info)  # made from a listing: its errors name it as this object does
         self._label = info.label
 
     @classmethod
