@@ -93,3 +93,46 @@ async def test_after_any_fault_a_reload_agrees_and_the_next_persist_lands(
     assert await reload(storage_url, faulty, kvs) == {"one": {"a": 11, "b": 11}, "two": {"a": 21, "b": 21}}
     for state in (one, two):
         await state.teardown()
+
+
+@pytest.mark.parametrize("fault", ["before", "after", "hang", "late"])
+async def test_a_reset_whose_delete_failed_or_timed_out_still_writes_its_next_persist(
+    faulty: FaultInjectingBackend, storage_url: str, fault: str
+) -> None:
+    """A delete in doubt (refused, applied but unanswered, hung, landing late) is settled.
+
+    Whatever became of the delete, the state does not take its own record for
+    another process's, and its next persist stores the value it holds.
+    """
+    kvs = await KeyValueStore.open(name="jobs", storage=faulty)
+
+    async def factory() -> KeyValueStore:
+        return kvs
+
+    state = RecoverableState(
+        default_state=Pair(),
+        persist_state_key="one",
+        persistence_enabled="explicit_only",
+        persist_state_kvs_factory=factory,
+        persistence_timeout=0.5,
+    )
+    await state.initialize()
+    state.current_value.a = 5
+    await state.persist_state()
+    if fault == "hang":
+        faulty.hang_next()
+    elif fault == "late":  # the delete outlives the timeout, then lands
+        faulty.delay_next(1.0)
+    else:
+        faulty.fail_next(when=fault)  # type: ignore[arg-type]
+    with contextlib.suppress(StorageError, ExceptionGroup):
+        await state.reset()
+    assert state.current_value == Pair()  # the value is reset in place whatever the store said
+    if fault == "late":
+        await anyio.sleep(1.2)
+
+    state.current_value.b = 7
+    await state.persist_state()
+    assert not state.ownership_lost
+    assert (await reload(storage_url, faulty, kvs))["one"] == {"a": 0, "b": 7}
+    await state.teardown()
