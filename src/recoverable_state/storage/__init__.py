@@ -28,7 +28,8 @@ from ._contract import (
     plan_writes,
 )
 from ._defaults import default_storage
-from ._envelope import CHECKSUM_PARAM, SEALED_CONTENT_TYPE, KeyRing, sealed_key_id
+from ._envelope import CHECKSUM_PARAM
+from ._keyring import SEALED_CONTENT_TYPE, KeyRing, sealed_key_id
 from ._kvs import (
     JSON_CONTENT_TYPE,
     QUARANTINE_SUFFIX,

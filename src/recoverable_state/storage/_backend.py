@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 from anyio.abc import AsyncResource
 
 if TYPE_CHECKING:
-    from ._envelope import KeyRing
+    from ._keyring import KeyRing
 
 from .._errors import StorageError
 

@@ -28,7 +28,8 @@ import anyio.lowlevel
 
 from .._errors import StorageError
 from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
-from ._envelope import KeyRing, seal, unseal, unseal_many
+from ._envelope import seal, unseal, unseal_many
+from ._keyring import KeyRing
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")

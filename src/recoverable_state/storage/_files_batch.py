@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
 from ._backend import StoredRecord
@@ -33,8 +33,23 @@ from ._files_io import (
     write_atomically,
 )
 
-if TYPE_CHECKING:
-    from ._filesystem import FileSystemBackend
+T = TypeVar("T")
+
+
+class FileStore(Protocol):
+    """What a batch asks of the file store it runs in (`FileSystemBackend`, which makes the batch)."""
+
+    url: str
+
+    def _label(self, store_id: str) -> str: ...
+    def _store_dir(self, store_id: str) -> Path: ...
+    def _claims(
+        self, store_id: str, directory: Path, *, change: bool
+    ) -> contextlib.AbstractContextManager[ClaimsJournal]: ...
+    def _compact(self, journal: ClaimsJournal, directory: Path, known: Mapping[str, int]) -> None: ...
+    def _map(self, fn: Callable[[T], object], items: Sequence[T]) -> None: ...
+    def _read_file(self, path: str | Path, store_id: str, key: str | None = None) -> StoredRecord | None: ...
+
 
 _log = logging.getLogger("recoverable_state.storage")
 
@@ -42,7 +57,7 @@ _log = logging.getLogger("recoverable_state.storage")
 class FileBatch:
     """The transaction handle of the file store: a batch's stores, locked, with their journals."""
 
-    def __init__(self, files: FileSystemBackend, store_ids: Set[str], *, exclusive: bool) -> None:
+    def __init__(self, files: FileStore, store_ids: Set[str], *, exclusive: bool) -> None:
         self.files = files
         self.missing: dict[str, StorageError] = {}
         self.dirs: dict[str, Path] = {}

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 
 from .._errors import StorageError
 from ._backend import StorageBackend
-from ._envelope import KeyRing
+from ._keyring import KeyRing
 from ._url import redact_url
 
 ENTRY_POINT_GROUP = "recoverable_state.backends"
