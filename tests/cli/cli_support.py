@@ -77,6 +77,20 @@ def _command(args: tuple[str, ...], url: str | None) -> list[str]:
     return [*head, "--storage-url", url, *args] if url is not None else [*head, *args]
 
 
+def empty_storage(request: Any, kind: str, tmp_path: Path) -> str:
+    """The URL of an empty storage of `kind` (sqlite, file, redis, postgresql) for this test."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/state.sqlite3"
+    if kind == "file":
+        return f"file://{tmp_path}/files"
+    from servers import flush_postgres, flush_redis  # tests/ is on the path (conftest)
+
+    server = request.getfixturevalue("redis_server" if kind == "redis" else "postgres_server")
+    url = str(server.url)
+    (flush_redis if kind == "redis" else flush_postgres)(url)
+    return url
+
+
 def run_worker(url: str, mode: str, cwd: Path) -> None:
     """Run tests/cli/cli_worker.py to the end (see its docstring for the modes)."""
     subprocess.run([sys.executable, str(WORKER), url, mode], cwd=cwd, env=_env(), check=True, timeout=60)

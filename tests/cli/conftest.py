@@ -14,9 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/servers.py
 
-from cli_support import Cli, run_worker
-
-from servers import flush_postgres, flush_redis
+from cli_support import Cli, empty_storage, run_worker
 
 
 @pytest.fixture
@@ -43,9 +41,4 @@ def filled_url(filled_db: Path, tmp_path: Path) -> str:
 @pytest.fixture(params=["file", "redis", "postgresql"])
 def other_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty storage of another kind than SQLite."""
-    if request.param == "file":
-        return f"file://{tmp_path}/files"
-    server = request.getfixturevalue("redis_server" if request.param == "redis" else "postgres_server")
-    url = str(server.url)
-    (flush_redis if request.param == "redis" else flush_postgres)(url)
-    return url
+    return empty_storage(request, request.param, tmp_path)

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from cli_support import Cli
+from cli_support import Cli, empty_storage
 
 from recoverable_state.storage import (
     KeyValueStore,
@@ -23,7 +23,6 @@ from recoverable_state.storage import (
     open_backend,
     sealed_key_id,
 )
-from servers import flush_postgres, flush_redis
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +79,7 @@ def read(url: str, keys: str, store: str, key: str) -> Any:
 
 @pytest.fixture(params=["sqlite", "file", "redis", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state.sqlite3"
-    if request.param == "file":
-        return f"file://{tmp_path}/files"
-    server = request.getfixturevalue("redis_server" if request.param == "redis" else "postgres_server")
-    url = str(server.url)
-    (flush_redis if request.param == "redis" else flush_postgres)(url)
-    return url
+    return empty_storage(request, request.param, tmp_path)
 
 
 @pytest.fixture

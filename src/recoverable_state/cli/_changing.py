@@ -12,11 +12,20 @@ from typing import IO, Annotated, TextIO
 
 import typer
 
-from ..storage import DEFAULT_STORE_NAME, KeyValueStore, StorageBackend
+from ..storage import DEFAULT_STORE_NAME, StorageBackend
 from ._output import is_json, plural, warn
 from ._params import Key, Store, Yes
 from ._rekey import RekeyReport, rekey_stores
-from ._runtime import CommandError, confirm, find_store, options_of, reported_errors, require_record, run
+from ._runtime import (
+    CommandError,
+    confirm,
+    find_store,
+    options_of,
+    reported_errors,
+    require_record,
+    run,
+    stores_named,
+)
 from ._transfer import check_file, export_stores, import_file
 
 
@@ -137,10 +146,7 @@ def export(
         raise typer.BadParameter("give --store or --all, not both")
 
     async def body(storage: StorageBackend, out: TextIO) -> tuple[int, int, int]:
-        if all_stores:
-            chosen = [KeyValueStore(info, storage) for info in await storage.list_stores()]
-        else:
-            chosen = [await find_store(storage, store or DEFAULT_STORE_NAME)]
+        chosen = await stores_named(storage, None if all_stores else store or DEFAULT_STORE_NAME)
         return *await export_stores(chosen, out), len(chosen)
 
     with reported_errors(ctx), _output_file(output) as out:
@@ -269,10 +275,7 @@ def rekey(
     assert ring is not None
 
     async def body(storage: StorageBackend) -> RekeyReport:
-        if store is None:
-            chosen = [KeyValueStore(info, storage) for info in await storage.list_stores()]
-        else:
-            chosen = [await find_store(storage, store)]
+        chosen = await stores_named(storage, store)
         if not dry_run:
             await confirm(
                 f"Seal every record of {plural(len(chosen), 'store')} in {options_of(ctx).shown_url} "

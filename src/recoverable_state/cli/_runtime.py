@@ -166,6 +166,13 @@ async def find_store(storage: StorageBackend, name: str) -> KeyValueStore:
     return KeyValueStore(found, storage)
 
 
+async def stores_named(storage: StorageBackend, name: str | None) -> list[KeyValueStore]:
+    """The store named `name` (which must exist), or every store when `name` is None."""
+    if name is not None:
+        return [await find_store(storage, name)]
+    return [KeyValueStore(info, storage) for info in await storage.list_stores()]
+
+
 async def require_record(kvs: KeyValueStore, key: str) -> StoredRecord:
     """The record under `key`, which must exist."""
     record = await kvs.get_record(key)
