@@ -27,6 +27,8 @@ from recoverable_state import (
     service_locator,
 )
 from recoverable_state.storage import open_backend
+from recoverable_state.testing import BackendConformance
+from recoverable_state.testing.conformance import MakeBackend
 from servers import RedisServer, start_or_skip
 
 pytestmark = pytest.mark.anyio
@@ -77,6 +79,14 @@ def primary(pair: tuple[RedisServer, RedisServer]) -> RedisServer:
     client.flushall()
     client.close()
     return server
+
+
+class TestWaitingForAReplica(BackendConformance):
+    """The whole contract holds with every write batch pipelined with its WAIT."""
+
+    @pytest.fixture
+    def make_backend(self, primary: RedisServer) -> MakeBackend:
+        return lambda: open_backend(primary.url + "?wait_replicas=1&wait_timeout=5")
 
 
 async def _state(url: str) -> RecoverableState[Progress]:
