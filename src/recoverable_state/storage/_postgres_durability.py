@@ -121,4 +121,4 @@ def report_at_open(url: str, settings: dict[str, str], option: str | None) -> No
     shown = ", ".join(f"{k}={v!r}" for k, v in durability.details.items())
     _log.info("PostgreSQL server %s: %s (%s)", url, durability.summary, shown)
     if durability.durable_on_ack is False:
-        _log.warning("PostgreSQL server %s: an acknowledged write can be lost: %s", url, durability.summary)
+        _log.warning("PostgreSQL server %s: %s", url, durability.summary)
