@@ -133,6 +133,27 @@ async def test_more_replicas_asked_than_there_are_is_not_durable(primary: RedisS
     assert "1 of 2 replica(s) acknowledged it within 0.2 s (wait_replicas=2)" in str(error)
 
 
+async def test_a_reset_not_confirmed_durable_is_a_reset_all_the_same(
+    primary: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = await _state(primary.url + "?wait_replicas=2&wait_timeout=0.2")
+    store = await KeyValueStore.open()
+    state.current_value.done = 3
+    with pytest.raises(NotDurableError):
+        await state.persist_state()
+    with pytest.raises(NotDurableError, match=r"key 'p': .* 1 of 2 replica"):
+        await state.reset()
+    assert _held_by(primary, store.id) == {}  # deleted on the primary
+    state.current_value.done = 4
+    with (
+        caplog.at_level(logging.WARNING, logger="recoverable_state"),
+        pytest.raises(NotDurableError) as caught,
+    ):
+        await state.persist_state()
+    assert caught.value.outcome == (True, 1)  # written afresh, not as a store that went back
+    assert not [r for r in caplog.records if "older than version" in r.getMessage()]
+
+
 async def test_a_persist_the_stopped_replica_missed_is_written_again_when_it_is_back(
     primary: RedisServer, pair: tuple[RedisServer, RedisServer]
 ) -> None:

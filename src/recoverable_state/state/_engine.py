@@ -458,6 +458,9 @@ async def clear_slot(slot: StateSlot, timeout: float | None) -> None:
                         lost = slot.settle(WriteOutcome(False, record.version), b"")
                         assert lost is not None
                         raise lost
+            except NotDurableError:  # deleted, not confirmed durable: the record is gone all the same
+                slot.version, slot.stored, slot.in_doubt = 0, None, None
+                raise
             except anyio.get_cancelled_exc_class():
                 slot.in_doubt = DELETE_IN_DOUBT
                 raise

@@ -291,8 +291,7 @@ class RedisBackend(ServerBackend):
             args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
         label = self._label({w.store_id for w in ops})
         if self.durability_options.waits:
-            attempts = [0]
-            reply, short = await self._run(label, lambda: self._write_waiting(keys, args, ttl, attempts))
+            reply, short = await self._run(label, lambda: self._write_waiting(keys, args, ttl))
         else:
             reply, short = await self._run(label, lambda: self._script("write", keys, args)), None
         outcomes: list[WriteOutcome | StorageError] = [
@@ -313,27 +312,26 @@ class RedisBackend(ServerBackend):
         ]
 
     def _write_waiting(
-        self, keys: list[str], args: list[Any], ttl: int, attempts: list[int]
+        self, keys: list[str], args: list[Any], ttl: int
     ) -> tuple[Any, tuple[str, int | None] | None]:
         """The write script, then WAIT / WAITAOF on the same connection; what fell short, if anything.
 
-        A retried call whose first attempt ran replays its outcome without writing, so
-        it touches its marker (PEXPIRE, which replicates) before waiting: WAIT counts
-        the replicas that acknowledged this connection's last write.
+        WAIT counts the replicas that acknowledged this connection's last write. A
+        retried call whose first attempt ran replays its outcome without writing, on
+        a connection that may have written nothing: so the batch's marker is touched
+        (PEXPIRE, which replicates) after the script, every time, and waited for.
         """
         options = self.durability_options
         ms = max(int(min(options.timeout, self._wait / 2) * 1000), 1)
-        attempts[0] += 1
         with self._connect().pipeline(transaction=False) as pipe:
             self._scripts["write"](keys=keys, args=args, client=pipe)
-            if attempts[0] > 1:
-                pipe.pexpire(keys[0], ttl)
+            pipe.pexpire(keys[0], ttl)
             if options.fsync:
                 pipe.execute_command("WAITAOF", 1, 0, ms)  # type: ignore[no-untyped-call]
             if options.replicas:
                 pipe.execute_command("WAIT", options.replicas, ms)  # type: ignore[no-untyped-call]
             replies = pipe.execute()
-        reply, acks = replies[0], replies[2 if attempts[0] > 1 else 1 :]
+        reply, acks = replies[0], replies[2:]
         waited = f"{ms / 1000:g} s"
         if options.fsync and int(acks[0][0]) < 1:
             return reply, (
