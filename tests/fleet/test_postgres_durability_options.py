@@ -69,6 +69,20 @@ async def test_synchronous_commit_is_set_in_each_writing_transaction_only(
         await plain.aclose()
 
 
+async def test_the_other_parameters_reach_libpq_as_written(direct_url: str) -> None:
+    backend = open_backend(direct_url + "?application_name=rs%20durability&synchronous_commit=off")
+    try:
+        await backend.open_store(name="named")
+        durability = await backend.describe_durability()
+        with psycopg.connect(direct_url) as conn:
+            names = {row[0] for row in conn.execute("SELECT application_name FROM pg_stat_activity")}
+    finally:
+        await backend.aclose()
+    assert "rs durability" in names
+    assert durability.details["store_synchronous_commit"] == "off"
+    assert durability.durable_on_ack is False
+
+
 @pytest.mark.parametrize(
     ("query", "words"),
     [

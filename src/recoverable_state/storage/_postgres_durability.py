@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 
@@ -57,8 +57,12 @@ def synchronous_commit_option(url: str, given: str | None) -> tuple[str | None, 
         )
     if not from_url:
         return value, url
-    kept = [(k, v) for k, v in pairs if k != "synchronous_commit"]
-    return value, parts._replace(query=urlencode(kept)).geturl()
+    # Cut out as written: the other parameters keep their spelling (libpq reads no '+' as a space).
+    base, query = url.split("?", 1)
+    kept = [
+        part for part in query.split("&") if part and unquote(part.split("=", 1)[0]) != "synchronous_commit"
+    ]
+    return value, base + ("?" + "&".join(kept) if kept else "")
 
 
 def read_settings(conn: psycopg.Connection[Any]) -> dict[str, str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.exceptions
@@ -105,7 +105,7 @@ def strip_options(url: str) -> str:
     if "?" not in url:
         return url
     base, query = url.split("?", 1)
-    kept = [part for part in query.split("&") if part and part.split("=", 1)[0] not in OPTIONS]
+    kept = [part for part in query.split("&") if part and unquote(part.split("=", 1)[0]) not in OPTIONS]
     return base + ("?" + "&".join(kept) if kept else "")
 
 
