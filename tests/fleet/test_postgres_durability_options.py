@@ -69,11 +69,15 @@ async def test_synchronous_commit_is_set_in_each_writing_transaction_only(
         await plain.aclose()
 
 
-async def test_the_other_parameters_reach_libpq_as_written(direct_url: str) -> None:
+async def test_the_other_parameters_reach_libpq_as_written(
+    direct_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = open_backend(direct_url + "?application_name=rs%20durability&synchronous_commit=off")
     try:
-        await backend.open_store(name="named")
-        durability = await backend.describe_durability()
+        with caplog.at_level(logging.WARNING, logger="recoverable_state"):
+            await backend.open_store(name="named")
+            await backend.open_store(name="other")
+            durability = await backend.describe_durability()
         with psycopg.connect(direct_url) as conn:
             names = {row[0] for row in conn.execute("SELECT application_name FROM pg_stat_activity")}
     finally:
@@ -81,6 +85,8 @@ async def test_the_other_parameters_reach_libpq_as_written(direct_url: str) -> N
     assert "rs durability" in names
     assert durability.details["store_synchronous_commit"] == "off"
     assert durability.durable_on_ack is False
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "a commit can be lost at a server crash: synchronous_commit=off" in warning
 
 
 @pytest.mark.parametrize(
@@ -131,6 +137,28 @@ async def test_the_synchronous_standby_is_reported_at_open(
         r.getMessage() for r in caplog.records if "synchronous_standby_names='standby'" in r.getMessage()
     ]
     assert line.startswith("PostgreSQL server postgresql://postgres@127.0.0.1:")
+
+
+async def test_a_role_without_pg_monitor_sees_the_standby_but_not_its_state(
+    pair_url: str, sync_pair: PostgresPrimaryStandby
+) -> None:
+    with psycopg.connect(sync_pair.primary_url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS rs_plain")
+        conn.execute("CREATE ROLE rs_plain LOGIN")
+        conn.execute("GRANT CREATE ON DATABASE rs_test TO rs_plain")
+    backend = open_backend(pair_url.replace("postgres@", "rs_plain@"))
+    try:
+        await backend.open_store(name="plain")
+        durability = await backend.describe_durability()
+    finally:
+        await backend.aclose()
+        flush_postgres(sync_pair.primary_url)
+        with psycopg.connect(sync_pair.primary_url, autocommit=True) as conn:
+            conn.execute("REVOKE CREATE ON DATABASE rs_test FROM rs_plain")
+            conn.execute("DROP ROLE rs_plain")
+    assert durability.details["standbys"] == "standby (state hidden, sync_state hidden)"
+    assert durability.details["synchronous_standby_names"] == "standby"
+    assert durability.durable_on_ack is True
 
 
 @pytest.mark.slow
