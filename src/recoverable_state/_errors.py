@@ -59,7 +59,8 @@ class NotDurableError(StorageError):
 
     Redis with `wait_replicas=N` answers it when fewer than N replicas acknowledged
     the batch within `wait_timeout` (or, with `fsync=true`, when the AOF was not
-    fsynced in time). Unlike any other error answered in a write's place, the write
+    fsynced in time); a load whose claims were not confirmed raises it (loading
+    again claims again). Unlike any other error answered in a write's place, the write
     DID land on the server: `outcome` is `(applied, version)` as it was applied, and
     a reader of that server sees it. It may be lost if that server fails before its
     replicas catch up. A state keeps its new version and stays unsynced, so that the

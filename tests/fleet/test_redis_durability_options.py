@@ -133,6 +133,34 @@ async def test_more_replicas_asked_than_there_are_is_not_durable(primary: RedisS
     assert "1 of 2 replica(s) acknowledged it within 0.2 s (wait_replicas=2)" in str(error)
 
 
+async def test_a_claim_is_waited_for_too(primary: RedisServer, pair: tuple[RedisServer, RedisServer]) -> None:
+    state = await _state(primary.url + "?wait_replicas=1&wait_timeout=2")
+    store = await KeyValueStore.open()
+    state.current_value.done = 1
+    await state.persist_state()
+    await state.teardown()
+    again = RecoverableState(
+        default_state=Progress(), persist_state_key="p", persistence_enabled="explicit_only"
+    )
+    assert (await again.initialize()).done == 1
+    assert _held_by(pair[1], store.id)[b"version"] == b"2"  # the claim's bump, on the replica already
+    await again.teardown()
+
+
+async def test_a_claim_not_confirmed_fails_the_load(primary: RedisServer) -> None:
+    state = await _state(primary.url + "?wait_replicas=2&wait_timeout=0.2")  # absent: nothing claimed
+    state.current_value.done = 1
+    with pytest.raises(NotDurableError):
+        await state.persist_state()
+    with pytest.raises(NotDurableError):  # its last persist writes it again: still one replica short
+        await state.teardown()
+    again = RecoverableState(
+        default_state=Progress(), persist_state_key="p", persistence_enabled="explicit_only"
+    )
+    with pytest.raises(NotDurableError, match=r"store 'default': claimed on .* 1 of 2 replica.* keys 'p'"):
+        await again.initialize()
+
+
 async def test_a_reset_not_confirmed_durable_is_a_reset_all_the_same(
     primary: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

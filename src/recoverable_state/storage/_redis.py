@@ -252,7 +252,13 @@ class RedisBackend(ServerBackend):
         for r in reads:
             args += [r.store_id, "1" if r.claim else "0"]
         label = self._label({r.store_id for r in reads})
-        reply = await self._run(label, lambda: self._script("read", keys, args))
+        if args[0] and self.durability_options.waits:  # claims bump versions: fencing needs them kept
+            reply, short = await self._run(
+                label, lambda: self._waiting("read", keys, args, ttl, "claimed on")
+            )
+            self._claims_durable(reads, reply, label, short)
+        else:
+            reply = await self._run(label, lambda: self._script("read", keys, args))
         found: list[StoredRecord | StorageError | None] = []
         for i, r in enumerate(reads):
             present, value, ctype, version, updated = reply[1 + 5 * i : 6 + 5 * i]
@@ -291,7 +297,9 @@ class RedisBackend(ServerBackend):
             args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
         label = self._label({w.store_id for w in ops})
         if self.durability_options.waits:
-            reply, short = await self._run(label, lambda: self._write_waiting(keys, args, ttl))
+            reply, short = await self._run(
+                label, lambda: self._waiting("write", keys, args, ttl, "written to")
+            )
         else:
             reply, short = await self._run(label, lambda: self._script("write", keys, args)), None
         outcomes: list[WriteOutcome | StorageError] = [
@@ -311,10 +319,27 @@ class RedisBackend(ServerBackend):
             for w, o in zip(ops, outcomes, strict=True)
         ]
 
-    def _write_waiting(
-        self, keys: list[str], args: list[Any], ttl: int
+    def _claims_durable(
+        self, reads: Sequence[RecordRead], reply: Any, label: str, short: tuple[str, int | None] | None
+    ) -> None:
+        """Raise NotDurableError when claims that bumped a record were not confirmed as asked.
+
+        The whole batch fails (its records are not handed out): a state then fails to
+        load, and loading it again claims it again.
+        """
+        if short is None:
+            return
+        claimed = [r.key for i, r in enumerate(reads) if r.claim and reply[1 + 5 * i] not in (0, -1)]
+        if claimed:
+            keys = ", ".join(map(repr, claimed[:3])) + (
+                f" and {len(claimed) - 3} more" if len(claimed) > 3 else ""
+            )
+            raise NotDurableError(f"{short[0]} (claims of keys {keys})", store=label, acknowledged=short[1])
+
+    def _waiting(
+        self, script: str, keys: list[str], args: list[Any], ttl: int, did: str
     ) -> tuple[Any, tuple[str, int | None] | None]:
-        """The write script, then WAIT / WAITAOF on the same connection; what fell short, if anything.
+        """A mutating script, then WAIT / WAITAOF on the same connection; what fell short, if anything.
 
         WAIT counts the replicas that acknowledged this connection's last write. A
         retried call whose first attempt ran replays its outcome without writing, on
@@ -324,7 +349,7 @@ class RedisBackend(ServerBackend):
         options = self.durability_options
         ms = max(int(min(options.timeout, self._wait / 2) * 1000), 1)
         with self._connect().pipeline(transaction=False) as pipe:
-            self._scripts["write"](keys=keys, args=args, client=pipe)
+            self._scripts[script](keys=keys, args=args, client=pipe)
             pipe.pexpire(keys[0], ttl)
             if options.fsync:
                 pipe.execute_command("WAITAOF", 1, 0, ms)  # type: ignore[no-untyped-call]
@@ -335,14 +360,14 @@ class RedisBackend(ServerBackend):
         waited = f"{ms / 1000:g} s"
         if options.fsync and int(acks[0][0]) < 1:
             return reply, (
-                f"written to Redis server {self.url}, but its AOF was not fsynced within {waited} "
+                f"{did} Redis server {self.url}, but its AOF was not fsynced within {waited} "
                 "(fsync=true): not durable yet",
                 None,
             )
         if options.replicas and int(acks[-1]) < options.replicas:
             got = int(acks[-1])
             return reply, (
-                f"written to Redis server {self.url}, but {got} of {options.replicas} replica(s) "
+                f"{did} Redis server {self.url}, but {got} of {options.replicas} replica(s) "
                 f"acknowledged it within {waited} (wait_replicas={options.replicas}): not durable yet",
                 got,
             )

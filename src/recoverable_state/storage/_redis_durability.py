@@ -2,10 +2,11 @@
 
 Options, in the URL's query or as the backend's arguments:
 
-- `wait_replicas=N`: after each write batch, `WAIT N <ms>` on the same connection
-  (WAIT counts the replicas that acknowledged *that connection's* writes). Fewer
-  than N within `wait_timeout`: each applied write of the batch is answered with a
-  NotDurableError (its `outcome` says what was applied).
+- `wait_replicas=N`: after each write batch, and each read batch with claims,
+  `WAIT N <ms>` on the same connection (WAIT counts the replicas that acknowledged
+  *that connection's* writes). Fewer than N within `wait_timeout`: each applied
+  write of the batch is answered with a NotDurableError (its `outcome` says what
+  was applied); a read batch whose claims bumped a record raises one.
 - `fsync=true`: after each write batch, `WAITAOF 1 0 <ms>`: the server's AOF fsynced
   with the batch in it (Redis 7.2 or later, `appendonly yes`: checked at open).
 - `wait_timeout=SECONDS` (default 1): how long each of those waits; at most half
