@@ -7,6 +7,7 @@ are private and free to move.
 from ._config import Configuration
 from ._errors import (
     InvalidKeyError,
+    NotDurableError,
     PersistenceTimeoutError,
     RecordCorruptError,
     RecordDecryptionError,
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidKeyError",
     "KeyRing",
     "KeyValueStore",
+    "NotDurableError",
     "PersistStats",
     "PersistenceTimeoutError",
     "RecordCorruptError",

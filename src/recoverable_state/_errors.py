@@ -54,6 +54,36 @@ class StorageUnavailableError(StorageError, ConnectionError):
     """
 
 
+class NotDurableError(StorageError):
+    """A write was applied, but the store could not confirm it as durable as the URL asks.
+
+    Redis with `wait_replicas=N` answers it when fewer than N replicas acknowledged
+    the batch within `wait_timeout` (or, with `fsync=true`, when the AOF was not
+    fsynced in time); a load whose claims were not confirmed raises it (loading
+    again claims again). Unlike any other error answered in a write's place, the write
+    DID land on the server: `outcome` is `(applied, version)` as it was applied, and
+    a reader of that server sees it. It may be lost if that server fails before its
+    replicas catch up. A state keeps its new version and stays unsynced, so that the
+    next persist writes it again (and waits again); the message names the store,
+    the key and how many replicas acknowledged.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        store: str | None = None,
+        key: str | None = None,
+        outcome: tuple[bool, int] | None = None,
+        acknowledged: int | None = None,
+    ) -> None:
+        super().__init__(message, store=store, key=key)
+        self.outcome = outcome
+        """`(applied, version)`: what the write did, as a `WriteOutcome` would say it."""
+        self.acknowledged = acknowledged
+        """How many replicas acknowledged the write in time (None: not a replica count)."""
+
+
 class StorageAuthenticationError(StorageError, PermissionError):
     """The storage server refused the credentials (wrong password, unknown user, access rule).
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..storage import DEFAULT_STORE_NAME, RecordInfo, StorageBackend, StoredRecord
+from ..storage import DEFAULT_STORE_NAME, Durability, RecordInfo, StorageBackend, StoredRecord
 from ._output import print_json, print_record, print_table, timestamp, warn
 from ._params import Json, Key, Raw, Store
 from ._quarantine import SetAside, pick, set_aside
@@ -44,26 +44,24 @@ def status(
         ),
     ] = None,
 ) -> None:
-    """Show, per store, the newest write, which key it was and how many records: spot a stuck worker."""
+    """Show, per store, the newest write, which key it was and how many records: spot a stuck worker.
 
-    async def body(storage: StorageBackend) -> list[tuple[str | None, str, list[RecordInfo]]]:
-        return [(s.name, s.id, await storage.list_records(s.id)) for s in await storage.list_stores()]
+    A line under the table says what an acknowledged write means for this storage, as
+    the server or medium reports it (`durability` in each row of --json).
+    """
 
-    found = run(ctx, body)
+    async def body(
+        storage: StorageBackend,
+    ) -> tuple[list[tuple[str | None, str, list[RecordInfo]]], Durability]:
+        found = [(s.name, s.id, await storage.list_records(s.id)) for s in await storage.list_stores()]
+        return found, await storage.describe_durability()
+
+    found, durability = run(ctx, body)
     now = datetime.now(UTC)
-    rows: list[dict[str, Any]] = []
-    for name, id_, infos in found:
-        newest = max(infos, key=lambda i: i.updated_at, default=None)
-        rows.append(
-            {
-                "name": name,
-                "id": id_,
-                "records": len(infos),
-                "newest_write": newest.updated_at.isoformat() if newest is not None else None,
-                "newest_key": newest.key if newest is not None else None,
-                "age_seconds": round((now - newest.updated_at).total_seconds(), 3) if newest else None,
-            }
-        )
+    rows = [
+        _status_row(name, id_, infos, now) | {"durability": durability.as_dict()}
+        for name, id_, infos in found
+    ]
     stale = [
         r
         for r in rows
@@ -88,6 +86,8 @@ def status(
                 for r in rows
             ],
         )
+    if not json_:
+        typer.echo(_durability_line(durability))
     if stale:
         names = ", ".join(repr(r["name"] or r["id"]) for r in stale)
         warn(f"not written for more than {stale_after:g} s: {names}")
@@ -96,6 +96,25 @@ def status(
 
 STALE_EXIT = 3
 """Exit code of `status --stale-after` when a store was not written recently enough."""
+
+
+def _status_row(name: str | None, id_: str, infos: list[RecordInfo], now: datetime) -> dict[str, Any]:
+    """A store's row of `status`: its newest write, which key it was, how many records."""
+    newest = max(infos, key=lambda i: i.updated_at, default=None)
+    return {
+        "name": name,
+        "id": id_,
+        "records": len(infos),
+        "newest_write": newest.updated_at.isoformat() if newest is not None else None,
+        "newest_key": newest.key if newest is not None else None,
+        "age_seconds": round((now - newest.updated_at).total_seconds(), 3) if newest else None,
+    }
+
+
+def _durability_line(durability: Durability) -> str:
+    """The line under the status table: what an acknowledged write means here."""
+    ack = {True: "durable", False: "NOT durable", None: "unknown"}[durability.durable_on_ack]
+    return f"durability ({durability.store_kind}): acknowledged writes {ack}: {durability.summary}"
 
 
 def _age(seconds: float | None) -> str:

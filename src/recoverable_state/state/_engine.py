@@ -22,6 +22,7 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import (
+    NotDurableError,
     PersistenceTimeoutError,
     RecordCorruptError,
     StorageError,
@@ -301,7 +302,13 @@ async def _write_prepared(
         chunk = zip(writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], strict=True)
         for slot, (kvs, write), outcome in chunk:
             if isinstance(outcome, StorageError):
-                if isinstance(outcome, StoreNotFoundError) and kvs.name is not None:
+                if isinstance(outcome, NotDurableError) and outcome.outcome is not None:
+                    # Applied, not confirmed durable: the version is true, the state stays
+                    # unsynced so that the next persist writes it again (and waits again).
+                    slot.settle(WriteOutcome(*outcome.outcome), write.value)
+                    slot.stored, slot.synced = None, False
+                    errors.append(outcome)
+                elif isinstance(outcome, StoreNotFoundError) and kvs.name is not None:
                     again.append((slot, True))  # the server lost the store: made again, then written
                 else:
                     errors.append(outcome)  # failed on its own: not applied, nothing changes
@@ -451,6 +458,9 @@ async def clear_slot(slot: StateSlot, timeout: float | None) -> None:
                         lost = slot.settle(WriteOutcome(False, record.version), b"")
                         assert lost is not None
                         raise lost
+            except NotDurableError:  # deleted, not confirmed durable: the record is gone all the same
+                slot.version, slot.stored, slot.in_doubt = 0, None, None
+                raise
             except anyio.get_cancelled_exc_class():
                 slot.in_doubt = DELETE_IN_DOUBT
                 raise

@@ -5,6 +5,7 @@ The layers above import storage from here alone; the modules behind it are priva
 
 from ._backend import (
     DEFAULT_STORE_NAME,
+    Durability,
     RecordDelete,
     RecordInfo,
     RecordRead,
@@ -55,6 +56,7 @@ __all__ = [
     "SEALED_CONTENT_TYPE",
     "BackendFactory",
     "Batcher",
+    "Durability",
     "Failure",
     "HistoryPlan",
     "KeyRing",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
@@ -105,6 +105,33 @@ class WriteOutcome(NamedTuple):
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """What an acknowledged write means for a backend, as its medium or server reports it.
+
+    `durable_on_ack`: True when a write `write_batch` answered as applied survives a
+    crash of the process and of the machine (or server) that holds it; False when it
+    can be lost (a memory store, Redis without `appendfsync always`, PostgreSQL with
+    `synchronous_commit=off`); None when the backend cannot tell (a server that refused
+    to say). `summary` is one line for people; `details` the settings it was read from.
+    """
+
+    store_kind: str
+    """The kind of store: "memory", "sqlite", "file", "redis", "postgresql", or a plug-in's own."""
+    durable_on_ack: bool | None
+    summary: str
+    details: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields as plain JSON values (for `recoverable-state status --json`)."""
+        return {
+            "store_kind": self.store_kind,
+            "durable_on_ack": self.durable_on_ack,
+            "summary": self.summary,
+            "details": dict(self.details),
+        }
+
+
 class StorageBackend(AsyncResource):
     """A place where stores of records live: memory, SQLite, files, Redis, PostgreSQL, or yours.
 
@@ -127,7 +154,9 @@ class StorageBackend(AsyncResource):
       pipeline or script where the medium has one) and returns only once every
       applied request is durable for that medium.
     - Each answer tells the truth: a request answered as applied is stored; a
-      request answered with a StorageError in its place changed nothing. A
+      request answered with a StorageError in its place changed nothing, except
+      a NotDurableError: applied (its `outcome` says how) but not confirmed as
+      durable as the URL asked (Redis `wait_replicas`, `fsync`). A
       medium that cannot apply part of a batch (a disk filling up under a file
       store) answers the records it could not store with their error, the rest
       as applied. An error that concerns the whole batch (the server is down)
@@ -231,6 +260,15 @@ class StorageBackend(AsyncResource):
     @abstractmethod
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         """The kept earlier snapshots of a key, newest first (StoreNotFoundError: no such store)."""
+
+    async def describe_durability(self) -> Durability:
+        """What an acknowledged write means here, as the medium or the server reports it now.
+
+        Server backends ask the server (its persistence settings, its replicas), so
+        this may raise what any call to that server raises. This default knows
+        nothing of the medium: a backend of a plug-in overrides it.
+        """
+        return Durability(type(self).__name__, None, "unknown: this backend does not describe its durability")
 
     @abstractmethod
     async def aclose(self) -> None:

@@ -51,7 +51,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
-from ._backend import RecordInfo, StoredRecord, StoreInfo
+from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan
 from ._files_batch import FileBatch
 from ._files_claims import CLAIMS, ClaimsJournal
@@ -337,6 +337,16 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
             return found
 
         return await self._run(history, store_id)
+
+    async def describe_durability(self) -> Durability:
+        """Durable on return: every record file and its directory are fsynced before a batch returns."""
+        return Durability(
+            "file",
+            True,
+            "durable on return: each record is written to a temporary file, fsynced, renamed, "
+            "and its directory fsynced",
+            {"root": str(self.root)},
+        )
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None

@@ -11,7 +11,7 @@ from typing import TypeVar
 import anyio.lowlevel
 
 from .._errors import StorageError, StoreNotFoundError
-from ._backend import RecordInfo, StoredRecord, StoreInfo
+from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan
 from ._transactional import TransactionalBackend
 
@@ -134,6 +134,10 @@ class MemoryBackend(TransactionalBackend["MemoryBackend"]):
         await anyio.lowlevel.checkpoint()
         self._store(store_id)
         return list(self._history.get((store_id, key), []))
+
+    async def describe_durability(self) -> Durability:
+        """Not durable: the records live in this process and end with it."""
+        return Durability("memory", False, "not durable: the records live in this process and end with it")
 
     async def aclose(self) -> None:
         await anyio.lowlevel.checkpoint()

@@ -37,7 +37,11 @@ claimed rows in one transaction. The whole batch of 10,000 writes of 600 bytes
 takes about 0.3 s on loopback.
 
 Durability: a batch returns once PostgreSQL has committed it (with the
-server's default `synchronous_commit=on`, flushed to its WAL).
+server's default `synchronous_commit=on`, flushed to its WAL, and confirmed by a
+synchronous standby where `synchronous_standby_names` names one). A store URL's
+`?synchronous_commit=...` sets it for each of the backend's mutating
+transactions (SET LOCAL, so it works behind PgBouncer); the server's settings
+and standbys are reported at open (`_postgres_durability.py`).
 
 Budget: `retry_timeout` seconds bound every wait on the server (see
 `_server.py`): a free pooled connection (the pool's slot wait), connecting and
@@ -84,8 +88,15 @@ import psycopg
 import psycopg.errors
 
 from .._errors import StorageError, StoreNotFoundError
-from ._backend import RecordInfo, StoredRecord, StoreInfo
+from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, split_by_size
+from ._postgres_durability import (
+    SET_SYNCHRONOUS_COMMIT,
+    describe,
+    read_settings,
+    report_at_open,
+    synchronous_commit_option,
+)
 from ._postgres_pool import Connection, Pool, PoolBusy, Retry, Transaction, bound, failure
 from ._postgres_sql import (
     APPLY,
@@ -131,16 +142,36 @@ def _zip_chunks(*parts: list[list[Any]]) -> list[tuple[list[Any], ...]]:
     return [tuple(p[n] if n < len(p) else [] for p in parts) for n in range(count)]
 
 
+def _with_synchronous_commit(body: Callable[[Connection], T], value: str) -> Callable[[Connection], T]:
+    """`body` with the store's `synchronous_commit` set first, for its transaction only (SET LOCAL)."""
+
+    def run(conn: Connection) -> T:
+        conn.execute(SET_SYNCHRONOUS_COMMIT, (value,))
+        return body(conn)
+
+    return run
+
+
 class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
     """Stores records in PostgreSQL; every batch is one transaction."""
 
     server_name = "PostgreSQL server"
 
-    def __init__(self, url: str, *, pool_size: int = 4, retry_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        retry_timeout: float = 10.0,
+        synchronous_commit: str | None = None,
+    ) -> None:
         super().__init__(url, pool_size=pool_size, retry_timeout=retry_timeout)
+        self.synchronous_commit, self._dsn = synchronous_commit_option(url, synchronous_commit)
+        """The store's own `synchronous_commit`, set in each mutating transaction (None: the server's)."""
         self._lock = threading.Lock()
         self._pool: Pool | None = None
         self._schema_ready = False
+        self._reported = False
 
     # -- plumbing -----------------------------------------------------------
 
@@ -162,9 +193,17 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
                     if statement.strip():
                         conn.execute(statement)
         self._schema_ready = True
+        if not self._reported:  # at open: the server's durability settings, reported once
+            with conn.transaction():
+                bound(conn, deadline)
+                settings = read_settings(conn)
+            self._reported = True
+            report_at_open(self.url, settings, self.synchronous_commit)
 
     async def _run(self, store: str | None, body: Callable[[Connection], T], *, mutating: bool = True) -> T:
         """Run `body` as one transaction in a worker thread, retried within the budget."""
+        if mutating and self.synchronous_commit is not None:
+            body = _with_synchronous_commit(body, self.synchronous_commit)
         txn = Transaction(body, mutating)
 
         async def attempt(deadline: float) -> T:
@@ -387,6 +426,11 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
             return [StoredRecord(key, bytes(val), ct, v, utc(at)) for val, ct, v, at in cur]
 
         return await self._run(self._label([store_id]), history, mutating=False)
+
+    async def describe_durability(self) -> Durability:
+        """The server's `synchronous_commit`, standbys and `fsync` as it reports them now; this URL's own."""
+        settings = await self._run(None, read_settings, mutating=False)
+        return describe(settings, self.synchronous_commit)
 
     async def aclose(self) -> None:
         def close() -> None:

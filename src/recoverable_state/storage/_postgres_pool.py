@@ -153,7 +153,11 @@ class Pool:
             if conn is None or conn.closed:
                 # libpq counts whole seconds, at least 2; the caller stops waiting at the deadline.
                 left = math.ceil(max(deadline - time.monotonic(), 0))
-                conn = psycopg.connect(self._conninfo, autocommit=False, connect_timeout=max(left, 2))
+                # No server-side prepared statements: behind PgBouncer's transaction pooling the
+                # next transaction may meet another server connection (docs/dev/fleet-findings.md).
+                conn = psycopg.connect(
+                    self._conninfo, autocommit=False, connect_timeout=max(left, 2), prepare_threshold=None
+                )
             return conn
         except BaseException:
             self._slots.release()

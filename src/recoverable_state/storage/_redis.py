@@ -32,7 +32,11 @@ means "on disk" is the server's setting: with `appendonly yes` and
 may lose the last second or two of acknowledged writes, even a crash of the
 Redis process alone (Redis postpones writing its AOF while a background fsync
 is slow); without the AOF, a crash loses everything since the last RDB
-snapshot. Configure the server for the guarantee you need.
+snapshot. Configure the server for the guarantee you need; the backend reads
+those settings at open and warns once when an acknowledged write can be lost.
+`wait_replicas=N` and `fsync=true` make each write batch wait for N replicas or
+for the AOF fsync (`_redis_durability.py`); a batch they could not confirm
+answers its applied writes with NotDurableError.
 
 Budget: `retry_timeout` seconds bound every wait on the server (see
 `_server.py`): waiting for a free pooled connection (the pool's `timeout`),
@@ -72,8 +76,9 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .._errors import StorageError, StoreNotFoundError
+from .._errors import NotDurableError, StorageError, StoreNotFoundError
 from ._backend import (
+    Durability,
     RecordDelete,
     RecordInfo,
     RecordRead,
@@ -84,6 +89,7 @@ from ._backend import (
     WriteOutcome,
 )
 from ._contract import split_by_size
+from ._redis_durability import ServerFacts, WaitOptions, check_at_open, describe, read_facts, wait_options
 from ._redis_scripts import NAMES, PREFIX, SCRIPTS, STORES
 from ._server import Failure, ServerBackend
 
@@ -108,11 +114,26 @@ class RedisBackend(ServerBackend):
 
     server_name = "Redis server"
 
-    def __init__(self, url: str, *, pool_size: int = 4, retry_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        retry_timeout: float = 10.0,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
+        fsync: bool | None = None,
+    ) -> None:
         super().__init__(url, pool_size=pool_size, retry_timeout=retry_timeout)
+        self.durability_options: WaitOptions
+        """What each write batch waits for (`wait_replicas`, `wait_timeout`, `fsync`)."""
+        self.durability_options, self._dsn = wait_options(
+            url, wait_replicas=wait_replicas, wait_timeout=wait_timeout, fsync=fsync
+        )
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
+        self._facts: ServerFacts | None = None  # what the server said at open (checked once)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -130,6 +151,12 @@ class RedisBackend(ServerBackend):
                     decode_responses=False,
                 )
                 client = redis.Redis(connection_pool=pool)
+                if self._facts is None:
+                    try:  # at open: refuse what the server cannot honour, warn once
+                        self._facts = check_at_open(client, self.url, self.durability_options)
+                    except BaseException:
+                        pool.disconnect()
+                        raise
                 for name, source in SCRIPTS.items():
                     self._scripts[name] = client.register_script(source)
                 self._client = client
@@ -225,7 +252,13 @@ class RedisBackend(ServerBackend):
         for r in reads:
             args += [r.store_id, "1" if r.claim else "0"]
         label = self._label({r.store_id for r in reads})
-        reply = await self._run(label, lambda: self._script("read", keys, args))
+        if args[0] and self.durability_options.waits:  # claims bump versions: fencing needs them kept
+            reply, short = await self._run(
+                label, lambda: self._waiting("read", keys, args, ttl, "claimed on")
+            )
+            self._claims_durable(reads, reply, label, short)
+        else:
+            reply = await self._run(label, lambda: self._script("read", keys, args))
         found: list[StoredRecord | StorageError | None] = []
         for i, r in enumerate(reads):
             present, value, ctype, version, updated = reply[1 + 5 * i : 6 + 5 * i]
@@ -263,13 +296,82 @@ class RedisBackend(ServerBackend):
             value = w.value if isinstance(w.value, bytes) else bytes(w.value)
             args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
         label = self._label({w.store_id for w in ops})
-        reply = await self._run(label, lambda: self._script("write", keys, args))
-        return [
+        if self.durability_options.waits:
+            reply, short = await self._run(
+                label, lambda: self._waiting("write", keys, args, ttl, "written to")
+            )
+        else:
+            reply, short = await self._run(label, lambda: self._script("write", keys, args)), None
+        outcomes: list[WriteOutcome | StorageError] = [
             self._gone(w.store_id)  # that request alone fails; the batch goes on
             if reply[1 + 2 * i] == -1
             else WriteOutcome(applied=bool(reply[1 + 2 * i]), version=int(reply[2 + 2 * i]))
             for i, w in enumerate(ops)
         ]
+        if short is None:
+            return outcomes
+        return [
+            NotDurableError(
+                short[0], store=self._label([w.store_id]), key=w.key, outcome=o, acknowledged=short[1]
+            )
+            if isinstance(o, WriteOutcome) and o.applied
+            else o
+            for w, o in zip(ops, outcomes, strict=True)
+        ]
+
+    def _claims_durable(
+        self, reads: Sequence[RecordRead], reply: Any, label: str, short: tuple[str, int | None] | None
+    ) -> None:
+        """Raise NotDurableError when claims that bumped a record were not confirmed as asked.
+
+        The whole batch fails (its records are not handed out): a state then fails to
+        load, and loading it again claims it again.
+        """
+        if short is None:
+            return
+        claimed = [r.key for i, r in enumerate(reads) if r.claim and reply[1 + 5 * i] not in (0, -1)]
+        if claimed:
+            keys = ", ".join(map(repr, claimed[:3])) + (
+                f" and {len(claimed) - 3} more" if len(claimed) > 3 else ""
+            )
+            raise NotDurableError(f"{short[0]} (claims of keys {keys})", store=label, acknowledged=short[1])
+
+    def _waiting(
+        self, script: str, keys: list[str], args: list[Any], ttl: int, did: str
+    ) -> tuple[Any, tuple[str, int | None] | None]:
+        """A mutating script, then WAIT / WAITAOF on the same connection; what fell short, if anything.
+
+        WAIT counts the replicas that acknowledged this connection's last write. A
+        retried call whose first attempt ran replays its outcome without writing, on
+        a connection that may have written nothing: so the batch's marker is touched
+        (PEXPIRE, which replicates) after the script, every time, and waited for.
+        """
+        options = self.durability_options
+        ms = max(int(min(options.timeout, self._wait / 2) * 1000), 1)
+        with self._connect().pipeline(transaction=False) as pipe:
+            self._scripts[script](keys=keys, args=args, client=pipe)
+            pipe.pexpire(keys[0], ttl)
+            if options.fsync:
+                pipe.execute_command("WAITAOF", 1, 0, ms)  # type: ignore[no-untyped-call]
+            if options.replicas:
+                pipe.execute_command("WAIT", options.replicas, ms)  # type: ignore[no-untyped-call]
+            replies = pipe.execute()
+        reply, acks = replies[0], replies[2:]
+        waited = f"{ms / 1000:g} s"
+        if options.fsync and int(acks[0][0]) < 1:
+            return reply, (
+                f"{did} Redis server {self.url}, but its AOF was not fsynced within {waited} "
+                "(fsync=true): not durable yet",
+                None,
+            )
+        if options.replicas and int(acks[-1]) < options.replicas:
+            got = int(acks[-1])
+            return reply, (
+                f"{did} Redis server {self.url}, but {got} of {options.replicas} replica(s) "
+                f"acknowledged it within {waited} (wait_replicas={options.replicas}): not durable yet",
+                got,
+            )
+        return reply, None
 
     def _gone(self, store_id: str) -> StorageError:
         return StoreNotFoundError("no such store (was it dropped?)", store=self._label([store_id]))
@@ -318,6 +420,11 @@ class RedisBackend(ServerBackend):
             size = int(ctlen)
             kept.append(StoredRecord(key, rest[size:], _text(rest[:size]), int(version), _time(updated)))
         return kept
+
+    async def describe_durability(self) -> Durability:
+        """The server's persistence settings and replicas as it reports them now, with this URL's options."""
+        facts = await self._run(None, lambda: read_facts(self._connect()))
+        return describe(facts, self.durability_options)
 
     async def aclose(self) -> None:
         def close() -> None:

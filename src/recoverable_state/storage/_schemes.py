@@ -15,6 +15,7 @@ from ._url import redact_url, url_options
 
 _REDIS_OPTIONS = frozenset(
     {"db", "username", "password", "client_name", "health_check_interval", "socket_keepalive"}
+    | {"wait_replicas", "wait_timeout", "fsync"}  # the backend's own: _redis_durability.py
 )
 """What a `redis://` URL's query may set; the timeouts and the pool are the backend's own
 (`retry_timeout`, `pool_size`)."""
@@ -31,6 +32,9 @@ _REDISS_OPTIONS = _REDIS_OPTIONS | {
 
 _POSTGRES_OWN = frozenset({"connect_timeout"})
 """libpq parameters the backend sets itself, from `retry_timeout`."""
+
+_POSTGRES_EXTRA = frozenset({"synchronous_commit"})
+"""The backend's own query parameters (set per transaction; libpq never sees them)."""
 
 
 def open_memory(url: str, **options: Any) -> StorageBackend:
@@ -87,5 +91,5 @@ def open_postgres(url: str, **options: Any) -> StorageBackend:
             f"storage URL {redact_url(url)!r} needs psycopg: pip install 'recoverable-state[postgres]'"
         ) from exc
     libpq = {option.keyword.decode() for option in pq.Conninfo.get_defaults()}
-    url_options(url, libpq - _POSTGRES_OWN)
+    url_options(url, (libpq - _POSTGRES_OWN) | _POSTGRES_EXTRA)
     return PostgresBackend(url, **options)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from .._errors import StorageError, StoreNotFoundError
-from ._backend import RecordInfo, RecordWrite, StoredRecord, StoreInfo
+from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes
 from ._sqlite_schema import open_database
@@ -56,6 +56,10 @@ def _stamp(known: dict[float, datetime], value: float) -> datetime:
 
 
 _new_record = tuple.__new__  # a record from its fields, without the NamedTuple's Python constructor
+
+
+_SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+"""`PRAGMA synchronous` levels by number."""
 
 
 class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
@@ -335,6 +339,30 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             return [StoredRecord(k, val, ct, v, _ts(u)) for k, val, ct, v, u in cur]
 
         return await self._run(history)
+
+    async def describe_durability(self) -> Durability:
+        """The database's `synchronous` setting and journal mode, as SQLite reports them."""
+
+        def read(conn: sqlite3.Connection) -> tuple[int, str]:
+            return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute(
+                "PRAGMA journal_mode"
+            ).fetchone()[0]
+
+        level, mode = await self._run(read)
+        synchronous = _SYNCHRONOUS.get(level, str(level))
+        durable = level >= 2 and mode.lower() in ("wal", "delete", "truncate", "persist")
+        summary = (
+            f"durable on commit: synchronous={synchronous}, journal_mode={mode} (each commit is fsynced)"
+            if durable
+            else "a commit can be lost at a power cut or an OS crash: "
+            f"synchronous={synchronous}, journal_mode={mode}"
+        )
+        return Durability(
+            "sqlite",
+            durable,
+            summary,
+            {"path": str(self.path), "synchronous": synchronous, "journal_mode": mode},
+        )
 
     async def aclose(self) -> None:
         def close() -> None:
