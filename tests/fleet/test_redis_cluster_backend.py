@@ -10,10 +10,27 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_servers import RedisClusterServer
-from recoverable_state.storage import StorageBackend, open_backend
+from fleet_servers import RedisClusterNode, RedisClusterServer
+from recoverable_state import StorageError, StorageUnavailableError, StoreNotFoundError
+from recoverable_state.storage import (
+    JSON_CONTENT_TYPE as JSON,
+)
+from recoverable_state.storage import (
+    RecordRead,
+    RecordWrite,
+    StorageBackend,
+    WriteOutcome,
+    open_backend,
+)
+from recoverable_state.storage._redis_cluster import RedisClusterBackend
 from recoverable_state.testing import BackendConformance
 from recoverable_state.testing.conformance import MakeBackend, check_random_batches
+from servers import free_ports
+
+
+@pytest.fixture
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 class TestRedisCluster(BackendConformance):
@@ -29,3 +46,135 @@ class TestRedisCluster(BackendConformance):
 
         monkeypatch.setattr(_contract, "BATCH_BYTES", 3000)
         await check_random_batches(backend, "cluster-cut", keeps_history=True)
+
+
+# -- the cluster's own checks --------------------------------------------------------
+
+
+def _keys(node: RedisClusterNode, pattern: str) -> list[str]:
+    return [k.decode() if isinstance(k, bytes) else k for k in node.command("KEYS", pattern)]
+
+
+@pytest.mark.anyio
+async def test_the_records_of_one_store_spread_over_every_master(cluster: RedisClusterServer) -> None:
+    async with open_backend(cluster.url) as backend:
+        store = await backend.open_store(name="spread")
+        ops = [RecordWrite(store.id, f"job-{i}", b"{}", JSON) for i in range(300)]
+        outcomes = await backend.write_batch(ops)
+        assert outcomes == [WriteOutcome(True, 1)] * 300
+        per_master = [len(_keys(m, f"rs:{{{store.id}.*}}:r:*")) for m in cluster.master_nodes()]
+        assert sum(per_master) == 300
+        assert all(n > 30 for n in per_master), per_master
+        listed = await backend.list_records(store.id)
+        assert [r.key for r in listed] == sorted(w.key for w in ops)
+
+
+@pytest.mark.anyio
+async def test_a_master_that_refuses_its_share_fails_only_those_records(cluster: RedisClusterServer) -> None:
+    async with open_backend(cluster.url) as backend:
+        store = await backend.open_store(name="partial")
+        full = cluster.master_of_slot(0)
+        full.command("CONFIG", "SET", "maxmemory", "1")
+        full.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        try:
+            outcomes = await backend.write_batch(
+                [RecordWrite(store.id, f"job-{i}", b"{}", JSON) for i in range(60)]
+            )
+        finally:
+            full.command("CONFIG", "SET", "maxmemory", "0")
+        refused = [i for i, o in enumerate(outcomes) if isinstance(o, StorageError)]
+        applied = [i for i, o in enumerate(outcomes) if o == WriteOutcome(True, 1)]
+        assert refused and applied and len(refused) + len(applied) == 60
+        error = outcomes[refused[0]]
+        assert isinstance(error, StorageError) and "partial" in str(error) and "maxmemory" in str(error)
+        reads = await backend.read_batch([RecordRead(store.id, f"job-{i}") for i in range(60)])
+        assert [i for i, r in enumerate(reads) if r is None] == refused  # a refused record changed nothing
+        assert all(reads[i] is not None and reads[i].version == 1 for i in applied)  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_dropped_store_leaves_only_expiring_batch_markers(cluster: RedisClusterServer) -> None:
+    async with open_backend(cluster.url) as backend:
+        store = await backend.open_store(name="dropped")
+        await backend.write_batch(
+            [RecordWrite(store.id, f"job-{i}", b"{}", JSON, keep_history=2) for i in range(50)]
+        )
+        await backend.drop_store(store.id)
+        left = [k for m in cluster.master_nodes() for k in _keys(m, f"rs:{{{store.id}.*")]
+        assert left and all(":batch:" in k for k in left)
+        assert all(
+            m.command("TTL", k) > 0 for m in cluster.master_nodes() for k in _keys(m, f"rs:{{{store.id}.*")
+        )
+        (outcome,) = await backend.write_batch([RecordWrite(store.id, "job-1", b"{}", JSON)])
+        assert isinstance(outcome, StoreNotFoundError) and "dropped" in str(outcome)
+        assert await backend.list_stores() == []
+
+
+@pytest.mark.anyio
+async def test_a_stale_slot_map_is_read_again_and_the_batch_lands(cluster: RedisClusterServer) -> None:
+    """As after a resharding: the backend sends a slot to a master that no longer has it (MOVED)."""
+    async with open_backend(cluster.url) as backend:
+        assert isinstance(backend, RedisClusterBackend)
+        store = await backend.open_store(name="moved")
+        await backend.write_batch([RecordWrite(store.id, "a", b"1", JSON)])
+        slots = backend._connect().nodes_manager.slots_cache
+        nodes = {n[0].name: n for n in slots.values()}
+        names = sorted(nodes)
+        for slot, owners in slots.items():  # every slot now points at the next master
+            slots[slot] = nodes[names[(names.index(owners[0].name) + 1) % len(names)]]
+        outcomes = await backend.write_batch([RecordWrite(store.id, f"k{i}", b"1", JSON) for i in range(30)])
+        assert outcomes == [WriteOutcome(True, 1)] * 30
+        assert len(await backend.list_records(store.id)) == 31
+
+
+@pytest.mark.anyio
+async def test_scripts_flushed_from_every_node_are_loaded_again(cluster: RedisClusterServer) -> None:
+    async with open_backend(cluster.url) as backend:
+        store = await backend.open_store(name="noscript")
+        await backend.write_batch([RecordWrite(store.id, f"k{i}", b"1", JSON) for i in range(20)])
+        for master in cluster.master_nodes():
+            master.command("SCRIPT", "FLUSH")
+        outcomes = await backend.write_batch([RecordWrite(store.id, f"k{i}", b"2", JSON) for i in range(20)])
+        assert outcomes == [WriteOutcome(True, 2)] * 20
+
+
+@pytest.mark.anyio
+async def test_the_redis_url_with_cluster_true_opens_the_same_stores(cluster: RedisClusterServer) -> None:
+    seed = cluster.seed_url + "?cluster=true"
+    async with open_backend(cluster.url) as first, open_backend(seed) as second:
+        assert isinstance(second, RedisClusterBackend)
+        a = await first.open_store(name="both")
+        b = await second.open_store(name="both")
+        assert a == b
+        await first.write_batch([RecordWrite(a.id, "k", b"1", JSON)])
+        (found,) = await second.read_batch([RecordRead(b.id, "k", claim=True)])
+        assert found is not None and not isinstance(found, StorageError) and found.version == 2
+        (stale,) = await first.write_batch([RecordWrite(a.id, "k", b"2", JSON, expected_version=1)])
+        assert stale == WriteOutcome(False, 2)  # fenced by the other instance's claim
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/3", "only database 0"),
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:notaport/", "'127.0.0.1:notaport' is not host:port"),
+        ("redis+cluster://:s3cret@127.0.0.1:7000/?db=0", "query parameter 'db'"),
+        ("redis://:s3cret@127.0.0.1:7000/2?cluster=true", "only database 0"),
+        ("redis+cluster://127.0.0.1:7000/?cluster=false", "cluster= must be true"),
+    ],
+)
+def test_a_bad_cluster_url_is_refused_at_open_saying_why(url: str, says: str) -> None:
+    with pytest.raises(StorageError) as caught:
+        open_backend(url)
+    assert says in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_cluster_is_retried_then_named(free_port: int) -> None:
+    async with open_backend(f"redis+cluster://:s3cret@127.0.0.1:{free_port}/", retry_timeout=0.5) as backend:
+        with pytest.raises(StorageUnavailableError) as caught:
+            await backend.open_store(name="nowhere")
+    message = str(caught.value)
+    assert "Redis Cluster" in message and "unreachable for 0.5 s" in message and "nowhere" in message
+    assert "s3cret" not in message
