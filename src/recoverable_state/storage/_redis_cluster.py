@@ -125,13 +125,14 @@ def _write_calls(
     for (store_id, b), members in groups.items():
         keys = [marker_key(store_id, b, batch), live_key(store_id, b)]
         args: list[Any] = [ttl, now]
+        records, history, index = (
+            record_prefix(store_id, b),
+            history_prefix(store_id, b),
+            index_key(store_id, b),
+        )
         for i in members:
             w = ops[i]
-            keys += [
-                record_prefix(store_id, b) + w.key,
-                history_prefix(store_id, b) + w.key,
-                index_key(store_id, b),
-            ]
+            keys += [records + w.key, history + w.key, index]
             expected = "" if w.expected_version is None else w.expected_version
             if isinstance(w, RecordDelete):
                 args += [store_id, w.key, expected, "d", "", ""]
@@ -150,8 +151,9 @@ def _read_calls(
     for (store_id, b), members in groups.items():
         keys = [marker_key(store_id, b, batch), live_key(store_id, b)]
         args: list[Any] = [ttl if any(reads[i].claim for i in members) else 0]
+        records = record_prefix(store_id, b)
         for i in members:
-            keys.append(record_prefix(store_id, b) + reads[i].key)
+            keys.append(records + reads[i].key)
             args += [store_id, "1" if reads[i].claim else "0"]
         calls.append(SlotCall("read", keys, args))
     return calls
