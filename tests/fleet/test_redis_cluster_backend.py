@@ -8,7 +8,10 @@ records), a dropped store leaving nothing behind, and the URL's spellings.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import redis.exceptions
 
 from fleet_servers import RedisClusterNode, RedisClusterServer
 from recoverable_state import StorageError, StorageUnavailableError, StoreNotFoundError
@@ -23,6 +26,7 @@ from recoverable_state.storage import (
     open_backend,
 )
 from recoverable_state.storage._redis_cluster import RedisClusterBackend
+from recoverable_state.storage._redis_cluster_calls import SlotCaller
 from recoverable_state.testing import BackendConformance
 from recoverable_state.testing.conformance import MakeBackend, check_random_batches
 from servers import free_ports
@@ -178,3 +182,36 @@ async def test_an_unreachable_cluster_is_retried_then_named(free_port: int) -> N
     message = str(caught.value)
     assert "Redis Cluster" in message and "unreachable for 0.5 s" in message and "nowhere" in message
     assert "s3cret" not in message
+
+
+@pytest.mark.anyio
+async def test_a_slot_call_whose_reply_was_lost_is_not_applied_twice(
+    cluster: RedisClusterServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A master ran its share, then the connection dropped before the reply: the retry answers
+    the first outcome (a write expecting version 0 would be refused, a claim would bump twice)."""
+    real = SlotCaller._send
+    lost: list[str] = []
+
+    def send(self: SlotCaller, client: Any, node: Any, calls: Any) -> list[Any]:
+        answers = real(self, client, node, calls)
+        if not lost and not any(isinstance(a, Exception) for a in answers):
+            lost.append(node.name)  # ... it ran, and its reply is lost
+            return [redis.exceptions.ConnectionError("connection lost")] * len(calls)
+        return answers
+
+    async with open_backend(cluster.url) as backend:
+        store = await backend.open_store(name="replayed")
+        keys = [f"job-{i}" for i in range(40)]
+        await backend.write_batch([RecordWrite(store.id, "warm-up", b"1", JSON)])  # scripts loaded
+        monkeypatch.setattr(SlotCaller, "_send", send)
+        written = await backend.write_batch(
+            [RecordWrite(store.id, k, b"1", JSON, expected_version=0) for k in keys]
+        )
+        assert lost and written == [WriteOutcome(True, 1)] * 40
+        lost.clear()
+        claimed = await backend.read_batch([RecordRead(store.id, k, claim=True) for k in keys])
+        assert lost and [getattr(r, "version", None) for r in claimed] == [2] * 40
+        monkeypatch.setattr(SlotCaller, "_send", real)
+        again = await backend.read_batch([RecordRead(store.id, k) for k in keys])
+        assert [getattr(r, "version", None) for r in again] == [2] * 40
