@@ -29,6 +29,10 @@ bucket's call that ran before its reply was lost answers its first outcome
 (the batch marker). The retry budget must exceed the cluster's failover time
 (`cluster-node-timeout` plus about 1.5 s). Replication is asynchronous: a write
 acknowledged by a master that dies before its replica received it is lost.
+
+Connections: redis-py's cluster client keeps a pool per node and opens
+connections as worker threads need them (one per master per operation in
+flight); `pool_size` is accepted for the common options but caps nothing here.
 """
 
 from __future__ import annotations
