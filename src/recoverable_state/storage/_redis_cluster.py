@@ -17,10 +17,13 @@ an error of its own (a master out of memory) answers its requests with that
 error and changed nothing; the others apply.
 
 Listing: each bucket's index is read from the key after the start (at most
-`limit` keys each, one pipeline per master), and the runs are merged. Dropping a
-store removes it from the registry first, then each bucket (its records and its
-marker) in one script: a write that arrives later finds no marker in its own
-slot and answers "no such store".
+`limit` keys each, one pipeline per master), the runs are merged, and the
+metadata of the page's records is read per bucket. Every script names every
+key it touches, so that while a slot migrates Redis answers `TRYAGAIN` or
+`ASK` (retried) rather than a script failing on a key that moved. Dropping a
+store removes it from the registry, then each bucket's marker (a write that
+arrives later finds none in its own slot and answers "no such store"), then
+its records, 1,000 keys per bucket and call; a purge does the last step.
 
 Failover: a lost connection, `MOVED`, `CLUSTERDOWN`, `TRYAGAIN` or `READONLY`
 makes the backend read the slot map again and retry within `retry_timeout`
@@ -48,8 +51,6 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import redis
-import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
@@ -68,12 +69,15 @@ from ._backend import (
 )
 from ._contract import split_by_size
 from ._redis import _text, _time
-from ._redis_cluster_calls import RETRIED, SlotCall, SlotCaller
+from ._redis_cluster_calls import RETRIED, SlotCall, SlotCaller, classify
 from ._redis_cluster_layout import (
     BUCKETS,
-    DROP_BUCKET,
+    FORGET,
     HISTORY,
+    META,
     NAMES,
+    PAGE,
+    PURGE_KEYS,
     REGISTRY,
     UNREGISTER,
     bucket_of,
@@ -83,7 +87,7 @@ from ._redis_cluster_layout import (
     marker_key,
     record_prefix,
 )
-from ._redis_scripts import LIST, OPEN, PURGE, READ, WRITE
+from ._redis_scripts import OPEN, READ, WRITE
 from ._server import Failure, ServerBackend
 
 T = TypeVar("T")
@@ -91,11 +95,12 @@ T = TypeVar("T")
 _SCRIPTS = {
     "write": WRITE,
     "read": READ,
-    "list": LIST,
-    "purge": PURGE,
+    "page": PAGE,
+    "meta": META,
+    "purge": PURGE_KEYS,
+    "forget": FORGET,
     "open": OPEN,
     "unregister": UNREGISTER,
-    "drop": DROP_BUCKET,
     "history": HISTORY,
 }
 
@@ -230,20 +235,7 @@ class RedisClusterBackend(ServerBackend):
         return await self._retrying(store, attempt)
 
     def _classify(self, exc: BaseException) -> Failure | None:
-        if isinstance(exc, redis.exceptions.AuthenticationError):  # a ConnectionError too
-            return Failure.AUTHENTICATION
-        if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
-            return Failure.SILENT
-        if isinstance(exc, RETRIED):
-            return Failure.UNREACHABLE
-        if isinstance(exc, redis.exceptions.RedisClusterException):
-            # Raised while reading the slot map: no seed answered, or the nodes disagree mid-failover.
-            text = str(exc)
-            changing = any(s in text for s in ("cannot be connected", "could not agree", "not covered"))
-            return Failure.UNREACHABLE if changing else Failure.FAILED
-        if isinstance(exc, redis.exceptions.RedisError):
-            return Failure.FAILED
-        return None
+        return classify(exc)
 
     def _failed(self, store_id: str, exc: BaseException) -> StorageError:
         """The error a request answers with when its slot's call failed alone."""
@@ -311,10 +303,10 @@ class RedisClusterBackend(ServerBackend):
     async def drop_store(self, store_id: str) -> None:
         label = self._label([store_id])
         await self._run(label, lambda c: self._calls_one(c, "unregister", [NAMES, REGISTRY], [store_id]))
-        calls = _every_bucket(
-            "drop", store_id, argv=lambda b: [record_prefix(store_id, b), history_prefix(store_id, b)]
+        self._raise_any(
+            store_id, await self._slot_calls(label, _every_bucket("forget", store_id, argv=lambda b: []))
         )
-        self._raise_any(store_id, await self._slot_calls(label, calls))
+        await self._purge(store_id, check=False)
 
     def _raise_any(self, store_id: str, replies: Sequence[Any]) -> None:
         for reply in replies:
@@ -322,16 +314,38 @@ class RedisClusterBackend(ServerBackend):
                 raise self._failed(store_id, reply) from reply
 
     async def purge_store(self, store_id: str) -> None:
+        await self._purge(store_id, check=True)
+
+    async def _purge(self, store_id: str, *, check: bool) -> None:
+        """Delete the store's records, 1,000 keys per bucket and script call, until no bucket has any.
+
+        With `check`, a bucket whose store is gone stops it (StoreNotFoundError); without, it
+        ends a drop whose markers are already deleted."""
+        while pages := [
+            (b, page) for b, page in enumerate(await self._pages(store_id, "-", 1000, check)) if page
+        ]:
+            calls = []
+            for b, page in pages:
+                records, history = record_prefix(store_id, b), history_prefix(store_id, b)
+                keys = [live_key(store_id, b), index_key(store_id, b)]
+                for key in page:
+                    keys += [records + key, history + key]
+                calls.append(SlotCall("purge", keys, [store_id if check else "", *page]))
+            replies = await self._slot_calls(self._label([store_id]), calls)
+            self._raise_any(store_id, replies)
+            if not all(replies):
+                raise StoreNotFoundError("no such store (was it dropped?)", store=self._label([store_id]))
+
+    async def _pages(self, store_id: str, lowest: str, count: int, check: bool = True) -> list[list[str]]:
+        """Each bucket's keys after `lowest` (at most `count`, -1: all), each in order; with `check`,
+        StoreNotFoundError when the store is missing."""
         label = self._label([store_id])
-        calls = _every_bucket(
-            "purge",
-            store_id,
-            argv=lambda b: [store_id, record_prefix(store_id, b), history_prefix(store_id, b)],
-        )
-        replies = await self._slot_calls(label, calls)
+        argv = [store_id if check else "", lowest, count]
+        replies = await self._slot_calls(label, _every_bucket("page", store_id, argv=lambda b: argv))
         self._raise_any(store_id, replies)
-        if not any(replies):
+        if any(reply[0] == 0 for reply in replies):
             raise StoreNotFoundError("no such store (was it dropped?)", store=label)
+        return [[_text(key) for key in reply[1:]] for reply in replies]
 
     # -- records ------------------------------------------------------------
 
@@ -384,26 +398,33 @@ class RedisClusterBackend(ServerBackend):
     async def list_records(
         self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
     ) -> list[RecordInfo]:
-        label = self._label([store_id])
+        # Each bucket's keys come in byte order of UTF-8, which is code point order: merged,
+        # the first `limit` are the page; their metadata is then read per bucket.
         lowest = "-" if exclusive_start_key is None else "(" + exclusive_start_key
-        count = -1 if limit is None else limit
-        calls = _every_bucket(
-            "list", store_id, argv=lambda b: [store_id, record_prefix(store_id, b), lowest, count]
-        )
-        replies = await self._slot_calls(label, calls)
+        merged = heapq.merge(*await self._pages(store_id, lowest, -1 if limit is None else limit))
+        chosen = list(merged if limit is None else itertools.islice(merged, limit))
+        if not chosen:
+            return []
+        groups = _buckets((i, store_id, key) for i, key in enumerate(chosen))
+        calls = [
+            SlotCall(
+                "meta",
+                [live_key(store_id, b)] + [record_prefix(store_id, b) + chosen[i] for i in members],
+                [store_id],
+            )
+            for (_, b), members in groups.items()
+        ]
+        replies = await self._slot_calls(self._label([store_id]), calls)
         self._raise_any(store_id, replies)
         if any(reply[0] == 0 for reply in replies):
-            raise StoreNotFoundError("no such store (was it dropped?)", store=label)
-        # Each bucket's run is in byte order of UTF-8, which is code point order.
-        runs = [
-            [
-                RecordInfo(_text(k), int(size), _text(ctype), int(version), _time(updated))
-                for k, size, ctype, version, updated in (reply[i : i + 5] for i in range(1, len(reply), 5))
-            ]
-            for reply in replies
-        ]
-        merged = heapq.merge(*runs, key=lambda info: info.key)
-        return list(merged) if limit is None else list(itertools.islice(merged, limit))
+            raise StoreNotFoundError("no such store (was it dropped?)", store=self._label([store_id]))
+        found: list[RecordInfo | None] = [None] * len(chosen)
+        for members, reply in zip(groups.values(), replies, strict=True):
+            for n, i in enumerate(members):
+                present, size, ctype, version, updated = reply[1 + 5 * n : 6 + 5 * n]
+                if present:  # else deleted since its key was read
+                    found[i] = RecordInfo(chosen[i], int(size), _text(ctype), int(version), _time(updated))
+        return [info for info in found if info is not None]
 
     async def read_history(self, store_id: str, key: str) -> list[StoredRecord]:
         label, b = self._label([store_id]), bucket_of(key)

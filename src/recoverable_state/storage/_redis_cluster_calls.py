@@ -33,6 +33,8 @@ import redis.exceptions
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
+from ._server import Failure
+
 RETRIED = (
     redis.exceptions.ConnectionError,  # also BusyLoadingError (a node loading its data)
     redis.exceptions.TimeoutError,
@@ -47,6 +49,24 @@ RETRIED = (
 
 _RESENDS = 3
 """How often one attempt sends again at once the calls that met `NOSCRIPT`."""
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """What kind of failure a redis-py error met on a cluster is (None: not the server's)."""
+    if isinstance(exc, redis.exceptions.AuthenticationError):  # a ConnectionError too
+        return Failure.AUTHENTICATION
+    if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
+        return Failure.SILENT
+    if isinstance(exc, RETRIED):
+        return Failure.UNREACHABLE
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        # Raised while reading the slot map: no seed answered, or the nodes disagree mid-failover.
+        text = str(exc)
+        changing = any(s in text for s in ("cannot be connected", "could not agree", "not covered"))
+        return Failure.UNREACHABLE if changing else Failure.FAILED
+    if isinstance(exc, redis.exceptions.RedisError):
+        return Failure.FAILED
+    return None
 
 
 class SlotCall(NamedTuple):

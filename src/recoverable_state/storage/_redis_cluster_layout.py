@@ -14,8 +14,9 @@ each bucket is one hash tag, so one cluster slot:
 
 A record, its history, its version (a field of the record), its bucket's index
 and the bucket's `live` marker share one slot, so the single-server scripts
-(`WRITE`, `READ`, `LIST`, `PURGE`) run unchanged on one bucket: the `live` hash
-stands where they expect `rs:stores` (they only ask `HEXISTS` of it). Only the
+`WRITE` and `READ` run unchanged on one bucket: the `live` hash stands where
+they expect `rs:stores` (they only ask `HEXISTS` of it). Listing, purging and
+dropping have scripts of their own here, which declare every key they touch. Only the
 text up to the first `}` is hashed, and a key comes after it, so no key can
 move its record to another slot.
 """
@@ -75,15 +76,57 @@ end
 return 1
 """
 
-# KEYS: live, index of one bucket. ARGV: record prefix, history prefix.
-# Deletes the bucket's records, index and live marker: a write arriving later
-# finds no marker and answers "no such store" from its own slot.
-DROP_BUCKET = """
-for _, key in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  redis.call('DEL', ARGV[1] .. key, ARGV[2] .. key)
+# The scripts below declare every key they touch: while a slot migrates, Redis
+# answers TRYAGAIN or ASK for declared keys (retried), but a script touching an
+# undeclared key that has already moved fails ("non local key").
+
+# KEYS: live, index of one bucket. ARGV: store id ('' to skip the check), lowest
+# key ('-' or '(' .. key), count (-1: all). Returns {0} when the store is
+# missing, else {1, then the bucket's keys after lowest, in byte order}.
+PAGE = """
+if ARGV[1] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
+local out = {1}
+for _, key in ipairs(redis.call('ZRANGEBYLEX', KEYS[2], ARGV[2], '+', 'LIMIT', 0, ARGV[3])) do
+  out[#out + 1] = key
 end
-redis.call('DEL', KEYS[1], KEYS[2])
+return out
+"""
+
+# KEYS: live, then one record per key. ARGV: store id. Returns {0} when the store
+# is missing, else {1, then per record: present (1 or 0), size, content type,
+# version, updated_at}.
+META = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
+local out = {1}
+for i = 2, #KEYS do
+  local meta = redis.call('HMGET', KEYS[i], 'content_type', 'version', 'updated_at')
+  if meta[2] then
+    out[#out + 1] = 1
+    out[#out + 1] = redis.call('HSTRLEN', KEYS[i], 'value')
+    out[#out + 1] = meta[1]
+    out[#out + 1] = tonumber(meta[2])
+    out[#out + 1] = meta[3]
+  else
+    for _ = 1, 5 do out[#out + 1] = 0 end
+  end
+end
+return out
+"""
+
+# KEYS: live, index, then per key: record, history. ARGV: store id ('' to skip the
+# check: a drop), then the keys. Deletes those records with their history and
+# takes them out of the index. Returns 0 when the store is missing, else 1.
+PURGE_KEYS = """
+if ARGV[1] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 2, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
 return 1
+"""
+
+# KEYS: live. Ends a bucket's store: a write arriving later finds no marker in its
+# own slot and answers "no such store".
+FORGET = """
+return redis.call('DEL', KEYS[1])
 """
 
 # KEYS: live, history. ARGV: store id. Returns {0} when the store is missing,
