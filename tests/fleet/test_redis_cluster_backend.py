@@ -8,13 +8,20 @@ records), a dropped store leaving nothing behind, and the URL's spellings.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.exceptions
 
 from fleet_servers import RedisClusterNode, RedisClusterServer
-from recoverable_state import StorageError, StorageUnavailableError, StoreNotFoundError
+from recoverable_state import (
+    StorageAuthenticationError,
+    StorageError,
+    StorageUnavailableError,
+    StoreNotFoundError,
+)
 from recoverable_state.storage import (
     JSON_CONTENT_TYPE as JSON,
 )
@@ -29,7 +36,7 @@ from recoverable_state.storage._redis_cluster import RedisClusterBackend
 from recoverable_state.storage._redis_cluster_calls import SlotCaller
 from recoverable_state.testing import BackendConformance
 from recoverable_state.testing.conformance import MakeBackend, check_random_batches
-from servers import free_ports
+from servers import free_ports, start_or_skip
 
 
 @pytest.fixture
@@ -215,3 +222,30 @@ async def test_a_slot_call_whose_reply_was_lost_is_not_applied_twice(
         monkeypatch.setattr(SlotCaller, "_send", real)
         again = await backend.read_batch([RecordRead(store.id, k) for k in keys])
         assert [getattr(r, "version", None) for r in again] == [2] * 40
+
+
+@pytest.fixture(scope="module")
+def guarded_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """A cluster of its own whose every node requires a password."""
+    directory = tmp_path_factory.mktemp("cluster-password")
+    cluster = start_or_skip(lambda: RedisClusterServer(directory, password="s3cret-pw"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.anyio
+async def test_a_password_protected_cluster_takes_the_urls_password_and_refuses_a_wrong_one(
+    guarded_cluster: RedisClusterServer, anyio_backend: str
+) -> None:
+    cluster = guarded_cluster
+    async with open_backend(cluster.url) as backend:
+        store = await backend.open_store(name=f"guarded-{anyio_backend}")
+        assert await backend.write_batch([RecordWrite(store.id, "k", b"1", JSON)]) == [WriteOutcome(True, 1)]
+    for url in (cluster.url.replace("s3cret-pw", "wrong-pw"), cluster.url.replace(":s3cret-pw@", "")):
+        async with open_backend(url, retry_timeout=5) as backend:
+            began = time.monotonic()
+            with pytest.raises(StorageAuthenticationError) as caught:
+                await backend.open_store(name="guarded")
+            assert time.monotonic() - began < 2  # at once, not retried for the budget
+        assert "refused the credentials" in str(caught.value) and "guarded" in str(caught.value)
+        assert "s3cret-pw" not in str(caught.value) and "wrong-pw" not in str(caught.value)

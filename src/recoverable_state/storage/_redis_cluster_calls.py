@@ -60,7 +60,10 @@ def classify(exc: BaseException) -> Failure | None:
     if isinstance(exc, RETRIED):
         return Failure.UNREACHABLE
     if isinstance(exc, redis.exceptions.RedisClusterException):
-        # Raised while reading the slot map: no seed answered, or the nodes disagree mid-failover.
+        # Raised while reading the slot map: no seed answered (or each refused the
+        # credentials, the cause), or the nodes disagree mid-failover.
+        if isinstance(exc.__cause__, redis.exceptions.AuthenticationError):
+            return Failure.AUTHENTICATION
         text = str(exc)
         changing = any(s in text for s in ("cannot be connected", "could not agree", "not covered"))
         return Failure.UNREACHABLE if changing else Failure.FAILED
