@@ -38,6 +38,19 @@ from _worker_model import WorkerState, changed_indexes, dump, key_of, mutate  # 
 KVS_NAME = "bench"
 FRACTIONS = (1.0, 0.01)
 
+Clock = tuple[float, float]
+
+
+def clock() -> Clock:
+    """Wall time and this process's CPU time (every thread's), now."""
+    return time.perf_counter(), time.process_time()
+
+
+def record(out: dict[str, Any], name: str, start: Clock) -> None:
+    """`out[name]`: wall seconds since `start`; `out[name + "_cpu"]`: CPU seconds since then."""
+    out[name] = time.perf_counter() - start[0]
+    out[name + "_cpu"] = time.process_time() - start[1]
+
 
 @contextmanager
 def profiled(path: Path | None) -> Iterator[None]:
@@ -85,13 +98,15 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
         if record is None or record.value != dump(model):
             raise AssertionError(f"record {key_of(i)} does not hold the last persisted model")
 
-    async def timed_persist(manager: EventManager, round_no: int, values: list[WorkerState]) -> float:
+    async def timed_persist(
+        manager: EventManager, name: str, round_no: int, values: list[WorkerState]
+    ) -> None:
         indexes = changed_indexes(n, FRACTIONS[round_no - 1])
         for i in indexes:
             mutate(values[i], round_no)
-        start = time.perf_counter()
+        start = clock()
         await emit_persist(manager)
-        return time.perf_counter() - start
+        record(out, name, start)
 
     async def with_heartbeat(manager: EventManager, values: list[WorkerState]) -> None:
         longest = 0.0
@@ -108,11 +123,11 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
             tg.start_soon(beat)
             await anyio.sleep(0.01)
             longest = 0.0
-            out["persist_all"] = await timed_persist(manager, 1, values)
+            await timed_persist(manager, "persist_all", 1, values)
             stop.set()
         out["heartbeat"] = longest
 
-    async def main(started: float) -> None:
+    async def main(started: Clock) -> None:
         with profiled(profile):
             backend = open_backend(f"sqlite:///{directory / 'state.sqlite3'}")
             service_locator.set_storage(backend)
@@ -130,7 +145,7 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
                 ]
                 await RecoverableState.initialize_many(states)
                 values = [state.current_value for state in states]
-                out["cold"] = time.perf_counter() - started
+                record(out, "cold", started)
                 if profile is not None:
                     return
                 if values[-1].worker_id != n - 1:
@@ -138,17 +153,17 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
                 if heartbeat:
                     await with_heartbeat(manager, values)
                 else:
-                    out["persist_all"] = await timed_persist(manager, 1, values)
+                    await timed_persist(manager, "persist_all", 1, values)
                 await check(backend, n - 1, values[-1])
                 if not heartbeat:
-                    out["persist_1pct"] = await timed_persist(manager, 2, values)
+                    await timed_persist(manager, "persist_1pct", 2, values)
                     last = changed_indexes(n, FRACTIONS[1])[-1]
                     await check(backend, last, values[last])
                 for state in states:
                     await state.teardown()
             await backend.aclose()
 
-    anyio.run(main, time.perf_counter(), backend=loop)
+    anyio.run(main, clock(), backend=loop)
     return out
 
 
@@ -188,11 +203,12 @@ def raw_write(conn: Any, rows: list[tuple[str, bytes]]) -> None:
 
 def run_raw(n: int, directory: Path) -> dict[str, Any]:
     path = directory / "raw.sqlite3"
-    started = time.perf_counter()
+    started = clock()
     conn = raw_connect(path)
     found = dict(conn.execute("SELECT key, value FROM records WHERE store_id = 'raw'"))
     values = [WorkerState.model_validate_json(found[key_of(i)]) for i in range(n)]
-    out: dict[str, Any] = {"cold": time.perf_counter() - started}
+    out: dict[str, Any] = {}
+    record(out, "cold", started)
     del found
 
     def write(indexes: range) -> None:
@@ -221,9 +237,9 @@ def timed_rounds(
         indexes = changed_indexes(n, fraction)
         for i in indexes:
             mutate(values[i], round_no)
-        start = time.perf_counter()
+        start = clock()
         write(indexes)
-        out[name] = time.perf_counter() - start
+        record(out, name, start)
         if read(indexes[-1]) != dump(values[indexes[-1]]):
             raise AssertionError(f"{name}: the last changed state was not stored")
 
@@ -234,10 +250,11 @@ def timed_rounds(
 def run_diskcache(n: int, directory: Path) -> dict[str, Any]:
     import diskcache
 
-    started = time.perf_counter()
+    started = clock()
     cache = diskcache.Cache(str(directory / "diskcache"))
     values = [WorkerState.model_validate_json(cache[key_of(i)]) for i in range(n)]
-    out: dict[str, Any] = {"cold": time.perf_counter() - started}
+    out: dict[str, Any] = {}
+    record(out, "cold", started)
 
     def write(indexes: range) -> None:
         with cache.transact():
@@ -279,13 +296,14 @@ def run_langgraph(n: int, directory: Path) -> dict[str, Any]:
     import langgraph.checkpoint.base
     import langgraph.checkpoint.sqlite  # noqa: F401
 
-    started = time.perf_counter()
+    started = clock()
     saver = langgraph_saver(directory / "langgraph.sqlite3")
     values = [
         WorkerState.model_validate(saver.get_tuple(langgraph_config(i)).checkpoint["channel_values"]["state"])
         for i in range(n)
     ]
-    out: dict[str, Any] = {"cold": time.perf_counter() - started}
+    out: dict[str, Any] = {}
+    record(out, "cold", started)
 
     def write(indexes: range) -> None:
         for i in indexes:

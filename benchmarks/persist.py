@@ -135,14 +135,17 @@ def run_child(job: Job, n: int, rep: int, root: Path, timeout: float) -> Sample:
             sample.figures = json.loads(results[-1][len("RESULT ") :])
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        sample.error = f"hung: killed after {timeout:.0f} s; stderr:\n{tail(stderr) or '(empty)'}"
+        sample.error = f"hung: killed after {timeout:g} s; stderr:\n{tail(stderr) or '(empty)'}"
     except Exception as exc:  # the setup of this one sample failed: report it, go on
         sample.error = f"{type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     sample.seconds = time.perf_counter() - started
     if sample.error is not None:
-        progress(f"  {job.label} N={n} rep {rep}: FAILED: {sample.error.splitlines()[0]}")
+        progress(f"  {job.label} N={n} rep {rep + 1}: FAILED: {sample.error.splitlines()[0]}")
+    else:
+        figures = ", ".join(f"{k} {v * 1000:.1f}" for k, v in sample.figures.items())
+        progress(f"  {job.label:<17} {figures} ms (load {sample.load:.2f}, {sample.seconds:.1f} s)")
     return sample
 
 
@@ -192,11 +195,13 @@ def fmt(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def table(samples: Sequence[Sample], ns: Sequence[int], labels: Sequence[str]) -> str:
-    headers = ["case", "N", *labels, "load 1-min"]
+def table(samples: Sequence[Sample], ns: Sequence[int], labels: Sequence[str], cpu: bool = False) -> str:
+    """Medians in ms per case and system; `cpu`: the CPU time of the child's process instead of wall time."""
+    headers = ["case" + (" (CPU ms)" if cpu else " (ms)"), "N", *labels, "load 1-min"]
     rows = []
     for n in ns:
-        for figure, name in CASES:
+        for figure, name in CASES[:3] if cpu else CASES:
+            figure = figure + "_cpu" if cpu else figure
             source = [
                 label.replace("ours", "heartbeat") if figure == "heartbeat" else label for label in labels
             ]
@@ -206,7 +211,7 @@ def table(samples: Sequence[Sample], ns: Sequence[int], labels: Sequence[str]) -
             loads = [s.load for s in samples if s.n == n and figure in s.figures]
             load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "-"
             rows.append([name, f"{n:,}", *cells, load])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     lines = [
         "  ".join(
             h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
@@ -232,6 +237,8 @@ class Verdict:
     limit: float
     ms: bool = False
     """An absolute limit in ms instead of a ratio."""
+    cpu_ratio: float | None = None
+    """The same ratio of CPU times (steadier than wall time on a busy machine), for information."""
 
     @property
     def value(self) -> float | None:
@@ -247,6 +254,10 @@ class Verdict:
         if value is None:
             return "not measured"
         return "met" if value <= self.limit else "missed"
+
+
+def ratio(mine: float | None, theirs: float | None) -> float | None:
+    return None if mine is None or theirs is None or theirs <= 0 else mine / theirs
 
 
 def verdicts(samples: Sequence[Sample], ns: Sequence[int], loops: Sequence[str]) -> list[Verdict]:
@@ -268,7 +279,10 @@ def verdicts(samples: Sequence[Sample], ns: Sequence[int], loops: Sequence[str])
                 ("persist_1pct", "1% changed ahead of diskcache", "diskcache", 1.0),
             ):
                 mine, theirs = median_of(samples, ours, n, figure), median_of(samples, ref, n, figure)
-                out.append(Verdict(target, loop, f"{n:,}", mine, theirs, limit))
+                cpu = ratio(
+                    median_of(samples, ours, n, figure + "_cpu"), median_of(samples, ref, n, figure + "_cpu")
+                )
+                out.append(Verdict(target, loop, f"{n:,}", mine, theirs, limit, cpu_ratio=cpu))
         if HEARTBEAT_TARGET_N in ns:
             wait = median_of(samples, f"heartbeat {loop}", HEARTBEAT_TARGET_N, "heartbeat")
             target = f"heartbeat <= {HEARTBEAT_TARGET_MS:g} ms"
@@ -277,22 +291,33 @@ def verdicts(samples: Sequence[Sample], ns: Sequence[int], loops: Sequence[str])
             )
         small, large = min(ns), max(ns)
         if large == 10 * small:
-            for figure, name in CASES[:3]:
+            for figure, name in (
+                ("cold", "cold start"),
+                ("persist_all", "persist-all"),
+                ("persist_1pct", "1%"),
+            ):
                 big, little = median_of(samples, ours, large, figure), median_of(samples, ours, small, figure)
-                target = f"linear: {name.split(':')[0].split(' (')[0]} 10x N <= {LINEAR_TARGET:g}x"
-                out.append(Verdict(target, loop, f"{large:,}/{small:,}", big, little, LINEAR_TARGET))
+                target = f"linear: {name}, 10x N costs <= {LINEAR_TARGET:g}x"
+                cpu = ratio(
+                    median_of(samples, ours, large, figure + "_cpu"),
+                    median_of(samples, ours, small, figure + "_cpu"),
+                )
+                out.append(
+                    Verdict(target, loop, f"{large:,}/{small:,}", big, little, LINEAR_TARGET, cpu_ratio=cpu)
+                )
     return out
 
 
 def render_verdicts(rows: Sequence[Verdict]) -> str:
-    headers = ["target", "loop", "N", "ours ms", "ref ms", "measured", "result"]
+    headers = ["target", "loop", "N", "ours ms", "ref ms", "measured", "result", "CPU ratio"]
     cells = []
     for v in rows:
         value = v.value
         measured = "-" if value is None else f"{value:.1f} ms" if v.ms else f"{value:.2f}x"
-        cells.append([v.target, v.loop, v.n, fmt(v.ours), fmt(v.reference), measured, v.result])
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    right = {2, 3, 4, 5}
+        cpu = "-" if v.cpu_ratio is None else f"{v.cpu_ratio:.2f}x"
+        cells.append([v.target, v.loop, v.n, fmt(v.ours), fmt(v.reference), measured, v.result, cpu])
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    right = {2, 3, 4, 5, 7}
     lines = []
     for row in [headers, ["-" * w for w in widths], *cells]:
         lines.append(
@@ -458,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"load average (1, 5, 15 min): before {fmt_load(load_before)}, after {fmt_load(load_after)}")
         print()
         print(table(samples, args.n, labels))
+        print()
+        print(table(samples, args.n, labels, cpu=True))
         print()
         print(render_verdicts(verdicts(samples, args.n, args.loops)))
     for note in notes:
