@@ -1,6 +1,6 @@
 """One measurement in a process of its own: what a worker pays, started as after a deploy.
 
-    python benchmarks/_worker_child.py SYSTEM N DIR [--loop asyncio|trio] [--heartbeat] [--profile FILE]
+    python benchmarks/_worker_child.py SYSTEM N DIR [--loop asyncio|trio] [--heartbeat] [--profile PREFIX]
 
 SYSTEM is `ours`, `raw`, `diskcache` or `langgraph`; DIR holds a fresh copy of
 the data that system stored for N states (made by `_worker_setup.py`). The
@@ -105,7 +105,8 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
         for i in indexes:
             mutate(values[i], round_no)
         start = clock()
-        await emit_persist(manager)
+        with profiled(phase(name)):
+            await emit_persist(manager)
         record(out, name, start)
 
     async def with_heartbeat(manager: EventManager, values: list[WorkerState]) -> None:
@@ -127,41 +128,44 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
             stop.set()
         out["heartbeat"] = longest
 
+    def phase(name: str) -> Path | None:
+        return None if profile is None else profile.with_name(f"{profile.name}-{name}.prof")
+
     async def main(started: Clock) -> None:
-        with profiled(profile):
-            backend = open_backend(f"sqlite:///{directory / 'state.sqlite3'}")
-            service_locator.set_storage(backend)
-            async with EventManager(persist_state_interval=never, close_timeout=600.0) as manager:
-                default = WorkerState(worker_id=-1)
-                states = [
-                    RecoverableState(
-                        default_state=default,
-                        persist_state_key=key_of(i),
-                        persistence_enabled=True,
-                        persist_state_kvs_name=KVS_NAME,
-                        event_manager=manager,
-                    )
-                    for i in range(n)
-                ]
-                await RecoverableState.initialize_many(states)
-                values = [state.current_value for state in states]
-                record(out, "cold", started)
-                if profile is not None:
-                    return
-                if values[-1].worker_id != n - 1:
-                    raise AssertionError("the last state did not load its stored model")
-                if heartbeat:
-                    await with_heartbeat(manager, values)
-                else:
-                    await timed_persist(manager, "persist_all", 1, values)
-                await check(backend, n - 1, values[-1])
-                if not heartbeat:
-                    await timed_persist(manager, "persist_1pct", 2, values)
-                    last = changed_indexes(n, FRACTIONS[1])[-1]
-                    await check(backend, last, values[last])
-                for state in states:
-                    await state.teardown()
-            await backend.aclose()
+        cold_profile = profiled(phase("cold"))
+        cold_profile.__enter__()  # the manager stays entered after the cold start: no `with` here
+        backend = open_backend(f"sqlite:///{directory / 'state.sqlite3'}")
+        service_locator.set_storage(backend)
+        async with EventManager(persist_state_interval=never, close_timeout=600.0) as manager:
+            default = WorkerState(worker_id=-1)
+            states = [
+                RecoverableState(
+                    default_state=default,
+                    persist_state_key=key_of(i),
+                    persistence_enabled=True,
+                    persist_state_kvs_name=KVS_NAME,
+                    event_manager=manager,
+                )
+                for i in range(n)
+            ]
+            await RecoverableState.initialize_many(states)
+            values = [state.current_value for state in states]
+            record(out, "cold", started)
+            cold_profile.__exit__(None, None, None)
+            if values[-1].worker_id != n - 1:
+                raise AssertionError("the last state did not load its stored model")
+            if heartbeat:
+                await with_heartbeat(manager, values)
+            else:
+                await timed_persist(manager, "persist_all", 1, values)
+            await check(backend, n - 1, values[-1])
+            if not heartbeat:
+                await timed_persist(manager, "persist_1pct", 2, values)
+                last = changed_indexes(n, FRACTIONS[1])[-1]
+                await check(backend, last, values[last])
+            for state in states:
+                await state.teardown()
+        await backend.aclose()
 
     anyio.run(main, clock(), backend=loop)
     return out
@@ -327,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--loop", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--heartbeat", action="store_true")
-    parser.add_argument("--profile", type=Path, help="cProfile the cold start (ours) into this file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="ours: cProfile each timed phase into PREFIX-{cold,persist_all,persist_1pct}.prof",
+    )
     args = parser.parse_args(argv)
     if args.system == "ours":
         result = run_ours(args.n, args.directory, args.loop, args.heartbeat, args.profile)

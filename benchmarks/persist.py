@@ -3,7 +3,7 @@
     python benchmarks/persist.py                   # N = 10,000 and 100,000, medians of 5
     python benchmarks/persist.py --smoke           # tiny N, one run of each, a few seconds (CI)
     python benchmarks/persist.py --n 10k --repeat 7 --json out.json
-    python benchmarks/persist.py --profile-only --profile prof/   # cProfile one cold start of 10,000
+    python benchmarks/persist.py --profile-only --profile prof/   # cProfile one child of 10,000 states
 
 Every measurement is a child process of its own (`_worker_child.py`), started
 on a fresh copy of the data its system stored (as a worker starts after a
@@ -362,37 +362,35 @@ def on_tmpfs(path: Path) -> bool:
 # -- profiling --------------------------------------------------------------------------
 
 
-def profile_cold_start(directory: Path, root: Path, n: int, loop: str, top: int) -> str:
-    """cProfile one library cold start of `n` states in a child; the top functions as text."""
+def profile_phases(directory: Path, root: Path, n: int, loop: str, top: int) -> str:
+    """cProfile the library's cold start, persist-all and 1% persist of `n` states in a child (main
+    thread only: the store's own thread shows as waits); the top functions of each, as text."""
     import io
     import pstats
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"cold-ours-{loop}-{n}.prof"
+    prefix = directory / f"ours-{loop}-{n}"
     work = fresh_copy(template(root, "ours", n), root / f"profile-{loop}-{n}")
     try:
-        command = [
-            sys.executable,
-            str(CHILD),
-            "ours",
-            str(n),
-            str(work),
-            "--loop",
-            loop,
-            "--profile",
-            str(path),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=max(120.0, n * 0.003))
+        command = [sys.executable, str(CHILD), "ours", str(n), str(work), "--loop", loop]
+        done = subprocess.run(
+            [*command, "--profile", str(prefix)],
+            capture_output=True,
+            text=True,
+            timeout=max(120.0, n * 0.003),
+        )
         if done.returncode != 0:
             raise RuntimeError(f"the profiled child failed:\n{tail(done.stderr)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = io.StringIO()
-    stats = pstats.Stats(str(path), stream=out).strip_dirs()
-    out.write(f"cProfile of one cold start, ours {loop}, N={n:,} ({path}); by own time:\n")
-    stats.sort_stats("tottime").print_stats(top)
-    out.write("by cumulative time:\n")
-    stats.sort_stats("cumulative").print_stats(top)
+    for name in ("cold", "persist_all", "persist_1pct"):
+        path = prefix.with_name(f"{prefix.name}-{name}.prof")
+        stats = pstats.Stats(str(path), stream=out).strip_dirs()
+        out.write(f"cProfile of {name}, ours {loop}, N={n:,} ({path}), by own time:\n")
+        stats.sort_stats("tottime").print_stats(top)
+        out.write(f"{name}, by cumulative time:\n")
+        stats.sort_stats("cumulative").print_stats(top)
     return out.getvalue()
 
 
@@ -424,7 +422,9 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="seconds a child may take (default from N)")
     parser.add_argument("--tmp-dir", type=Path, help="where the data lives (default: the system temp dir)")
     parser.add_argument("--json", type=Path, help="also write every sample as JSON here")
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile one cold start into DIR")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="cProfile the phases of one library child into DIR"
+    )
     parser.add_argument("--profile-n", type=int, default=10_000, help="states in the profiled cold start")
     parser.add_argument("--profile-only", action="store_true", help="only the profile, no measurements")
     args = parser.parse_args(argv)
@@ -464,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = [] if args.profile_only else measure(args, root, others)
         profile = None
         if args.profile is not None:
-            progress(f"profiling one cold start of {args.profile_n:,} states")
-            profile = profile_cold_start(args.profile, root, args.profile_n, args.loops[0], 30)
+            progress(f"profiling a cold start and two persists of {args.profile_n:,} states")
+            profile = profile_phases(args.profile, root, args.profile_n, args.loops[0], 25)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     failures = [s for s in samples if s.error is not None]
     if samples:
