@@ -50,6 +50,7 @@ NEVER = timedelta(hours=24)
 
 CLOSE_TIMEOUT = timedelta(minutes=10)
 
+
 @contextlib.contextmanager
 def stopwatch(out: list[float], *, sync_disk: bool = False, profile: Path | None = None) -> Iterator[None]:
     """Append the seconds the block takes to `out`; dirty pages synced and garbage collected first."""
