@@ -12,6 +12,7 @@ import json
 import pytest
 from cli_support import Cli, run_async
 
+from fleet_servers import RedisClusterServer
 from recoverable_state.storage import KeyValueStore, StorageBackend
 from servers import flush_postgres, flush_redis
 
@@ -65,3 +66,20 @@ def test_status_shows_postgresqls_durability_and_the_urls_own_setting(cli: Cli, 
     assert "synchronous_commit=off" in row["durability"]["summary"]
     table = cli.ok("status", url=postgres_url + "?synchronous_commit=off")
     assert "durability (postgresql): acknowledged writes NOT durable" in table
+
+
+def test_status_shows_a_redis_clusters_durability_over_its_masters(
+    cli: Cli, redis_cluster: RedisClusterServer
+) -> None:
+    redis_cluster.restore()
+    waited = redis_cluster.url + "?wait_replicas=1"
+    run_async(_fill, waited)
+    (row,) = json.loads(cli.ok("status", "--json", url=waited))
+    durability = row["durability"]
+    assert durability["store_kind"] == "redis-cluster"
+    assert durability["durable_on_ack"] is True  # every master: appendfsync always, and WAIT 1
+    assert len(durability["details"]["masters"].split(", ")) == 3
+    table = cli.ok("status", url=redis_cluster.url)
+    assert "durability (redis-cluster): acknowledged writes NOT durable: " in table
+    assert "can be lost in a failover: replication is asynchronous" in table
+    redis_cluster.restore()

@@ -200,8 +200,8 @@ async def test_a_slot_call_whose_reply_was_lost_is_not_applied_twice(
     real = SlotCaller._send
     lost: list[str] = []
 
-    def send(self: SlotCaller, client: Any, node: Any, calls: Any) -> list[Any]:
-        answers = real(self, client, node, calls)
+    def send(self: SlotCaller, client: Any, node: Any, calls: Any, *waits: Any) -> list[Any]:
+        answers = real(self, client, node, calls, *waits)
         if not lost and not any(isinstance(a, Exception) for a in answers):
             lost.append(node.name)  # ... it ran, and its reply is lost
             return [redis.exceptions.ConnectionError("connection lost")] * len(calls)

@@ -16,7 +16,7 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from fleet_servers import RedisClusterServer
+from fleet_servers import RedisClusterNode, RedisClusterServer
 from recoverable_state import (
     EventManager,
     KeyValueStore,
@@ -145,3 +145,101 @@ async def test_a_successor_process_fences_off_the_stale_worker_on_the_cluster(
                 await old.persist_state()
             await old.teardown()
         assert await successor.get_value("job-7") == {"n": 100}
+
+
+def _cut_off(cluster: RedisClusterServer, master: RedisClusterNode) -> RedisClusterNode:
+    """Cut `master`'s replica off its stream (it cannot authenticate again); its data stays
+    as it is until it is promoted. Returns the replica."""
+    replica = cluster.replica_of(master)
+    replica.command("CONFIG", "SET", "masterauth", "not-the-password")
+    master.command("CLIENT", "KILL", "TYPE", "replica")
+    deadline = time.monotonic() + 10
+    while master.info("replication").get("connected_slaves") != "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return replica
+
+
+def _values(node: RedisClusterNode) -> dict[str, int]:
+    """The workers' values a node holds (a replica read with READONLY)."""
+    import redis
+
+    client = redis.Redis(port=node.port, single_connection_client=True)
+    try:
+        client.execute_command("READONLY")
+        return {
+            name.decode().rsplit(":r:", 1)[1]: json.loads(client.hget(name, "value"))["n"]  # type: ignore[arg-type]
+            for name in client.keys("rs:{*}:r:worker-*")
+        }
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_with_wait_replicas_no_acknowledged_write_is_lost_in_a_failover(
+    cluster: RedisClusterServer, anyio_backend: str
+) -> None:
+    """A master SIGKILLed while a worker persists in rounds, its replica cut off its stream
+    for half a second before: every value a round was told was persisted (it returned) is on
+    the replica promoted (without wait_replicas, the rounds of that half second were
+    acknowledged and are lost)."""
+    backend = open_backend(cluster.url + "?wait_replicas=1&wait_timeout=0.2")
+    service_locator.set_storage(backend)
+    states = [
+        RecoverableState(
+            default_state=Counter(), persist_state_key=f"worker-{i}", persistence_enabled="explicit_only"
+        )
+        for i in range(WORKERS)
+    ]
+    await RecoverableState.initialize_many(states)
+    acknowledged = [0] * WORKERS  # the last value each state's persist returned for
+    failed_rounds = 0
+    running = True
+
+    async def work() -> None:
+        nonlocal failed_rounds
+        n = 0
+        while running:
+            n += 1
+            for state in states:
+                state.current_value.n = n
+            try:
+                await RecoverableState.persist_many(states)
+            except Exception:  # not durable, or the cluster changing: nothing counted as acknowledged
+                failed_rounds += 1
+            else:
+                acknowledged[:] = [n] * WORKERS
+            await anyio.sleep(0.01)
+
+    master = cluster.master_of_slot(0)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await anyio.sleep(0.5)
+            assert acknowledged[0] > 0
+            replica = await anyio.to_thread.run_sync(_cut_off, cluster, master)
+            await anyio.sleep(0.5)  # rounds go on: the master's share is not confirmed
+            at_kill = list(acknowledged)
+            held = await anyio.to_thread.run_sync(_values, replica)  # what it will hold when promoted
+            failover = await anyio.to_thread.run_sync(cluster.kill_master, master)
+            assert failover.promoted.port == replica.port
+            replica.command("CONFIG", "SET", "masterauth", "")
+            await anyio.to_thread.run_sync(cluster.restart_node, failover.killed)
+            with anyio.fail_after(10):  # rounds are acknowledged again
+                while acknowledged[0] <= at_kill[0] + 2:
+                    await anyio.sleep(0.05)
+            running = False
+    finally:
+        for node in cluster.nodes:
+            if node.running:
+                node.command("CONFIG", "SET", "masterauth", "")
+    print(f"failover {failover.seconds:.2f} s, {failed_rounds} round(s) failed")
+    assert held and len(held) < WORKERS  # it held the share of the master killed
+    assert {k: n for k, n in held.items() if n < at_kill[int(k.split("-")[1])]} == {}
+    kvs = await KeyValueStore.open(storage=backend)
+    found = [(await kvs.get_value(f"worker-{i}"))["n"] for i in range(WORKERS)]
+    assert all(n >= a for n, a in zip(found, acknowledged, strict=True))
+    for state in states:
+        await state.teardown()
+    await backend.aclose()

@@ -90,7 +90,17 @@ from ._backend import (
     WriteOutcome,
 )
 from ._contract import split_by_size
-from ._redis_durability import ServerFacts, WaitOptions, check_at_open, describe, read_facts, wait_options
+from ._redis_durability import (
+    ServerFacts,
+    WaitOptions,
+    add_waits,
+    check_at_open,
+    describe,
+    read_facts,
+    shortfall,
+    wait_ms,
+    wait_options,
+)
 from ._redis_scripts import NAMES, PREFIX, SCRIPTS, STORES
 from ._server import Failure, ServerBackend
 
@@ -348,31 +358,13 @@ class RedisBackend(ServerBackend):
         (PEXPIRE, which replicates) after the script, every time, and waited for.
         """
         options = self.durability_options
-        ms = max(int(min(options.timeout, self._wait / 2) * 1000), 1)
+        ms = wait_ms(options, self._wait)
         with self._connect().pipeline(transaction=False) as pipe:
             self._scripts[script](keys=keys, args=args, client=pipe)
             pipe.pexpire(keys[0], ttl)
-            if options.fsync:
-                pipe.execute_command("WAITAOF", 1, 0, ms)  # type: ignore[no-untyped-call]
-            if options.replicas:
-                pipe.execute_command("WAIT", options.replicas, ms)  # type: ignore[no-untyped-call]
+            add_waits(pipe, options, ms)
             replies = pipe.execute()
-        reply, acks = replies[0], replies[2:]
-        waited = f"{ms / 1000:g} s"
-        if options.fsync and int(acks[0][0]) < 1:
-            return reply, (
-                f"{did} Redis server {self.url}, but its AOF was not fsynced within {waited} "
-                "(fsync=true): not durable yet",
-                None,
-            )
-        if options.replicas and int(acks[-1]) < options.replicas:
-            got = int(acks[-1])
-            return reply, (
-                f"{did} Redis server {self.url}, but {got} of {options.replicas} replica(s) "
-                f"acknowledged it within {waited} (wait_replicas={options.replicas}): not durable yet",
-                got,
-            )
-        return reply, None
+        return replies[0], shortfall(replies[2:], options, ms, f"{did} Redis server {self.url}")
 
     def _gone(self, store_id: str) -> StorageError:
         return StoreNotFoundError("no such store (was it dropped?)", store=self._label([store_id]))

@@ -31,7 +31,9 @@ makes the backend read the slot map again and retry within `retry_timeout`
 bucket's call that ran before its reply was lost answers its first outcome
 (the batch marker). The retry budget must exceed the cluster's failover time
 (`cluster-node-timeout` plus about 1.5 s). Replication is asynchronous: a write
-acknowledged by a master that dies before its replica received it is lost.
+acknowledged by a master that dies before its replica received it is lost, unless
+`wait_replicas` made each master's share wait for its replicas
+(`_redis_cluster_durability.py`: the single-server options, per master).
 
 Connections: redis-py's cluster client keeps a pool per node and opens
 connections as worker threads need them (one per master per operation in
@@ -45,8 +47,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -56,9 +57,9 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .._errors import StorageError, StoreNotFoundError
+from .._errors import NotDurableError, StorageError, StoreNotFoundError
 from ._backend import (
-    RecordDelete,
+    Durability,
     RecordInfo,
     RecordRead,
     RecordWrite,
@@ -69,7 +70,19 @@ from ._backend import (
 )
 from ._contract import split_by_size
 from ._redis import _text, _time
-from ._redis_cluster_calls import RETRIED, SlotCall, SlotCaller, classify
+from ._redis_cluster_calls import (
+    RETRIED,
+    SlotCall,
+    SlotCaller,
+    Unconfirmed,
+    Waits,
+    buckets,
+    classify,
+    every_bucket,
+    read_calls,
+    write_calls,
+)
+from ._redis_cluster_durability import check_cluster_at_open, describe_cluster, master_facts
 from ._redis_cluster_layout import (
     BUCKETS,
     FORGET,
@@ -84,9 +97,9 @@ from ._redis_cluster_layout import (
     history_prefix,
     index_key,
     live_key,
-    marker_key,
     record_prefix,
 )
+from ._redis_durability import ServerFacts, WaitOptions, wait_ms, wait_options
 from ._redis_scripts import OPEN, READ, WRITE
 from ._server import Failure, ServerBackend
 
@@ -107,66 +120,6 @@ _SCRIPTS = {
 _CONNECT_TIMEOUT = 5.0
 """Seconds one connection attempt may take at most (less when the budget is shorter)."""
 
-Bucket = tuple[str, int]
-"""(store id, bucket): one slot of a store."""
-
-
-def _buckets(pairs: Iterable[tuple[int, str, str]]) -> dict[Bucket, list[int]]:
-    """The positions of a batch's requests, given as (position, store id, key), by bucket, in order."""
-    found: dict[Bucket, list[int]] = defaultdict(list)
-    for i, store_id, key in pairs:
-        found[(store_id, bucket_of(key))].append(i)
-    return found
-
-
-def _every_bucket(script: str, store_id: str, *, argv: Callable[[int], list[Any]]) -> list[SlotCall]:
-    """One call of `script` per bucket of a store, with KEYS (live, index) and `argv(bucket)`."""
-    return [
-        SlotCall(script, [live_key(store_id, b), index_key(store_id, b)], argv(b)) for b in range(BUCKETS)
-    ]
-
-
-def _write_calls(
-    ops: Sequence[WriteOp], groups: dict[Bucket, list[int]], batch: str, ttl: int, now: int
-) -> list[SlotCall]:
-    """One `WRITE` call per bucket of the batch (see `_redis_scripts.py` for its KEYS and ARGV)."""
-    calls = []
-    for (store_id, b), members in groups.items():
-        keys = [marker_key(store_id, b, batch), live_key(store_id, b)]
-        args: list[Any] = [ttl, now]
-        records, history, index = (
-            record_prefix(store_id, b),
-            history_prefix(store_id, b),
-            index_key(store_id, b),
-        )
-        for i in members:
-            w = ops[i]
-            keys += [records + w.key, history + w.key, index]
-            expected = "" if w.expected_version is None else w.expected_version
-            if isinstance(w, RecordDelete):
-                args += [store_id, w.key, expected, "d", "", ""]
-                continue
-            value = w.value if isinstance(w.value, bytes) else bytes(w.value)
-            args += [store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
-        calls.append(SlotCall("write", keys, args))
-    return calls
-
-
-def _read_calls(
-    reads: Sequence[RecordRead], groups: dict[Bucket, list[int]], batch: str, ttl: int
-) -> list[SlotCall]:
-    """One `READ` call per bucket of the batch (a marker only where something is claimed)."""
-    calls = []
-    for (store_id, b), members in groups.items():
-        keys = [marker_key(store_id, b, batch), live_key(store_id, b)]
-        args: list[Any] = [ttl if any(reads[i].claim for i in members) else 0]
-        records = record_prefix(store_id, b)
-        for i in members:
-            keys.append(records + reads[i].key)
-            args += [store_id, "1" if reads[i].claim else "0"]
-        calls.append(SlotCall("read", keys, args))
-    return calls
-
 
 class RedisClusterBackend(ServerBackend):
     """Stores records in a Redis Cluster; each slot's share of a batch is one atomic script call."""
@@ -181,8 +134,17 @@ class RedisClusterBackend(ServerBackend):
         connection: dict[str, Any] | None = None,
         pool_size: int = 4,
         retry_timeout: float = 10.0,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
+        fsync: bool | None = None,
     ) -> None:
         super().__init__(url, pool_size=pool_size, retry_timeout=retry_timeout)
+        self.durability_options: WaitOptions
+        """What each master's share of a write batch waits for (`wait_replicas`, `wait_timeout`, `fsync`)."""
+        self.durability_options, _ = wait_options(
+            url, wait_replicas=wait_replicas, wait_timeout=wait_timeout, fsync=fsync
+        )
+        self._facts: dict[str, ServerFacts] | None = None  # what the masters said at open (checked once)
         if not startup_nodes:
             raise ValueError("a Redis Cluster needs at least one node to start from")
         self._nodes = list(startup_nodes)
@@ -198,7 +160,7 @@ class RedisClusterBackend(ServerBackend):
         """The cluster client, built on first use (in a worker thread: it reads the slot map)."""
         with self._lock:
             if self._client is None:
-                self._client = RedisCluster(
+                client = RedisCluster(
                     startup_nodes=[ClusterNode(host, port) for host, port in self._nodes],  # type: ignore[no-untyped-call]
                     retry=Retry(NoBackoff(), 0),  # retries happen here, with our budget
                     socket_connect_timeout=min(self._wait, _CONNECT_TIMEOUT),
@@ -206,6 +168,13 @@ class RedisClusterBackend(ServerBackend):
                     decode_responses=False,
                     **self._options,
                 )
+                if self._facts is None:
+                    try:  # at open: refuse what a master cannot honour, warn once
+                        self._facts = check_cluster_at_open(client, self.url, self.durability_options)
+                    except BaseException:
+                        client.close()
+                        raise
+                self._client = client
             return self._client
 
     async def _run(self, store: str | None, call: Callable[[RedisCluster], T]) -> T:
@@ -224,13 +193,15 @@ class RedisClusterBackend(ServerBackend):
             store, lambda deadline: anyio.to_thread.run_sync(attempt, abandon_on_cancel=True)
         )
 
-    async def _slot_calls(self, store: str, calls: Sequence[SlotCall]) -> list[Any]:
+    async def _slot_calls(
+        self, store: str, calls: Sequence[SlotCall], waits: Waits | None = None
+    ) -> list[Any]:
         """Every call's reply, each call sent once more until it answers (within the budget)."""
         done: dict[int, Any] = {}
 
         async def attempt(deadline: float) -> list[Any]:
             client = await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
-            return await self._calls.run(client, calls, done)
+            return await self._calls.run(client, calls, done, waits)
 
         return await self._retrying(store, attempt)
 
@@ -248,6 +219,13 @@ class RedisClusterBackend(ServerBackend):
         """How long (ms) a batch marker outlives the retry budget."""
         return int((self.retry_timeout + 60) * 1000)
 
+    def _waits(self, did: str) -> Waits | None:
+        """What each master's share of a mutating operation waits for (None: nothing)."""
+        options = self.durability_options
+        if not options.waits:
+            return None
+        return Waits(options, wait_ms(options, self._wait), self._ttl(), did, f"Redis Cluster {self.url}")
+
     # -- stores -------------------------------------------------------------
 
     async def open_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
@@ -261,13 +239,13 @@ class RedisClusterBackend(ServerBackend):
             if name is not None and (known := client.hget(NAMES, name)) is not None:
                 return StoreInfo(_text(known), name)
             new_id = uuid.uuid4().hex
-            self._mark_buckets(client, new_id, live=True)  # before the registry names the store
+            self._markbuckets(client, new_id, live=True)  # before the registry names the store
             if name is None:
                 client.hset(REGISTRY, new_id, "-")
                 return StoreInfo(new_id, None)
             got = _text(self._calls_one(client, "open", [NAMES, REGISTRY], [name, new_id]))
             if got != new_id:  # another process made the store first
-                self._mark_buckets(client, new_id, live=False)
+                self._markbuckets(client, new_id, live=False)
             return StoreInfo(got, name)
 
         info = await self._run(name if id is None else id, find)
@@ -275,7 +253,7 @@ class RedisClusterBackend(ServerBackend):
         return info
 
     @staticmethod
-    def _mark_buckets(client: RedisCluster, store_id: str, *, live: bool) -> None:
+    def _markbuckets(client: RedisCluster, store_id: str, *, live: bool) -> None:
         with client.pipeline() as pipe:  # type: ignore[no-untyped-call]
             for b in range(BUCKETS):
                 if live:
@@ -304,7 +282,7 @@ class RedisClusterBackend(ServerBackend):
         label = self._label([store_id])
         await self._run(label, lambda c: self._calls_one(c, "unregister", [NAMES, REGISTRY], [store_id]))
         self._raise_any(
-            store_id, await self._slot_calls(label, _every_bucket("forget", store_id, argv=lambda b: []))
+            store_id, await self._slot_calls(label, every_bucket("forget", store_id, argv=lambda b: []))
         )
         await self._purge(store_id, check=False)
 
@@ -341,7 +319,7 @@ class RedisClusterBackend(ServerBackend):
         StoreNotFoundError when the store is missing."""
         label = self._label([store_id])
         argv = [store_id if check else "", lowest, count]
-        replies = await self._slot_calls(label, _every_bucket("page", store_id, argv=lambda b: argv))
+        replies = await self._slot_calls(label, every_bucket("page", store_id, argv=lambda b: argv))
         self._raise_any(store_id, replies)
         if any(reply[0] == 0 for reply in replies):
             raise StoreNotFoundError("no such store (was it dropped?)", store=label)
@@ -350,9 +328,10 @@ class RedisClusterBackend(ServerBackend):
     # -- records ------------------------------------------------------------
 
     async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
-        groups = _buckets((i, r.store_id, r.key) for i, r in enumerate(reads))
-        calls = _read_calls(reads, groups, uuid.uuid4().hex, self._ttl())
-        replies = await self._slot_calls(self._label({r.store_id for r in reads}), calls)
+        groups = buckets((i, r.store_id, r.key) for i, r in enumerate(reads))
+        calls = read_calls(reads, groups, uuid.uuid4().hex, self._ttl())
+        waits = self._waits("claimed on") if any(r.claim for r in reads) else None
+        replies = await self._slot_calls(self._label({r.store_id for r in reads}), calls, waits)
         found: list[StoredRecord | StorageError | None] = [None] * len(reads)
         for members, reply in zip(groups.values(), replies, strict=True):
             for n, i in enumerate(members):
@@ -360,14 +339,19 @@ class RedisClusterBackend(ServerBackend):
         return found
 
     def _found(self, r: RecordRead, reply: Any, n: int) -> StoredRecord | StorageError | None:
-        """The answer to the `n`th read of one slot's call."""
+        """The answer to the `n`th read of one slot's call (NotDurableError: a claim its master
+        could not confirm; loading again claims again)."""
         if isinstance(reply, BaseException):
             return self._failed(r.store_id, reply)
+        short, reply = (reply, reply.reply) if isinstance(reply, Unconfirmed) else (None, reply)
         present, value, ctype, version, updated = reply[1 + 5 * n : 6 + 5 * n]
         if present == -1:
             return self._gone(r.store_id)
         if not present:
             return None
+        if short is not None and r.claim:
+            store = self._label([r.store_id])
+            return NotDurableError(short.message, store=store, key=r.key, acknowledged=short.acknowledged)
         return StoredRecord(r.key, value, _text(ctype), int(version), _time(updated))
 
     async def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
@@ -378,22 +362,31 @@ class RedisClusterBackend(ServerBackend):
 
     async def _write_run(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
         """Apply writes and deletes: one atomic script call per slot, all slots at once."""
-        groups = _buckets((i, w.store_id, w.key) for i, w in enumerate(ops))
-        calls = _write_calls(ops, groups, uuid.uuid4().hex, self._ttl(), time.time_ns() // 1000)
-        replies = await self._slot_calls(self._label({w.store_id for w in ops}), calls)
+        groups = buckets((i, w.store_id, w.key) for i, w in enumerate(ops))
+        calls = write_calls(ops, groups, uuid.uuid4().hex, self._ttl(), time.time_ns() // 1000)
+        label = self._label({w.store_id for w in ops})
+        replies = await self._slot_calls(label, calls, self._waits("written to"))
         outcomes: list[WriteOutcome | StorageError] = [WriteOutcome(False, 0)] * len(ops)
         for members, reply in zip(groups.values(), replies, strict=True):
             for n, i in enumerate(members):
-                outcomes[i] = self._outcome(ops[i].store_id, reply, n)
+                outcomes[i] = self._outcome(ops[i], reply, n)
         return outcomes
 
-    def _outcome(self, store_id: str, reply: Any, n: int) -> WriteOutcome | StorageError:
-        """The answer to the `n`th request of one slot's call."""
+    def _outcome(self, w: WriteOp, reply: Any, n: int) -> WriteOutcome | StorageError:
+        """The answer to the `n`th request of one slot's call (NotDurableError: applied, and
+        its master could not confirm it)."""
         if isinstance(reply, BaseException):
-            return self._failed(store_id, reply)
+            return self._failed(w.store_id, reply)
+        short, reply = (reply, reply.reply) if isinstance(reply, Unconfirmed) else (None, reply)
         if reply[1 + 2 * n] == -1:
-            return self._gone(store_id)
-        return WriteOutcome(applied=bool(reply[1 + 2 * n]), version=int(reply[2 + 2 * n]))
+            return self._gone(w.store_id)
+        outcome = WriteOutcome(applied=bool(reply[1 + 2 * n]), version=int(reply[2 + 2 * n]))
+        if short is None or not outcome.applied:
+            return outcome
+        store = self._label([w.store_id])
+        return NotDurableError(
+            short.message, store=store, key=w.key, outcome=outcome, acknowledged=short.acknowledged
+        )
 
     async def list_records(
         self, store_id: str, *, exclusive_start_key: str | None = None, limit: int | None = None
@@ -405,7 +398,7 @@ class RedisClusterBackend(ServerBackend):
         chosen = list(merged if limit is None else itertools.islice(merged, limit))
         if not chosen:
             return []
-        groups = _buckets((i, store_id, key) for i, key in enumerate(chosen))
+        groups = buckets((i, store_id, key) for i, key in enumerate(chosen))
         calls = [
             SlotCall(
                 "meta",
@@ -439,6 +432,11 @@ class RedisClusterBackend(ServerBackend):
             size = int(ctlen)
             kept.append(StoredRecord(key, rest[size:], _text(rest[:size]), int(version), _time(updated)))
         return kept
+
+    async def describe_durability(self) -> Durability:
+        """Every master's persistence settings and replicas as it reports them now, and the options."""
+        facts = await self._run(None, master_facts)
+        return describe_cluster(facts, self.durability_options)
 
     async def aclose(self) -> None:
         def close() -> None:

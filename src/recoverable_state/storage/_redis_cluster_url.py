@@ -13,12 +13,15 @@ from urllib.parse import unquote, urlsplit
 
 from .._errors import StorageError
 from ._backend import StorageBackend
+from ._redis_durability import OPTIONS as DURABILITY_OPTIONS
 from ._url import redact_url, url_options
 
-CLUSTER_OPTIONS = frozenset(
-    {"username", "password", "client_name", "health_check_interval", "socket_keepalive"}
+CLUSTER_OPTIONS = (
+    frozenset({"username", "password", "client_name", "health_check_interval", "socket_keepalive"})
+    | DURABILITY_OPTIONS
 )
-"""What a Redis Cluster URL's query may set (and `cluster=true` in the `redis://` spelling)."""
+"""What a Redis Cluster URL's query may set (and `cluster=true` in the `redis://` spelling);
+`wait_replicas`, `wait_timeout` and `fsync` are the backend's own (`_redis_durability.py`)."""
 
 _DEFAULT_PORT = 6379
 
@@ -50,6 +53,8 @@ def cluster_settings(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """The seeds and the client's connection options a Redis Cluster URL names (StorageError if bad)."""
     parts = urlsplit(url)
     options: dict[str, Any] = url_options(url, CLUSTER_OPTIONS | {"cluster"})
+    for name in DURABILITY_OPTIONS:  # read by the backend from the URL, never the client's
+        options.pop(name, None)
     if options.pop("cluster", "true").lower() not in ("true", "1", "yes"):
         raise StorageError(f"storage URL {redact_url(url)!r}: cluster= must be true for a Redis Cluster")
     if parts.path not in ("", "/", "/0"):

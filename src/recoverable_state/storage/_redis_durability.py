@@ -22,6 +22,7 @@ an acknowledged write can be lost.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -171,6 +172,16 @@ def check_at_open(client: redis.Redis, url: str, options: WaitOptions) -> Server
     """Refuse options the server cannot honour (StorageError naming why); warn once of losable writes."""
     facts = read_facts(client)
     where = f"Redis server {url}"
+    refuse_unhonoured(client, facts, where, options)
+    note_unread(where, facts.refused)
+    risk = losable(facts, options)
+    if risk:
+        _log.warning("%s: an acknowledged write can be lost: %s", where, risk)
+    return facts
+
+
+def refuse_unhonoured(client: redis.Redis, facts: ServerFacts, where: str, options: WaitOptions) -> None:
+    """A StorageError when `options` ask what this server (`where`, for the message) cannot do."""
     if options.fsync:
         if facts.version_tuple and facts.version_tuple < _WAITAOF_SINCE:
             raise StorageError(
@@ -188,16 +199,51 @@ def check_at_open(client: redis.Redis, url: str, options: WaitOptions) -> Server
             raise StorageError(
                 f"{where} refuses WAIT to this user ({exc}): wait_replicas needs the @connection category"
             ) from exc
-    if facts.refused:
+
+
+def note_unread(where: str, refused: Iterable[str]) -> None:
+    """One DEBUG line when the ACL kept the persistence settings from being read."""
+    names = list(dict.fromkeys(refused))
+    if names:
         _log.debug(
             "%s: the persistence settings could not be read (%s refused by the ACL): durability not checked",
             where,
-            " and ".join(facts.refused),
+            " and ".join(names),
         )
-    risk = losable(facts, options)
-    if risk:
-        _log.warning("%s: an acknowledged write can be lost: %s", where, risk)
-    return facts
+
+
+def wait_ms(options: WaitOptions, budget: float) -> int:
+    """How long (ms) each WAIT / WAITAOF may take: `wait_timeout`, at most half the reply's budget."""
+    return max(int(min(options.timeout, budget / 2) * 1000), 1)
+
+
+def add_waits(pipe: Any, options: WaitOptions, ms: int) -> None:
+    """Queue WAITAOF and / or WAIT on a pipeline, after its writes (same connection)."""
+    if options.fsync:
+        pipe.execute_command("WAITAOF", 1, 0, ms)
+    if options.replicas:
+        pipe.execute_command("WAIT", options.replicas, ms)
+
+
+def shortfall(acks: Sequence[Any], options: WaitOptions, ms: int, done: str) -> tuple[str, int | None] | None:
+    """What the replies of `add_waits` fell short of (message, replicas acknowledged), or None.
+
+    `done` says what was done where, for the message ("written to Redis server ...").
+    """
+    waited = f"{ms / 1000:g} s"
+    for ack in acks:
+        if isinstance(ack, BaseException):
+            return f"{done}, but waiting for it failed ({ack}): not durable yet", None
+    if options.fsync and int(acks[0][0]) < 1:
+        return f"{done}, but its AOF was not fsynced within {waited} (fsync=true): not durable yet", None
+    if options.replicas and int(acks[-1]) < options.replicas:
+        got = int(acks[-1])
+        return (
+            f"{done}, but {got} of {options.replicas} replica(s) acknowledged it within {waited} "
+            f"(wait_replicas={options.replicas}): not durable yet",
+            got,
+        )
+    return None
 
 
 def losable(facts: ServerFacts, options: WaitOptions) -> str | None:
