@@ -29,6 +29,7 @@ import anyio.lowlevel
 from .._errors import StorageError
 from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
 from ._envelope import KeyRing, seal, unseal, unseal_many
+from ._forks import watch_forks
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")
@@ -185,6 +186,23 @@ class Batcher:
         keeps its objects here, so that opening a store twice gives one object while it lives)."""
         self._started = False
         self._starting: anyio.Event | None = None
+        watch_forks(self)
+
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def before_fork(self, deadline: float) -> None:
+        pass  # the backend waits for its transaction; a batch's waiters live in the parent's loop
+
+    def after_fork_in_parent(self) -> None:
+        pass
+
+    def after_fork_in_child(self) -> None:
+        """No batch in flight, no store being opened: those were the parent's, whose loop is not here."""
+        backend = self.backend
+        self._writes = GroupCommitter(self._flush_writes, max_batch=backend.max_batch)
+        self._reads = GroupCommitter(self._flush_reads, max_batch=backend.max_batch)
+        self._opening = {}
+        self._starting = None
 
     async def _flush_writes(self, ops: Sequence[WriteOp]) -> Sequence[WriteOutcome | StorageError]:
         """Hand a batch to the backend, each record sealed (checksummed, and encrypted with a ring)."""

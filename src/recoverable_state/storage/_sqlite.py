@@ -17,7 +17,8 @@ import anyio.to_thread
 from .._errors import StorageError, StoreNotFoundError
 from ._backend import RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
-from ._sqlite_checkpoint import Checkpointer, estimated_bytes
+from ._forks import FORK_WAIT, watch_forks
+from ._sqlite_checkpoint import Checkpointer, estimated_bytes, release_inherited
 from ._sqlite_schema import open_database
 from ._transactional import TransactionalBackend
 
@@ -73,6 +74,9 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         self._checkpointer = Checkpointer(self.path.absolute())
         self._wrote = 0  # bytes of values the transaction under way writes (the checkpointer's measure)
         self._json = True  # whether this SQLite has json_each (built in since 3.38)
+        self._idle_at_fork = False
+        self._inherited_busy = False  # forked while a transaction was under way: unusable here
+        watch_forks(self)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -85,6 +89,13 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         """`fn` on the connection in a worker thread, in one transaction (BEGIN IMMEDIATE with `write`)."""
 
         def call() -> T:
+            if self._inherited_busy:
+                raise StorageError(
+                    f"SQLite database {str(self.path)!r}: this process was forked while a transaction of "
+                    f"its parent on it was under way (a fork waits {FORK_WAIT:g} s for one to end), and "
+                    "cannot use the connection it inherited; use the 'spawn' or 'forkserver' start "
+                    "method, or fork while nothing is being persisted"
+                )
             with self._lock:
                 try:
                     conn = self._connect()
@@ -335,6 +346,26 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             return [StoredRecord(k, val, ct, v, _ts(u)) for k, val, ct, v, u in cur]
 
         return await self._run(history)
+
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def before_fork(self, deadline: float) -> None:
+        """Wait (a bounded time) for the transaction under way: the child then inherits it idle."""
+        self._idle_at_fork = self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        self._checkpointer.before_fork(deadline)
+
+    def after_fork_in_parent(self) -> None:
+        self._checkpointer.after_fork_in_parent()
+        if self._idle_at_fork:
+            self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        """A lock of its own; the parent's connection let go of, a new one opened at first use."""
+        self._lock = threading.Lock()
+        conn, self._conn = self._conn, None
+        idle = conn is None or release_inherited(conn, idle=self._idle_at_fork)
+        if not self._checkpointer.after_fork_in_child() or not idle:
+            self._inherited_busy = True
 
     async def aclose(self) -> None:
         def close() -> None:
