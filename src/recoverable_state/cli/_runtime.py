@@ -15,7 +15,7 @@ import anyio
 import typer
 
 from .. import RecoverableStateError, StoreNotFoundError
-from ..storage import KeyValueStore, StorageBackend, StoredRecord, open_backend
+from ..storage import KeyValueStore, SQLiteBackend, StorageBackend, StoredRecord, open_backend
 
 T = TypeVar("T")
 
@@ -96,7 +96,8 @@ def options_of(ctx: typer.Context) -> Options:
 
 
 async def _with_storage(options: Options, body: Callable[[StorageBackend], Awaitable[T]], creates: bool) -> T:
-    # Redis and PostgreSQL retry an unreachable server this long before giving up.
+    # Redis and PostgreSQL retry an unreachable server this long before giving up; SQLite
+    # waits this long for a database another process holds.
     local = local_path(options.storage_url)
     if not creates and local is not None and not local[1].exists():
         what, path = local
@@ -105,6 +106,8 @@ async def _with_storage(options: Options, body: Callable[[StorageBackend], Await
             "RECOVERABLE_STATE_STORAGE_URL (relative paths start at the working directory)"
         )
     storage = open_backend(options.storage_url, retry_timeout=options.timeout)
+    if isinstance(storage, SQLiteBackend):  # --timeout bounds its wait for another process too
+        storage.busy_timeout = options.timeout
     try:
         return await body(storage)
     finally:

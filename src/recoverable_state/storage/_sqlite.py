@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -19,7 +20,7 @@ from ._backend import RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._forks import FORK_WAIT, watch_forks
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, release_inherited
-from ._sqlite_schema import open_database
+from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
@@ -39,6 +40,7 @@ _VERSION = (
 
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
 _SCAN_FROM = 1000  # keys of one store in a batch from which reading the store's range may be cheaper
+_BUSY = re.compile(r"database is locked|database table is locked|database is busy")
 _TABLES = ("records", "versions", "history")  # what a store's or a record's rows live in
 
 
@@ -63,11 +65,15 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
     """Stores records in one SQLite file; every batch is one durable transaction.
 
     One connection, used by one worker thread at a time; a transaction's handle is that connection.
+    `busy_timeout`: how long, in seconds, a statement waits for another process's
+    transaction before failing with a StorageError saying another process holds the
+    database (set before first use; the CLI sets it from `--timeout`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_SECONDS) -> None:
         super().__init__()
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -82,7 +88,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn, self._json = open_database(self.path)
+            self._conn, self._json = open_database(self.path, self.busy_timeout)
         return self._conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
@@ -111,7 +117,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
                         self._checkpointer.committed(self._wrote)
                     return result
                 except sqlite3.Error as exc:
-                    raise StorageError(f"SQLite database {str(self.path)!r} failed: {exc}") from exc
+                    raise self._failed(exc) from exc
                 except OSError as exc:  # its directory cannot be made or reached
                     raise StorageError(
                         f"SQLite database {str(self.path)!r} cannot be opened: {exc.strerror or exc}"
@@ -119,6 +125,14 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
                     ) from exc
 
         return await anyio.to_thread.run_sync(call)
+
+    def _failed(self, exc: sqlite3.Error) -> StorageError:
+        if isinstance(exc, sqlite3.OperationalError) and _BUSY.search(str(exc)):
+            return StorageError(
+                f"another process holds the SQLite database {str(self.path)!r}: it was still locked "
+                f"after {self.busy_timeout:g} s of waiting ({exc})"
+            )
+        return StorageError(f"SQLite database {str(self.path)!r} failed: {exc}")
 
     async def run_transaction(
         self, fn: Callable[[sqlite3.Connection], T], *, write: bool, store_ids: Set[str]

@@ -52,14 +52,17 @@ CREATE TABLE IF NOT EXISTS history (
 """
 
 
-def open_database(path: Path) -> tuple[sqlite3.Connection, bool]:
-    """A connection in WAL mode, synchronous=FULL, the schema made; and whether SQLite has json_each."""
+def open_database(path: Path, busy_timeout: float = BUSY_SECONDS) -> tuple[sqlite3.Connection, bool]:
+    """A connection in WAL mode, synchronous=FULL, the schema made; and whether SQLite has json_each.
+
+    A statement waits up to `busy_timeout` seconds for another process's transaction.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
     try:
         # Switching to WAL and creating the schema can meet SQLITE_BUSY without the busy
         # handler being consulted (several processes opening a new file at once): retry.
-        deadline = time.monotonic() + BUSY_SECONDS
+        deadline = time.monotonic() + busy_timeout
         while True:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
