@@ -83,6 +83,26 @@ def make_dir(path: Path) -> None:
             raise OSError(errno.ELOOP, "not a directory (a link or a file) in the store", str(path)) from None
 
 
+def make_private_dirs(path: Path) -> None:
+    """Make `path` and its missing parents, each one this makes 0700 (those that exist stay as they are).
+
+    `Path.mkdir(parents=True)` makes the parents 0777 less the umask: readable by everyone.
+    """
+    missing: list[Path] = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.mkdir(directory, DIR_MODE)
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` empty and 0600 unless it exists (a file SQLite then opens keeps that mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, FILE_MODE))
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`.
 

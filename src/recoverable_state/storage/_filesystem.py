@@ -64,6 +64,7 @@ from ._files_io import (
     encode_key,
     fsync_dir,
     locked,
+    make_private_dirs,
     parse_header,
     read_bytes,
     real_dir,
@@ -231,7 +232,7 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
             if id is not None:
                 self._store_dir(id)
                 return StoreInfo(id, self._names[id])
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.root)
             with locked(self.root):
                 for info in self._stores():
                     if info.name == name:

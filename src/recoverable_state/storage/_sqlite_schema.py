@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ._files_io import create_private_file, make_private_dirs
 from ._sqlite_checkpoint import SELF_CHECKPOINT_PAGES
 
 _CACHE_KIB = 64 * 1024  # the most page cache a connection keeps
@@ -57,7 +58,9 @@ def open_database(path: Path, busy_timeout: float = BUSY_SECONDS) -> tuple[sqlit
 
     A statement waits up to `busy_timeout` seconds for another process's transaction.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Private, as every file the library makes: SQLite gives its -wal and -shm the database's mode.
+    make_private_dirs(path.parent)
+    create_private_file(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
     try:
         # Switching to WAL and creating the schema can meet SQLITE_BUSY without the busy
