@@ -245,6 +245,10 @@ class EventManager:
         if session is None:
             raise RuntimeError(NOT_ACTIVE)
         if not session.loop.in_loop_thread():
+            if event is Event.PERSIST_STATE:  # folded with the others handed over meanwhile
+                data = event_data if event_data is not None else EventPersistStateData()
+                self._rounds.request_threadsafe(data, session.loop)
+                return
             session.loop.call_soon_threadsafe(lambda: self._emit_in(session, event, event_data))
             return
         self._emit_in(session, event, event_data)
