@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ from .._errors import StorageError, StoreNotFoundError
 from ._backend import RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._forks import FORK_WAIT, watch_forks
-from ._sqlite_checkpoint import Checkpointer, estimated_bytes, release_inherited
+from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
 from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
@@ -47,6 +48,15 @@ _TABLES = ("records", "versions", "history")  # what a store's or a record's row
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _file_of(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at `path`, None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _ts(value: float) -> datetime:
@@ -80,6 +90,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         self._checkpointer = Checkpointer(self.path.absolute())
         self._wrote = 0  # bytes of values the transaction under way writes (the checkpointer's measure)
         self._json = True  # whether this SQLite has json_each (built in since 3.38)
+        self._opened = self.path
+        self._file: tuple[int, int] | None = None  # the database file's device and inode, once opened
         self._idle_at_fork = False
         self._inherited_busy = False  # forked while a transaction was under way: unusable here
         watch_forks(self)
@@ -89,7 +101,20 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn, self._json = open_database(self.path, self.busy_timeout)
+            self._opened = self.path.absolute()  # as opened: a later chdir changes nothing
+            self._file = _file_of(self._opened)
+        elif _file_of(self._opened) != self._file:
+            raise self._moved()
         return self._conn
+
+    def _moved(self) -> StorageError:
+        """The database file was deleted or replaced: what the connection wrote, no one would read."""
+        what = "deleted" if _file_of(self._opened) is None else "replaced by another file"
+        return StorageError(
+            f"SQLite database {str(self.path)!r} was {what} while this process had it open: nothing is "
+            "written to the file this process still holds, which no one would read again; the states "
+            "stay in memory, and the process must be restarted to use the file now at that path"
+        )
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         """`fn` on the connection in a worker thread, in one transaction (BEGIN IMMEDIATE with `write`)."""
@@ -377,7 +402,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         """A lock of its own; the parent's connection let go of, a new one opened at first use."""
         self._lock = threading.Lock()
         conn, self._conn = self._conn, None
-        idle = conn is None or release_inherited(conn, idle=self._idle_at_fork)
+        idle = conn is None or let_go(conn, close=self._idle_at_fork)
         if not self._checkpointer.after_fork_in_child() or not idle:
             self._inherited_busy = True
 
@@ -386,6 +411,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             with self._lock:
                 # First: the last connection to close then copies the WAL back and removes it.
                 self._checkpointer.stop()
+                # (Of a file since deleted or replaced, SQLite neither copies the WAL back
+                # nor removes the -wal and -shm at the path: those of the file there now.)
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None

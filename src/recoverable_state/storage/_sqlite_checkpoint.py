@@ -122,20 +122,20 @@ class Checkpointer:
         self._lock, self._working, self._wake = threading.Lock(), threading.Lock(), threading.Event()
         self._thread, self._stopping, self._pending = None, False, 0
         conn, self._conn = self._conn, None
-        return conn is None or release_inherited(conn, idle=self._idle_at_fork)
+        return conn is None or let_go(conn, close=self._idle_at_fork)
 
 
-def release_inherited(conn: sqlite3.Connection, *, idle: bool) -> bool:
-    """Let go of a connection a forked child inherited; False when it was in use at the fork.
+def let_go(conn: sqlite3.Connection, *, close: bool) -> bool:
+    """Close `conn`, or leave it unclosed and never freed; whether it was closed.
 
-    An idle one is closed: SQLite's locks on a file are shared by all the
+    A connection a forked child inherited idle is closed: SQLite's locks on a file are shared by all the
     connections of one process, and the child's new connection takes locks of
     its own only once the inherited one is gone. (Closing cannot delete the WAL
     under the parent: the parent's connection holds its shared lock.) One in use
     at the fork may hold SQLite's mutex for a thread the child does not have:
     it is never touched again, not even freed, which would take that mutex.
     """
-    if idle:
+    if close:
         try:
             conn.close()
         except sqlite3.Error as exc:
