@@ -202,10 +202,31 @@ def locked(directory: Path, *, shared: bool = False) -> Iterator[None]:
             fd = os.open(path, os.O_RDONLY | NOFOLLOW)
         except FileNotFoundError:
             fd = None  # nobody can have written this store since it became read-only
+    if fd is not None:
+        held_locks.add(fd)
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
+            held_locks.discard(fd)
             os.close(fd)  # closing releases the lock
+
+
+held_locks: set[int] = set()
+"""The descriptors `locked` holds open now, in every thread.
+
+A forked child closes its copies (`close_inherited_locks`): a flock belongs to the open
+file, which the child's copy would keep locked after the parent closed its own, for as
+long as the child lives (the child's own next `locked` then waits on it for ever).
+"""
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close the lock descriptors the parent's threads held at the fork."""
+    fds = list(held_locks)
+    held_locks.clear()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

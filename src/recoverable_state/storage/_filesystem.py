@@ -61,6 +61,7 @@ from ._files_io import (
     HISTORY,
     META,
     SUFFIX,
+    close_inherited_locks,
     encode_key,
     fsync_dir,
     locked,
@@ -72,6 +73,7 @@ from ._files_io import (
     write_atomically,
 )
 from ._files_listing import list_page
+from ._forks import watch_forks
 from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
@@ -90,6 +92,21 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
         self._pool: ThreadPoolExecutor | None = None
         self._names: dict[str, str | None] = {}
         self._journals: dict[str, ClaimsJournal] = {}
+        watch_forks(self)
+
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def before_fork(self, deadline: float) -> None:
+        pass  # nothing to wait for: the child drops what the parent's threads were using
+
+    def after_fork_in_parent(self) -> None:
+        pass
+
+    def after_fork_in_child(self) -> None:
+        """No lock the parent held, no journal mirror it was updating, no pool whose threads are gone."""
+        close_inherited_locks()
+        self._journals = {}  # each made again, with a free mutex, and read from its file
+        self._pool = None
 
     # -- plumbing -----------------------------------------------------------
 

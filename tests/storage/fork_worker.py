@@ -1,6 +1,6 @@
-"""A parent that forks while its SQLite backend is busy; each child uses the inherited backend.
+"""A parent that forks while its backend is busy; each child uses the inherited backend.
 
-Usage: sqlite_fork_worker.py DB MODE CHILDREN CHILD_LOOP PARENT_LOOP
+Usage: fork_worker.py URL MODE CHILDREN CHILD_LOOP PARENT_LOOP (`locked` needs a sqlite:/// URL)
 
 MODE `busy`: a task writes batches without pause while the loop thread forks
 (multiprocessing's `fork` start method), so that most forks find the writer
@@ -9,8 +9,8 @@ thread inside a transaction. MODE `locked`: another connection holds
 wait (holding the backend and a group-commit batch) when the children are
 forked. MODE `thread`: `busy`, but `os.fork()` is called from a plain thread.
 
-Each child opens a store of its own on the inherited backend, writes, reads
-back and prints one line: `CHILD <n> ok <seconds>` or `CHILD <n> error <type>: <message>`.
+Each child opens the parent's store on the inherited backend, writes a key of
+its own, reads it back and prints one line: `CHILD <n> ok <seconds>` or `CHILD <n> error <type>: <message>`.
 The parent prints `PARENT ok` when its own writes went on.
 """
 
@@ -32,9 +32,10 @@ async def _child_work(backend: object, n: int) -> str:
     start = time.monotonic()
     try:
         with anyio.fail_after(20):
-            kvs = await KeyValueStore.open(name=f"child-{n}", storage=backend)  # type: ignore[arg-type]
-            await kvs.set_value("value", {"child": n, "pid": os.getpid()})
-            got = await kvs.get_value("value")
+            # The parent's own store: its lock (a file store's) may be held by the parent at the fork.
+            kvs = await KeyValueStore.open(name="parent", storage=backend)  # type: ignore[arg-type]
+            await kvs.set_value(f"child-{n}", {"child": n, "pid": os.getpid()})
+            got = await kvs.get_value(f"child-{n}")
             assert got == {"child": n, "pid": os.getpid()}, got
     except StorageError as exc:
         return f"CHILD {n} error {type(exc).__name__}: {exc} ({time.monotonic() - start:.2f})"
@@ -110,8 +111,8 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
-async def parent(db: str, mode: str, children: int, child_loop: str) -> None:
-    backend = open_backend(f"sqlite:///{db}")
+async def parent(url: str, mode: str, children: int, child_loop: str) -> None:
+    backend = open_backend(url)
     kvs = await KeyValueStore.open(name="parent", storage=backend)
     await kvs.set_value("warm", 1)
     stop = anyio.Event()
@@ -127,7 +128,7 @@ async def parent(db: str, mode: str, children: int, child_loop: str) -> None:
     lock: sqlite3.Connection | None = None
     async with anyio.create_task_group() as tg:
         if mode == "locked":
-            lock = sqlite3.connect(db, isolation_level=None, timeout=10)
+            lock = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, timeout=10)
             lock.execute("BEGIN EXCLUSIVE")
             tg.start_soon(kvs.set_value, "stuck", "waits for the exclusive lock")
             await anyio.sleep(0.3)  # the write is in SQLite's busy wait now
@@ -154,5 +155,5 @@ async def parent(db: str, mode: str, children: int, child_loop: str) -> None:
 
 
 if __name__ == "__main__":
-    db, mode, count, child_loop, parent_loop = sys.argv[1:6]
-    anyio.run(parent, db, mode, int(count), child_loop, backend=parent_loop)
+    url, mode, count, child_loop, parent_loop = sys.argv[1:6]
+    anyio.run(parent, url, mode, int(count), child_loop, backend=parent_loop)
