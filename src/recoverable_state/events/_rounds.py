@@ -16,6 +16,7 @@ from collections.abc import Callable
 import anyio
 
 from .._concurrency import LoopHandle
+from .._forks import watch_forks
 from ._bus import ListenerBus, _Call
 from ._types import Event, EventPersistStateData
 
@@ -40,6 +41,7 @@ class PersistRounds:
         # Requests from other threads waiting to be handed to the loop: one, however many ask.
         self._handover_lock = threading.Lock()
         self._handover: EventPersistStateData | None = None
+        watch_forks(self)
 
     @property
     def pending(self) -> bool:
@@ -62,6 +64,13 @@ class PersistRounds:
         if self._pending is not None:
             self._pending = None
             self._bus.notify_changed()
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: no round of the parent's runs or waits here."""
+        self.forget()
+        self._done = None
+        self._handover_lock = threading.Lock()
+        self._handover = None
 
     def forget(self) -> None:
         """The manager was left: a round still running belongs to no one now."""

@@ -27,9 +27,9 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import StorageError
+from .._forks import watch_forks
 from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
 from ._envelope import KeyRing, seal, unseal, unseal_many
-from ._forks import watch_forks
 
 TItem = TypeVar("TItem")
 TResult = TypeVar("TResult")
@@ -189,12 +189,6 @@ class Batcher:
         watch_forks(self)
 
     # -- fork (see _forks.py) -------------------------------------------------
-
-    def before_fork(self, deadline: float) -> None:
-        pass  # the backend waits for its transaction; a batch's waiters live in the parent's loop
-
-    def after_fork_in_parent(self) -> None:
-        pass
 
     def after_fork_in_child(self) -> None:
         """No batch in flight, no store being opened: those were the parent's, whose loop is not here."""

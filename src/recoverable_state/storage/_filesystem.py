@@ -51,6 +51,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
+from .._forks import watch_forks
 from ._backend import RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan
 from ._files_batch import FileBatch
@@ -73,7 +74,6 @@ from ._files_io import (
     write_atomically,
 )
 from ._files_listing import list_page
-from ._forks import watch_forks
 from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
@@ -95,12 +95,6 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
         watch_forks(self)
 
     # -- fork (see _forks.py) -------------------------------------------------
-
-    def before_fork(self, deadline: float) -> None:
-        pass  # nothing to wait for: the child drops what the parent's threads were using
-
-    def after_fork_in_parent(self) -> None:
-        pass
 
     def after_fork_in_child(self) -> None:
         """No lock the parent held, no journal mirror it was updating, no pool whose threads are gone."""

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from .._errors import StorageError, StoreNotFoundError
+from .._forks import FORK_WAIT, watch_forks
 from ._backend import RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
-from ._forks import FORK_WAIT, watch_forks
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
 from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
