@@ -12,6 +12,7 @@ parent then changes its own state, tears it down and prints `PARENT <stored valu
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import threading
 
@@ -24,6 +25,11 @@ from recoverable_state import KeyValueStore, RecoverableState, service_locator
 
 class Count(BaseModel):
     n: int = 0
+
+
+def say(line: str) -> None:
+    """One line on stdout in one write: the lines of processes sharing the pipe never interleave."""
+    os.write(1, (line + "\n").encode())
 
 
 async def child_main(n: int) -> object:
@@ -44,7 +50,7 @@ def child(n: int, loop: str) -> None:
     thread = threading.Thread(target=lambda: out.append(anyio.run(child_main, n, backend=loop)))
     thread.start()
     thread.join()
-    print(f"CHILD {n} {out[0] if out else 'failed'}", flush=True)
+    say(f"CHILD {n} {out[0] if out else 'failed'}")
 
 
 async def parent(loop: str, children: int) -> None:
@@ -61,10 +67,10 @@ async def parent(loop: str, children: int) -> None:
             await anyio.to_thread.run_sync(proc.join, 40)
             if proc.is_alive():
                 proc.kill()
-                print(f"CHILD pid {proc.pid} killed", flush=True)
+                say(f"CHILD pid {proc.pid} killed")
         value.n = 1000
         await state.teardown()
-    print(f"PARENT {await (await KeyValueStore.open()).get_value('parent')}", flush=True)
+    say(f"PARENT {await (await KeyValueStore.open()).get_value('parent')}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ import anyio
 from recoverable_state import KeyValueStore, StorageError, open_backend
 
 
+def say(line: str) -> None:
+    """One line on stdout in one write: the lines of processes sharing the pipe never interleave."""
+    os.write(1, (line + "\n").encode())
+
+
 async def _child_work(backend: object, n: int) -> str:
     start = time.monotonic()
     try:
@@ -51,7 +56,7 @@ def child(backend: object, n: int, loop: str) -> None:
     t = threading.Thread(target=lambda: lines.append(anyio.run(_child_work, backend, n, backend=loop)))
     t.start()
     t.join()
-    print(lines[0] if lines else f"CHILD {n} crashed", flush=True)
+    say(lines[0] if lines else f"CHILD {n} crashed")
 
 
 def fork_child(backend: object, n: int, loop: str) -> int:
@@ -62,7 +67,7 @@ def fork_child(backend: object, n: int, loop: str) -> int:
         try:
             child(backend, n, loop)
         except BaseException as exc:
-            print(f"CHILD {n} crashed {exc!r}", flush=True)
+            say(f"CHILD {n} crashed {exc!r}")
             code = 1
         finally:
             os._exit(code)
@@ -96,7 +101,7 @@ def reap(pids: list[int]) -> None:
         if proc is not None:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                print(f"CHILD pid {pid} still running: killed", flush=True)
+                say(f"CHILD pid {pid} still running: killed")
                 proc.kill()
                 proc.join()
             continue
@@ -106,7 +111,7 @@ def reap(pids: list[int]) -> None:
                 break
             time.sleep(0.05)
         else:
-            print(f"CHILD pid {pid} still running: killed", flush=True)
+            say(f"CHILD pid {pid} still running: killed")
             os.kill(pid, 9)
             os.waitpid(pid, 0)
 
@@ -151,7 +156,7 @@ async def parent(url: str, mode: str, children: int, child_loop: str) -> None:
     await kvs.set_value("after", "the parent still writes")
     assert await kvs.get_value("after") == "the parent still writes"
     await backend.aclose()
-    print("PARENT ok", flush=True)
+    say("PARENT ok")
 
 
 if __name__ == "__main__":
