@@ -59,8 +59,9 @@ def open_database(path: Path, busy_timeout: float = BUSY_SECONDS) -> tuple[sqlit
     A statement waits up to `busy_timeout` seconds for another process's transaction.
     """
     # Private, as every file the library makes: SQLite gives its -wal and -shm the database's mode.
-    make_private_dirs(path.parent)
-    create_private_file(path)
+    if str(path) != ":memory:":  # SQLite's name for a database of this connection alone
+        make_private_dirs(path.parent)
+        create_private_file(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
     try:
         # Switching to WAL and creating the schema can meet SQLITE_BUSY without the busy
