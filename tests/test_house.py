@@ -23,7 +23,7 @@ import recoverable_state
 
 PACKAGE = Path(recoverable_state.__file__).parent
 
-BASE = {"_config", "_errors", "_services", "_metrics", "_concurrency", "_bridge", "py"}
+BASE = {"_config", "_errors", "_services", "_metrics", "_concurrency", "_bridge", "_forks", "py"}
 """The bottom layer: modules of the package root that import nothing of the library above them."""
 
 # What each part may import from the library, besides itself and the base layer.

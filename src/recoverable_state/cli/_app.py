@@ -58,7 +58,8 @@ def _options(
             "--timeout",
             metavar="SECONDS",
             min=0.0,
-            help="How long to retry an unreachable Redis or PostgreSQL server.",
+            help="How long to retry an unreachable Redis or PostgreSQL server, or to wait for a SQLite "
+            "database another process holds.",
         ),
     ] = 5.0,
     debug: Annotated[bool, typer.Option("--debug", help="On an error, show its traceback too.")] = False,

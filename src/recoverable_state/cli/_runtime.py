@@ -19,6 +19,7 @@ from ..storage import (
     KeyRing,
     KeyValueStore,
     RecordRead,
+    SQLiteBackend,
     StorageBackend,
     StoredRecord,
     open_backend,
@@ -106,7 +107,8 @@ def options_of(ctx: typer.Context) -> Options:
 
 
 async def _with_storage(options: Options, body: Callable[[StorageBackend], Awaitable[T]], creates: bool) -> T:
-    # Redis and PostgreSQL retry an unreachable server this long before giving up.
+    # Redis and PostgreSQL retry an unreachable server this long before giving up; SQLite
+    # waits this long for a database another process holds.
     local = local_path(options.storage_url)
     if not creates and local is not None and not local[1].exists():
         what, path = local
@@ -117,6 +119,8 @@ async def _with_storage(options: Options, body: Callable[[StorageBackend], Await
     storage = open_backend(
         options.storage_url, retry_timeout=options.timeout, encryption_keys=options.key_ring
     )
+    if isinstance(storage, SQLiteBackend):  # --timeout bounds its wait for another process too
+        storage.busy_timeout = options.timeout
     try:
         return await body(storage)
     finally:

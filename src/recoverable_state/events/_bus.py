@@ -19,6 +19,7 @@ import anyio
 from pyee import EventEmitter
 
 from .._concurrency import LoopHandle, run_in_daemon_thread
+from .._forks import watch_forks
 from ._shutdown import EventLoopStarved
 from ._types import Event, ReportsUnfinished
 
@@ -123,6 +124,7 @@ class ListenerBus:
         self.session = 0
         """Counts the times the bus was opened (once per entering of the manager)."""
         self.pending_work: Callable[[], bool] = lambda: False
+        watch_forks(self)
 
     # -- the registry -----------------------------------------------------------
 
@@ -165,6 +167,13 @@ class ListenerBus:
         """Start calling listeners on `loop` (the manager was entered)."""
         self._loop = loop
         self.session += 1
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: the parent's entering, its loop and its calls are not here."""
+        if self._loop is not None:
+            self.forget_entered()
+            self.close()
+        self._changed = None
 
     def close(self) -> None:
         """Stop calling listeners; calls still running are left behind (the manager's last exit)."""

@@ -14,6 +14,7 @@ import anyio
 
 from .._concurrency import LoopHandle
 from .._config import as_timedelta
+from .._forks import watch_forks
 from .._metrics import PersistMetrics, PersistStats
 from ._bus import _CANCEL_GRACE, Listener, ListenerBus, _Call, unfinished_work
 from ._preemption import poller_for
@@ -151,6 +152,11 @@ class EventManager:
         self._unfinished: list[str] = []
         self._persisted_all = True
         self._coalesced_logged = False
+        watch_forks(self)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child is not inside its parent's `async with` (its bus and rounds forget it too)."""
+        self._depth, self._session, self._last = 0, None, None
 
     # -- state ---------------------------------------------------------------
 
@@ -245,6 +251,10 @@ class EventManager:
         if session is None:
             raise RuntimeError(NOT_ACTIVE)
         if not session.loop.in_loop_thread():
+            if event is Event.PERSIST_STATE:  # folded with the others handed over meanwhile
+                data = event_data if event_data is not None else EventPersistStateData()
+                self._rounds.request_threadsafe(data, session.loop)
+                return
             session.loop.call_soon_threadsafe(lambda: self._emit_in(session, event, event_data))
             return
         self._emit_in(session, event, event_data)

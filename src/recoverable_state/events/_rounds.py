@@ -10,11 +10,13 @@ saves every change made before any of the requests it stands for.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import anyio
 
 from .._concurrency import LoopHandle
+from .._forks import watch_forks
 from ._bus import ListenerBus, _Call
 from ._types import Event, EventPersistStateData
 
@@ -36,6 +38,10 @@ class PersistRounds:
         self._pending: EventPersistStateData | None = None
         self._done: anyio.Event | None = None
         self._closing = True
+        # Requests from other threads waiting to be handed to the loop: one, however many ask.
+        self._handover_lock = threading.Lock()
+        self._handover: EventPersistStateData | None = None
+        watch_forks(self)
 
     @property
     def pending(self) -> bool:
@@ -49,6 +55,8 @@ class PersistRounds:
         self._running = False
         self._pending = None
         self._closing = False
+        with self._handover_lock:
+            self._handover = None
 
     def close(self) -> None:
         """Take no more timer ticks and drop the pending round: the last persist follows."""
@@ -56,6 +64,13 @@ class PersistRounds:
         if self._pending is not None:
             self._pending = None
             self._bus.notify_changed()
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: no round of the parent's runs or waits here."""
+        self.forget()
+        self._done = None
+        self._handover_lock = threading.Lock()
+        self._handover = None
 
     def forget(self) -> None:
         """The manager was left: a round still running belongs to no one now."""
@@ -78,6 +93,34 @@ class PersistRounds:
                 self._on_coalesced(self._by_timer)
             return
         self._start(data, from_timer)
+
+    def request_threadsafe(self, data: EventPersistStateData, loop: LoopHandle) -> None:
+        """`request` from a thread other than the loop's.
+
+        Requests made before the loop takes the first of them fold into it (migrating
+        if any was): a storm of emits from threads queues one call on the loop, not
+        one per emit.
+        """
+        with self._handover_lock:
+            queued = self._handover
+            if queued is not None:
+                if data.is_migrating and not queued.is_migrating:
+                    self._handover = data
+                return
+            self._handover = data
+            session = self._session
+        try:
+            loop.call_soon_threadsafe(lambda: self._handed_over(session))
+        except BaseException:
+            with self._handover_lock:
+                self._handover = None
+            raise
+
+    def _handed_over(self, session: int) -> None:
+        with self._handover_lock:
+            data, self._handover = self._handover, None
+        if data is not None and session == self._session:
+            self.request(data)
 
     def _start(self, data: EventPersistStateData, from_timer: bool = False) -> None:
         loop = self._loop

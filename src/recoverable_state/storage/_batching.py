@@ -27,6 +27,7 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import StorageError
+from .._forks import watch_forks
 from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
 from ._envelope import seal, unseal, unseal_many
 from ._keyring import KeyRing
@@ -186,6 +187,17 @@ class Batcher:
         keeps its objects here, so that opening a store twice gives one object while it lives)."""
         self._started = False
         self._starting: anyio.Event | None = None
+        watch_forks(self)
+
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """No batch in flight, no store being opened: those were the parent's, whose loop is not here."""
+        backend = self.backend
+        self._writes = GroupCommitter(self._flush_writes, max_batch=backend.max_batch)
+        self._reads = GroupCommitter(self._flush_reads, max_batch=backend.max_batch)
+        self._opening = {}
+        self._starting = None
 
     async def _flush_writes(self, ops: Sequence[WriteOp]) -> Sequence[WriteOutcome | StorageError]:
         """Hand a batch to the backend, each record sealed (checksummed, and encrypted with a ring)."""

@@ -83,6 +83,26 @@ def make_dir(path: Path) -> None:
             raise OSError(errno.ELOOP, "not a directory (a link or a file) in the store", str(path)) from None
 
 
+def make_private_dirs(path: Path) -> None:
+    """Make `path` and its missing parents, each one this makes 0700 (those that exist stay as they are).
+
+    `Path.mkdir(parents=True)` makes the parents 0777 less the umask: readable by everyone.
+    """
+    missing: list[Path] = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.mkdir(directory, DIR_MODE)
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` empty and 0600 unless it exists (a file SQLite then opens keeps that mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, FILE_MODE))
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`.
 
@@ -182,10 +202,31 @@ def locked(directory: Path, *, shared: bool = False) -> Iterator[None]:
             fd = os.open(path, os.O_RDONLY | NOFOLLOW)
         except FileNotFoundError:
             fd = None  # nobody can have written this store since it became read-only
+    if fd is not None:
+        held_locks.add(fd)
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
+            held_locks.discard(fd)
             os.close(fd)  # closing releases the lock
+
+
+held_locks: set[int] = set()
+"""The descriptors `locked` holds open now, in every thread.
+
+A forked child closes its copies (`close_inherited_locks`): a flock belongs to the open
+file, which the child's copy would keep locked after the parent closed its own, for as
+long as the child lives (the child's own next `locked` then waits on it for ever).
+"""
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close the lock descriptors the parent's threads held at the fork."""
+    fds = list(held_locks)
+    held_locks.clear()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

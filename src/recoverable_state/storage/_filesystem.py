@@ -51,6 +51,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
+from .._forks import watch_forks
 from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan
 from ._files_batch import FileBatch
@@ -61,9 +62,11 @@ from ._files_io import (
     HISTORY,
     META,
     SUFFIX,
+    close_inherited_locks,
     encode_key,
     fsync_dir,
     locked,
+    make_private_dirs,
     parse_header,
     read_bytes,
     real_dir,
@@ -89,6 +92,15 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
         self._pool: ThreadPoolExecutor | None = None
         self._names: dict[str, str | None] = {}
         self._journals: dict[str, ClaimsJournal] = {}
+        watch_forks(self)
+
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """No lock the parent held, no journal mirror it was updating, no pool whose threads are gone."""
+        close_inherited_locks()
+        self._journals = {}  # each made again, with a free mutex, and read from its file
+        self._pool = None
 
     # -- plumbing -----------------------------------------------------------
 
@@ -231,7 +243,7 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
             if id is not None:
                 self._store_dir(id)
                 return StoreInfo(id, self._names[id])
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.root)
             with locked(self.root):
                 for info in self._stores():
                     if info.name == name:

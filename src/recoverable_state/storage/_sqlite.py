@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -15,10 +17,11 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from .._errors import StorageError, StoreNotFoundError
+from .._forks import FORK_WAIT, watch_forks
 from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
-from ._sqlite_checkpoint import Checkpointer, estimated_bytes
-from ._sqlite_schema import open_database
+from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
+from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
@@ -38,12 +41,22 @@ _VERSION = (
 
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
 _SCAN_FROM = 1000  # keys of one store in a batch from which reading the store's range may be cheaper
+_BUSY = re.compile(r"database is locked|database table is locked|database is busy")
 _TABLES = ("records", "versions", "history")  # what a store's or a record's rows live in
 
 
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _file_of(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at `path`, None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _ts(value: float) -> datetime:
@@ -66,29 +79,58 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
     """Stores records in one SQLite file; every batch is one durable transaction.
 
     One connection, used by one worker thread at a time; a transaction's handle is that connection.
+    `busy_timeout`: how long, in seconds, a statement waits for another process's
+    transaction before failing with a StorageError saying another process holds the
+    database (set before first use; the CLI sets it from `--timeout`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_SECONDS) -> None:
         super().__init__()
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._checkpointer = Checkpointer(self.path.absolute())
         self._wrote = 0  # bytes of values the transaction under way writes (the checkpointer's measure)
         self._json = True  # whether this SQLite has json_each (built in since 3.38)
+        self._opened = self.path
+        self._file: tuple[int, int] | None = None  # the database file's device and inode, once opened
+        self._idle_at_fork = False
+        self._inherited_busy = False  # forked while a transaction was under way: unusable here
+        watch_forks(self)
 
     # -- plumbing -----------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn, self._json = open_database(self.path)
+            self._conn, self._json = open_database(self.path, self.busy_timeout)
+            self._opened = self.path.absolute()  # as opened: a later chdir changes nothing
+            self._file = _file_of(self._opened)
+        elif _file_of(self._opened) != self._file:
+            raise self._moved()
         return self._conn
+
+    def _moved(self) -> StorageError:
+        """The database file was deleted or replaced: what the connection wrote, no one would read."""
+        what = "deleted" if _file_of(self._opened) is None else "replaced by another file"
+        return StorageError(
+            f"SQLite database {str(self.path)!r} was {what} while this process had it open: nothing is "
+            "written to the file this process still holds, which no one would read again; the states "
+            "stay in memory, and the process must be restarted to use the file now at that path"
+        )
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         """`fn` on the connection in a worker thread, in one transaction (BEGIN IMMEDIATE with `write`)."""
 
         def call() -> T:
+            if self._inherited_busy:
+                raise StorageError(
+                    f"SQLite database {str(self.path)!r}: this process was forked while a transaction of "
+                    f"its parent on it was under way (a fork waits {FORK_WAIT:g} s for one to end), and "
+                    "cannot use the connection it inherited; use the 'spawn' or 'forkserver' start "
+                    "method, or fork while nothing is being persisted"
+                )
             with self._lock:
                 try:
                     conn = self._connect()
@@ -104,7 +146,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
                         self._checkpointer.committed(self._wrote)
                     return result
                 except sqlite3.Error as exc:
-                    raise StorageError(f"SQLite database {str(self.path)!r} failed: {exc}") from exc
+                    raise self._failed(exc) from exc
                 except OSError as exc:  # its directory cannot be made or reached
                     raise StorageError(
                         f"SQLite database {str(self.path)!r} cannot be opened: {exc.strerror or exc}"
@@ -112,6 +154,14 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
                     ) from exc
 
         return await anyio.to_thread.run_sync(call)
+
+    def _failed(self, exc: sqlite3.Error) -> StorageError:
+        if isinstance(exc, sqlite3.OperationalError) and _BUSY.search(str(exc)):
+            return StorageError(
+                f"another process holds the SQLite database {str(self.path)!r}: it was still locked "
+                f"after {self.busy_timeout:g} s of waiting ({exc})"
+            )
+        return StorageError(f"SQLite database {str(self.path)!r} failed: {exc}")
 
     async def run_transaction(
         self, fn: Callable[[sqlite3.Connection], T], *, write: bool, store_ids: Set[str]
@@ -364,11 +414,33 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             {"path": str(self.path), "synchronous": synchronous, "journal_mode": mode},
         )
 
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def before_fork(self, deadline: float) -> None:
+        """Wait (a bounded time) for the transaction under way: the child then inherits it idle."""
+        self._idle_at_fork = self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        self._checkpointer.before_fork(deadline)
+
+    def after_fork_in_parent(self) -> None:
+        self._checkpointer.after_fork_in_parent()
+        if self._idle_at_fork:
+            self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        """A lock of its own; the parent's connection let go of, a new one opened at first use."""
+        self._lock = threading.Lock()
+        conn, self._conn = self._conn, None
+        idle = conn is None or let_go(conn, close=self._idle_at_fork)
+        if not self._checkpointer.after_fork_in_child() or not idle:
+            self._inherited_busy = True
+
     async def aclose(self) -> None:
         def close() -> None:
             with self._lock:
                 # First: the last connection to close then copies the WAL back and removes it.
                 self._checkpointer.stop()
+                # (Of a file since deleted or replaced, SQLite neither copies the WAL back
+                # nor removes the -wal and -shm at the path: those of the file there now.)
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -46,6 +48,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending = 0
+        self._working = threading.Lock()  # held while the thread uses its connection
+        self._conn: sqlite3.Connection | None = None
+        self._idle_at_fork = False
 
     def committed(self, nbytes: int) -> None:
         """Note `nbytes` of values committed; wake the thread once enough have been."""
@@ -73,7 +78,6 @@ class Checkpointer:
             self._wake.clear()
 
     def _work(self) -> None:
-        conn: sqlite3.Connection | None = None
         try:
             while True:
                 self._wake.wait(CHECKPOINTER_IDLE)
@@ -82,15 +86,60 @@ class Checkpointer:
                         self._thread = None
                         return
                     self._wake.clear()
-                try:
-                    if conn is None:  # mode=rw: never create a database that went away
-                        conn = sqlite3.connect(
-                            f"file:{quote(str(self._path))}?mode=rw", uri=True, isolation_level=None
-                        )
-                        conn.execute("PRAGMA synchronous=FULL")
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:  # the next commit past the limit checkpoints itself
-                    _log.debug("SQLite database %s: background checkpoint failed: %s", self._path, exc)
+                with self._working:
+                    self._checkpoint()
         finally:
-            if conn is not None:
-                conn.close()
+            with self._working:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._conn is None:  # mode=rw: never create a database that went away
+                self._conn = sqlite3.connect(
+                    f"file:{quote(str(self._path))}?mode=rw",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next commit past the limit checkpoints itself
+            _log.debug("SQLite database %s: background checkpoint failed: %s", self._path, exc)
+
+    # -- fork (see _forks.py) -------------------------------------------------
+
+    def before_fork(self, deadline: float) -> None:
+        self._idle_at_fork = self._working.acquire(timeout=max(0.0, deadline - time.monotonic()))
+
+    def after_fork_in_parent(self) -> None:
+        if self._idle_at_fork:
+            self._working.release()
+
+    def after_fork_in_child(self) -> bool:
+        """Start again without the parent's thread; False when its connection was in use at the fork."""
+        self._lock, self._working, self._wake = threading.Lock(), threading.Lock(), threading.Event()
+        self._thread, self._stopping, self._pending = None, False, 0
+        conn, self._conn = self._conn, None
+        return conn is None or let_go(conn, close=self._idle_at_fork)
+
+
+def let_go(conn: sqlite3.Connection, *, close: bool) -> bool:
+    """Close `conn`, or leave it unclosed and never freed; whether it was closed.
+
+    A connection a forked child inherited idle is closed: SQLite's locks on a file are shared by all the
+    connections of one process, and the child's new connection takes locks of
+    its own only once the inherited one is gone. (Closing cannot delete the WAL
+    under the parent: the parent's connection holds its shared lock.) One in use
+    at the fork may hold SQLite's mutex for a thread the child does not have:
+    it is never touched again, not even freed, which would take that mutex.
+    """
+    if close:
+        try:
+            conn.close()
+        except sqlite3.Error as exc:
+            _log.debug("closing a connection inherited through fork() failed: %s", exc)
+        return True
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))  # never freed, even at exit
+    return False

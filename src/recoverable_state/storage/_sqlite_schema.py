@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ._files_io import create_private_file, make_private_dirs
 from ._sqlite_checkpoint import SELF_CHECKPOINT_PAGES
 
 _CACHE_KIB = 64 * 1024  # the most page cache a connection keeps
@@ -52,14 +53,20 @@ CREATE TABLE IF NOT EXISTS history (
 """
 
 
-def open_database(path: Path) -> tuple[sqlite3.Connection, bool]:
-    """A connection in WAL mode, synchronous=FULL, the schema made; and whether SQLite has json_each."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+def open_database(path: Path, busy_timeout: float = BUSY_SECONDS) -> tuple[sqlite3.Connection, bool]:
+    """A connection in WAL mode, synchronous=FULL, the schema made; and whether SQLite has json_each.
+
+    A statement waits up to `busy_timeout` seconds for another process's transaction.
+    """
+    # Private, as every file the library makes: SQLite gives its -wal and -shm the database's mode.
+    if str(path) != ":memory:":  # SQLite's name for a database of this connection alone
+        make_private_dirs(path.parent)
+        create_private_file(path)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
     try:
         # Switching to WAL and creating the schema can meet SQLITE_BUSY without the busy
         # handler being consulted (several processes opening a new file at once): retry.
-        deadline = time.monotonic() + BUSY_SECONDS
+        deadline = time.monotonic() + busy_timeout
         while True:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
