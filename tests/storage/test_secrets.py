@@ -274,3 +274,24 @@ def test_what_is_sealed_opens_under_any_ring_that_holds_its_key(
     for other in (keys, [*reversed(keys)], [keys[0], *[k for k in "abcd" if k not in keys]]):
         opened = unseal(record, KeyRing([(k, materials[k]) for k in other]) if sealing else None, store="s")
         assert (opened.value, opened.content_type, opened.version) == (value, content_type, 3)
+
+
+def test_a_forked_child_never_seals_with_a_nonce_its_parent_drew() -> None:
+    """Nonces are drawn in blocks; a child of fork() draws its own, so no nonce is used twice."""
+    ring = KeyRing.parse(ring_text(("k1", key())))
+    ring.seal(b"{}", "application/json")  # the parent has drawn a block, and holds the rest of it
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the nonces of its next seals
+        os.close(read_end)
+        nonces = [ring.seal(b"{}", "application/json")[0][4:16] for _ in range(3)]
+        os.write(write_end, b"".join(nonces))
+        os._exit(0)
+    os.close(write_end)
+    parent = [ring.seal(b"{}", "application/json")[0][4:16] for _ in range(3)]
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    child = [data[i : i + 12] for i in range(0, len(data), 12)]
+    assert len(child) == 3
+    assert not set(child) & set(parent)

@@ -11,11 +11,11 @@ import base64
 import binascii
 import os
 import re
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from .._errors import RecordDecryptionError, StorageError
+from .._forks import watch_forks
 
 SEALED_CONTENT_TYPE = "application/vnd.recoverable-state.sealed"
 """The content type of an encrypted record (its own content type is sealed inside)."""
@@ -61,7 +61,7 @@ class KeyRing:
         self._by_type: dict[str, Any] = {}  # a sealed content type -> the cipher of its key id
         self._sealed_type = f"{SEALED_CONTENT_TYPE}; {KEY_ID_PARAM}={self.current}"
         self._nonces: list[bytes] = []
-        _watch_forks(self)
+        watch_forks(self)  # a forked child must not seal with the nonces its parent drew
 
     @classmethod
     def parse(cls, text: str) -> KeyRing:
@@ -97,13 +97,17 @@ class KeyRing:
     def _nonce(self) -> bytes:
         """A fresh random nonce, cut from a block of random bytes drawn 1,024 nonces at a time.
 
-        A forked child drops the block it inherited (`_after_fork`): two processes
+        A forked child drops the block it inherited (`after_fork_in_child`): two processes
         must never seal with the same nonce under one key.
         """
         if not self._nonces:
             block = os.urandom(_NONCE * _NONCE_BLOCK)
             self._nonces = [block[i : i + _NONCE] for i in range(0, len(block), _NONCE)]
         return self._nonces.pop()
+
+    def after_fork_in_child(self) -> None:
+        """Drop the nonces drawn in the parent: two processes never seal with one nonce."""
+        self._nonces = []
 
     def open_quietly(self, value: bytes, sealed_type: str) -> tuple[bytes, str] | None:
         """`open` for the usual record, whose checksum was right: None where `open` would raise.
@@ -154,8 +158,6 @@ class KeyRing:
 
 
 _NONCE_BLOCK = 1024
-_rings: weakref.WeakSet[KeyRing] = weakref.WeakSet()
-"""Every live ring, so that a forked child drops the nonces its parent drew."""
 _heads: dict[str, bytes] = {}
 
 
@@ -165,23 +167,6 @@ def _head(content_type: str) -> bytes:
     if len(_heads) < 64:
         _heads[content_type] = head
     return head
-
-
-def _watch_forks(ring: KeyRing) -> None:
-    """Have a forked child drop `ring`'s nonces; the fork hook is registered with the first ring."""
-    if not _rings and not _fork_hook:
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork)
-        _fork_hook.append(True)
-    _rings.add(ring)
-
-
-_fork_hook: list[bool] = []
-
-
-def _after_fork() -> None:
-    for ring in list(_rings):
-        ring._nonces = []
 
 
 def sealed_key_id(content_type: str) -> str | None:
