@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 from .._errors import StorageError
 from ._backend import StorageBackend
-from ._redis_durability import OPTIONS as DURABILITY_OPTIONS
+from ._url import REDIS_DURABILITY_OPTIONS as DURABILITY_OPTIONS
 from ._url import redact_url, url_options
 
 CLUSTER_OPTIONS = (

@@ -32,11 +32,11 @@ import redis.exceptions
 
 from .._errors import StorageError
 from ._backend import Durability
-from ._url import redact_url
+from ._url import REDIS_DURABILITY_OPTIONS, redact_url
 
 _log = logging.getLogger("recoverable_state.storage")
 
-OPTIONS = frozenset({"wait_replicas", "wait_timeout", "fsync"})
+OPTIONS = REDIS_DURABILITY_OPTIONS
 """The query parameters of a `redis://` URL that this module reads (the driver never sees them)."""
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -55,3 +55,9 @@ def url_options(url: str, allowed: Collection[str]) -> dict[str, str]:
             )
         options[name] = value
     return options
+
+
+REDIS_DURABILITY_OPTIONS = frozenset({"wait_replicas", "wait_timeout", "fsync"})
+"""The query parameters of a Redis URL (one server or a cluster) that the backend reads for
+durability (`_redis_durability.py`); the driver never sees them. Kept here, beside the other
+URL helpers, so that checking a URL never imports the driver."""

@@ -1,7 +1,7 @@
 """What checksums and encryption cost: persist-all and cold start of N states, with and without them.
 
-    python benchmarks/secrets.py                  # 10,000 states of about 600 B, SQLite, medians of 5
-    python benchmarks/secrets.py --n 1000 --repeat 3 --loop trio
+    python benchmarks/sealing.py                  # 10,000 states of about 600 B, SQLite, medians of 5
+    python benchmarks/sealing.py --n 1000 --repeat 3 --loop trio
 
 Each measurement runs in a fresh interpreter, the three setups interleaved:
 `bare` (the record sealing switched off in the child, as records were stored
