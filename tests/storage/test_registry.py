@@ -89,7 +89,8 @@ def test_an_unknown_scheme_names_the_registered_ones() -> None:
 @pytest.mark.parametrize(
     ("url", "parameter", "accepted"),
     [
-        ("redis://127.0.0.1:6379/0?cluster=true", "cluster", "client_name"),
+        ("redis://127.0.0.1:6379/0?clusters=true", "clusters", "client_name"),
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/?db=1", "db", "client_name"),
         ("redis://:s3cret@127.0.0.1/0?socket_timeout=1&password=s3cret", "socket_timeout", "db"),
         ("rediss://127.0.0.1/0?clustr=1", "clustr", "ssl_ca_certs"),
         ("postgresql://me:s3cret@127.0.0.1/db?sslmode=require&pool=3", "pool", "sslmode"),

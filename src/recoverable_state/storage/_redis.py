@@ -24,7 +24,8 @@ a script atomically, so a reader sees each record whole, and a `read_batch`
 with claims bumps versions in the same atomic step as the read.
 Store creation by name is one script too (check-then-set inside Redis), so two
 processes opening the same name get the same id. Keys are built inside the
-scripts for listings, drops and purges, so Redis Cluster is not supported.
+scripts for listings, drops and purges, so this layout needs one server; a
+Redis Cluster has its own (`_redis_cluster.py`, `redis+cluster://`).
 
 Durability: a write returns once Redis has acknowledged it. Whether that reply
 means "on disk" is the server's setting: with `appendonly yes` and

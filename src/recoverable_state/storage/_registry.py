@@ -38,6 +38,7 @@ _OWN = {
     "file": "recoverable_state.storage._schemes:open_file",
     "redis": "recoverable_state.storage._schemes:open_redis",
     "rediss": "recoverable_state.storage._schemes:open_redis",
+    "redis+cluster": "recoverable_state.storage._redis_cluster_url:open_redis_cluster",
     "postgresql": "recoverable_state.storage._schemes:open_postgres",
     "postgres": "recoverable_state.storage._schemes:open_postgres",
 }

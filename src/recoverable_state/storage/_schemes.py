@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from .._errors import StorageError
 from ._backend import StorageBackend
+from ._redis_cluster_url import open_redis_cluster, wants_cluster
 from ._url import redact_url, url_options
 
 _REDIS_OPTIONS = frozenset(
@@ -69,7 +70,9 @@ def open_file(url: str, **options: Any) -> StorageBackend:
 
 
 def open_redis(url: str, **options: Any) -> StorageBackend:
-    """`redis://[user:password@]host:port/db` or `rediss://` (TLS)."""
+    """`redis://[user:password@]host:port/db` or `rediss://` (TLS); `?cluster=true`: a Redis Cluster."""
+    if wants_cluster(url):
+        return open_redis_cluster(url, **options)
     try:
         from ._redis import RedisBackend
     except ImportError as exc:
