@@ -8,6 +8,7 @@ fixture's failover takes about 2.5 s).
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -16,10 +17,16 @@ import pytest
 from pydantic import BaseModel
 
 from fleet_servers import RedisClusterServer
-from recoverable_state import EventManager, KeyValueStore, RecoverableState, service_locator
+from recoverable_state import (
+    EventManager,
+    KeyValueStore,
+    RecoverableState,
+    StateOwnershipLost,
+    service_locator,
+)
 from recoverable_state.storage import RecordRead, RecordWrite, WriteOutcome, open_backend
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio]
 
 WORKERS = 60
 
@@ -28,6 +35,7 @@ class Counter(BaseModel):
     n: int = 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_a_worker_persisting_every_100_ms_keeps_going_through_a_failover(
     cluster: RedisClusterServer, anyio_backend: str
@@ -86,6 +94,7 @@ async def test_a_worker_persisting_every_100_ms_keeps_going_through_a_failover(
     await backend.aclose()
 
 
+@pytest.mark.slow
 async def test_a_stale_writer_is_still_fenced_after_a_failover(cluster: RedisClusterServer) -> None:
     async with open_backend(cluster.url) as first, open_backend(cluster.url) as second:
         store = await first.open_store(name="fenced")
@@ -103,3 +112,36 @@ async def test_a_stale_writer_is_still_fenced_after_a_failover(cluster: RedisClu
             [RecordWrite(store.id, k, b"2", "x", expected_version=1) for k in keys]
         )
         assert stale == [WriteOutcome(False, 2)] * 30
+
+
+async def test_a_successor_process_fences_off_the_stale_worker_on_the_cluster(
+    cluster: RedisClusterServer,
+) -> None:
+    """The successor (another backend, as another process would have) loads and claims the
+    record and moves on; the old worker is refused from then on and writes nothing."""
+    async with open_backend(cluster.url) as old_storage, open_backend(cluster.url) as new_storage:
+
+        async def store() -> KeyValueStore:
+            return await KeyValueStore.open(name="jobs", storage=old_storage)
+
+        async with EventManager() as manager:
+            old = RecoverableState(
+                default_state=Counter(),
+                persist_state_key="job-7",
+                persistence_enabled=True,
+                persist_state_kvs_factory=store,
+                event_manager=manager,
+            )
+            (await old.initialize()).n = 1
+            await old.persist_state()
+            successor = await KeyValueStore.open(name="jobs", storage=new_storage)
+            claimed = await successor.get_record("job-7", claim=True)
+            assert claimed is not None and json.loads(claimed.value) == {"n": 1}
+            await successor.put_record(
+                "job-7", b'{"n":100}', "application/json", expected_version=claimed.version
+            )
+            old.current_value.n = 2
+            with pytest.raises(StateOwnershipLost, match=r"key 'job-7'.*another process"):
+                await old.persist_state()
+            await old.teardown()
+        assert await successor.get_value("job-7") == {"n": 100}
