@@ -24,7 +24,7 @@ import pytest
 from pydantic import BaseModel
 
 from fleet_servers import PostgresPrimaryStandby
-from recoverable_state import EventManager, KeyValueStore, RecoverableState
+from recoverable_state import EventManager, KeyValueStore, RecoverableState, StateOwnershipLost
 from recoverable_state.storage import RecordWrite, StorageBackend, WriteOutcome, open_backend
 from servers import flush_postgres
 
@@ -158,3 +158,63 @@ async def test_with_a_synchronous_standby_no_acknowledged_persist_is_lost_and_th
     assert manager.stats.ownership_losses == 0
     assert not any(s.ownership_lost for s in states)
     assert _lost_writes(caplog) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_after_a_failover_that_lost_commits_the_worker_writes_again_and_a_newer_record_fences(
+    pair_async: PostgresPrimaryStandby, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pair = pair_async
+    worker = open_backend(pair.url, retry_timeout=BUDGET)
+    successor = open_backend(pair.url + "&application_name=successor", retry_timeout=BUDGET)
+    keys = [f"job-{i}" for i in range(5)]
+    try:
+        states = _states(None, worker, keys)
+        await RecoverableState.initialize_many(states)
+        for n in (1, 2, 3):
+            for state in states:
+                state.current_value.n = n
+            await RecoverableState.persist_many(states)
+        await anyio.to_thread.run_sync(pair.wait_replayed)
+        await anyio.to_thread.run_sync(pair.pause_streaming)  # the standby gets nothing from here
+        for n in (4, 5):  # acknowledged by the primary alone
+            for state in states:
+                state.current_value.n = n
+            await RecoverableState.persist_many(states)
+        await anyio.to_thread.run_sync(pair.kill_primary)
+        await anyio.to_thread.run_sync(pair.promote)
+        assert await anyio.to_thread.run_sync(_versions, pair.url) == dict.fromkeys(keys, 3)
+
+        # Another process takes job-4 over on the new primary and moves it past version 5.
+        theirs = await KeyValueStore.open(name=STORE, storage=successor)
+        claimed = await theirs.get_record("job-4", claim=True)
+        assert claimed is not None and claimed.version == 4
+        version = claimed.version
+        for value in (b'{"n":100}', b'{"n":101}'):
+            outcome = await theirs.put_record("job-4", value, "application/json", expected_version=version)
+            assert outcome.applied
+            version = outcome.version
+        assert version == 6
+
+        for state in states:
+            state.current_value.n = 6
+        with caplog.at_level(logging.WARNING, logger="recoverable_state"), pytest.raises(StateOwnershipLost):
+            await RecoverableState.persist_many(states)
+        assert [s.ownership_lost for s in states] == [False] * 4 + [True]
+        lost = _lost_writes(caplog)
+        assert len(lost) == 4
+        for key, message in zip(keys, sorted(lost), strict=False):
+            assert f"store '{STORE}', key '{key}': the store holds version 3, older than version 5" in message
+        assert not any("job-4" in m for m in lost)
+        ours = await KeyValueStore.open(name=STORE, storage=successor)
+        assert [await ours.get_value(k) for k in keys] == [{"n": 6}] * 4 + [{"n": 101}]
+        assert await anyio.to_thread.run_sync(_versions, pair.url) == {
+            **dict.fromkeys(keys[:4], 4),
+            "job-4": 6,
+        }
+        for state in states:
+            await state.teardown()
+    finally:
+        await worker.aclose()
+        await successor.aclose()
