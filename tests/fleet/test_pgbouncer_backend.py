@@ -48,6 +48,8 @@ CREATE TRIGGER rs_bounced_note AFTER INSERT OR UPDATE ON recoverable_state.recor
 class TestPostgresThroughPgBouncer(BackendConformance):
     """Every conformance check, each statement and transaction passing through the pooler."""
 
+    machine_examples = 8  # the direct PostgreSQL class runs the full 20 random runs
+
     @pytest.fixture
     def make_backend(self, pgbouncer_url: str, postgres_url: str) -> MakeBackend:
         flush_postgres(postgres_url)  # the same database, reached directly
