@@ -87,20 +87,33 @@ class RedisClusterNode:
             self.proc = subprocess.Popen(
                 [
                     c.binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes",
-                    "--cluster-port", str(self.bus_port),
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(c.node_timeout_ms),
-                    "--save", "",
-                    "--appendonly", "yes" if c.appendonly else "no",
-                    "--appendfsync", c.appendfsync,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    str(self.bus_port),
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(c.node_timeout_ms),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes" if c.appendonly else "no",
+                    "--appendfsync",
+                    c.appendfsync,
                     # A master waits 5 s (by default) for more replicas before it sends a full copy.
-                    "--repl-diskless-sync-delay", "0",
-                    "--dir", str(self.directory),
-                    "--daemonize", "no",
-                    "--protected-mode", "no",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--dir",
+                    str(self.directory),
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "no",
                     *(["--requirepass", c.password, "--masterauth", c.password] if c.password else []),
                 ],
                 cwd=self.directory,
@@ -279,9 +292,11 @@ class RedisClusterServer:
         args = [
             self.cli,
             *(["-a", self.password, "--no-auth-warning"] if self.password else []),
-            "--cluster", "create",
+            "--cluster",
+            "create",
             *(node.address for node in self.nodes),
-            "--cluster-replicas", str(self.replicas),
+            "--cluster-replicas",
+            str(self.replicas),
             "--cluster-yes",
         ]
         done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
@@ -462,12 +477,17 @@ class PostgresStandbyServer(PostgresServer):
         proc = self._popen(
             [
                 str(PG_BIN / "pg_basebackup"),
-                "-D", str(self.data),
-                "-h", "127.0.0.1",
-                "-p", str(self.primary.port),
-                "-U", "postgres",
+                "-D",
+                str(self.data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.primary.port),
+                "-U",
+                "postgres",
                 "-R",  # standby.signal and primary_conninfo in postgresql.auto.conf
-                "-X", "stream",
+                "-X",
+                "stream",
                 "--checkpoint=fast",
                 "--no-sync",
             ],
@@ -477,6 +497,12 @@ class PostgresStandbyServer(PostgresServer):
         out, _ = proc.communicate(timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"pg_basebackup failed:\n{out.decode(errors='replace')}")
+        # The clone copies the primary's `synchronous_standby_names` (ALTER SYSTEM, set once the
+        # first standby streamed): once promoted, with no standby of its own, every COMMIT would
+        # wait for ever. A failover manager resets it on promotion; the clone goes without it.
+        auto = self.data / "postgresql.auto.conf"
+        kept = [ln for ln in auto.read_text().splitlines() if not ln.startswith("synchronous_standby_names")]
+        auto.write_text("\n".join(kept) + "\n")  # in place: its owner stays
 
     def _create_database(self) -> None:
         """Nothing to do: the database came with the base backup (and a standby is read-only)."""
@@ -671,8 +697,9 @@ class PostgresPrimaryStandby:
             conn.execute("SELECT pg_reload_conf()")
         _until(
             "the standby's walreceiver stopping",
-            lambda: not self._standby_query("SELECT 1 FROM pg_stat_wal_receiver")
-            and self.replication() is None,
+            lambda: (
+                not self._standby_query("SELECT 1 FROM pg_stat_wal_receiver") and self.replication() is None
+            ),
             timeout,
         )
 
@@ -860,4 +887,3 @@ class PgBouncerServer:
     def stop(self) -> None:
         """Shut PgBouncer down at once (SIGTERM; SIGINT would wait for its clients)."""
         _stop(self.proc, signal.SIGTERM)
-

@@ -120,6 +120,13 @@ from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
 
+_ALREADY_MADE = (
+    psycopg.errors.UniqueViolation,
+    psycopg.errors.DuplicateSchema,
+    psycopg.errors.DuplicateTable,
+)
+"""What CREATE ... IF NOT EXISTS raises when another transaction made the object it did not see."""
+
 
 @dataclass
 class _Txn:
@@ -184,14 +191,24 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
     def _ensure_schema(self, conn: Connection, deadline: float) -> None:
         if self._schema_ready:
             return
-        with conn.transaction():
-            bound(conn, deadline)
-            found = conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{KEY_INDEX}",)).fetchone()
-            if found is None or found[0] is None:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
-                for statement in DDL.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+        for tries_left in (1, 0):
+            try:
+                with conn.transaction():
+                    bound(conn, deadline)
+                    found = conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{KEY_INDEX}",)).fetchone()
+                    if found is None or found[0] is None:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+                        for statement in DDL.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                break
+            except _ALREADY_MADE:
+                # Another first user made the tables while this one waited for the lock: the
+                # server's catalog caches still said "missing" (a wait for an advisory lock
+                # does not refresh them), so IF NOT EXISTS tried again. A new transaction
+                # sees them (met through PgBouncer, whose fast logins make first users collide).
+                if not tries_left:
+                    raise
         self._schema_ready = True
         if not self._reported:  # at open: the server's durability settings, reported once
             with conn.transaction():
