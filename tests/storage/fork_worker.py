@@ -1,6 +1,7 @@
 """A parent that forks while its backend is busy; each child uses the inherited backend.
 
-Usage: fork_worker.py URL MODE CHILDREN CHILD_LOOP PARENT_LOOP (`locked` needs a sqlite:/// URL)
+Usage: fork_worker.py URL MODE CHILDREN CHILD_LOOP PARENT_LOOP (`locked` needs a sqlite:/// URL;
+`connecting` a server's, and the pids of its processes in RS_FORK_PAUSE, comma-separated)
 
 MODE `busy`: a task writes batches without pause while the loop thread forks
 (multiprocessing's `fork` start method), so that most forks find the writer
@@ -8,16 +9,22 @@ thread inside a transaction. MODE `locked`: another connection holds
 `BEGIN EXCLUSIVE`, so that a write of the parent is stuck in SQLite's busy
 wait (holding the backend and a group-commit batch) when the children are
 forked. MODE `thread`: `busy`, but `os.fork()` is called from a plain thread.
+MODE `connecting`: the server's processes are stopped (SIGSTOP) while the
+parent makes its first call, so that the backend is connecting (its lock held,
+no reply yet) when the children are forked; they are let go on after that.
 
 Each child opens the parent's store on the inherited backend, writes a key of
 its own, reads it back and prints one line: `CHILD <n> ok <seconds>` or `CHILD <n> error <type>: <message>`.
-The parent prints `PARENT ok` when its own writes went on.
+The parent prints `PARENT ok` when its own writes went on and read back as
+written, and (PostgreSQL) its sessions outlived the children: a child that
+closed them (libpq's Terminate) or talked on them would have ended or broken them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sqlite3
 import sys
 import threading
@@ -116,19 +123,48 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
+def sessions(backend: object) -> set[int]:
+    """The server sessions of a PostgreSQL backend's idle pooled connections (none for others)."""
+    pool = getattr(backend, "_pool", None)
+    return {conn.info.backend_pid for conn in getattr(pool, "_idle", ())}
+
+
+async def connecting(backend: object, children: int, child_loop: str) -> list[int]:
+    """Fork the children while the parent's first call waits on a stopped server."""
+    paused = [int(pid) for pid in os.environ["RS_FORK_PAUSE"].split(",")]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: KeyValueStore.open(name="parent", storage=backend))  # type: ignore[arg-type]
+            await anyio.sleep(0.3)
+            forked = [start_child(backend, n, child_loop, "connecting") for n in range(children)]
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    return forked
+
+
 async def parent(url: str, mode: str, children: int, child_loop: str) -> None:
     backend = open_backend(url)
+    if mode == "connecting":
+        forked = await connecting(backend, children, child_loop)
+        await anyio.to_thread.run_sync(reap, forked)
     kvs = await KeyValueStore.open(name="parent", storage=backend)
     await kvs.set_value("warm", 1)
     stop = anyio.Event()
     written = 0
+    last: dict[str, int] = {}
 
     async def writer() -> None:
         nonlocal written
         blob = "x" * 2000
         while not stop.is_set():
-            await kvs.set_value(f"k{written % 50}", {"n": written, "blob": blob})
-            written += 1
+            n, written = written, written + 1
+            await kvs.set_value(f"k{n % 50}", {"n": n, "blob": blob})
+            last[f"k{n % 50}"] = max(last.get(f"k{n % 50}", -1), n)
 
     lock: sqlite3.Connection | None = None
     async with anyio.create_task_group() as tg:
@@ -141,8 +177,9 @@ async def parent(url: str, mode: str, children: int, child_loop: str) -> None:
             for _ in range(4):
                 tg.start_soon(writer)
             await anyio.sleep(0.3)
+        kept = sessions(backend)
         forked = []
-        for n in range(children):
+        for n in range(children if mode != "connecting" else 0):
             forked.append(start_child(backend, n, child_loop, mode))
             await anyio.sleep(0.01)
         if lock is not None:
@@ -155,6 +192,11 @@ async def parent(url: str, mode: str, children: int, child_loop: str) -> None:
         stop.set()
     await kvs.set_value("after", "the parent still writes")
     assert await kvs.get_value("after") == "the parent still writes"
+    for key, n in last.items():  # the parent's last write of each key reads back
+        value = await kvs.get_value(key)
+        assert value is not None and value["n"] == n, (key, n, value)
+    lost = kept - sessions(backend)
+    assert not lost, f"the parent's sessions {sorted(lost)} did not outlive the children"
     await backend.aclose()
     say("PARENT ok")
 

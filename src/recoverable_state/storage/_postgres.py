@@ -88,6 +88,7 @@ import psycopg
 import psycopg.errors
 
 from .._errors import StorageError, StoreNotFoundError
+from .._forks import watch_forks
 from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, split_by_size
 from ._postgres_durability import (
@@ -179,6 +180,7 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
         self._pool: Pool | None = None
         self._schema_ready = False
         self._reported = False
+        watch_forks(self)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -448,6 +450,17 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
         """The server's `synchronous_commit`, standbys and `fsync` as it reports them now; this URL's own."""
         settings = await self._run(None, read_settings, mutating=False)
         return describe(settings, self.synchronous_commit)
+
+    def after_fork_in_child(self) -> None:
+        """A lock and a pool of its own: the first call opens this process's connection.
+
+        The parent's connections (idle, or in use by its worker threads, which are not
+        here) are let go of without a word to the server, as the parent still uses them.
+        """
+        self._lock = threading.Lock()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.let_go()
 
     async def aclose(self) -> None:
         def close() -> None:

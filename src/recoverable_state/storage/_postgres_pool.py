@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import socket
 import threading
@@ -172,6 +173,19 @@ class Pool:
                     self._idle.append(conn)
         finally:
             self._slots.release()
+
+    def let_go(self) -> None:
+        """In a forked child: drop the parent's idle connections without a word to the server.
+
+        Their sockets are the parent's too: closing them the usual way would end the
+        parent's sessions (libpq's Terminate message), and using them would interleave
+        two processes on one session. Only this process's copy of each socket is
+        closed; psycopg never finishes a connection made in another process.
+        """
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                os.close(conn.pgconn.socket)
 
     def discard_idle(self) -> None:
         """Close idle connections: after a lost connection the others are likely dead too."""

@@ -78,6 +78,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from .._errors import NotDurableError, StorageError, StoreNotFoundError
+from .._forks import watch_forks
 from ._backend import (
     Durability,
     RecordDelete,
@@ -145,6 +146,7 @@ class RedisBackend(ServerBackend):
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         self._facts: ServerFacts | None = None  # what the server said at open (checked once)
+        watch_forks(self)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -418,6 +420,17 @@ class RedisBackend(ServerBackend):
         """The server's persistence settings and replicas as it reports them now, with this URL's options."""
         facts = await self._run(None, lambda: read_facts(self._connect()))
         return describe(facts, self.durability_options)
+
+    def after_fork_in_child(self) -> None:
+        """A lock and a client of its own: the first call connects this process (see _forks.py).
+
+        The parent may have been connecting (holding the lock) when it forked, and its
+        sockets are its own: the child only drops its references to them (redis-py
+        closes a connection made in another process without a word to the server).
+        """
+        self._lock = threading.Lock()
+        self._client = None
+        self._scripts = {}
 
     async def aclose(self) -> None:
         def close() -> None:

@@ -58,6 +58,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from .._errors import NotDurableError, StorageError, StoreNotFoundError
+from .._forks import watch_forks
 from ._backend import (
     Durability,
     RecordInfo,
@@ -121,6 +122,10 @@ _CONNECT_TIMEOUT = 5.0
 """Seconds one connection attempt may take at most (less when the budget is shorter)."""
 
 
+def _never() -> None:
+    """What closing a client inherited from the parent process does: nothing."""
+
+
 class RedisClusterBackend(ServerBackend):
     """Stores records in a Redis Cluster; each slot's share of a batch is one atomic script call."""
 
@@ -153,6 +158,8 @@ class RedisClusterBackend(ServerBackend):
         self._client: RedisCluster | None = None
         self._calls = SlotCaller(_SCRIPTS)
         self._registry_scripts: dict[str, Script] = {}
+        self._inherited: list[RedisCluster] = []  # a forked child's clients of its parent (never used)
+        watch_forks(self)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -437,6 +444,21 @@ class RedisClusterBackend(ServerBackend):
         """Every master's persistence settings and replicas as it reports them now, and the options."""
         facts = await self._run(None, master_facts)
         return describe_cluster(facts, self.durability_options)
+
+    def after_fork_in_child(self) -> None:
+        """Locks and a client of its own: the first call reads the slot map again (see _forks.py).
+
+        The parent's client may hold its locks (a slot map being read) and its sockets
+        are the parent's: the child keeps it, unused and never closed, for good (closing
+        it takes those locks), and connects a client of its own.
+        """
+        self._lock = threading.Lock()
+        if self._client is not None:
+            setattr(self._client, "close", _never)  # noqa: B010 (collected at exit: not closed either)
+            self._inherited.append(self._client)
+            self._client = None
+        self._calls = SlotCaller(_SCRIPTS)
+        self._registry_scripts = {}
 
     async def aclose(self) -> None:
         def close() -> None:
