@@ -105,6 +105,18 @@ def _stop_replica(cluster: RedisClusterServer, master: RedisClusterNode) -> None
         time.sleep(0.02)
 
 
+def _replica_back(cluster: RedisClusterServer, replica: RedisClusterNode, master: RedisClusterNode) -> None:
+    """Start `replica` again and wait until its master counts it online (synced, acknowledging)."""
+    cluster.restart_node(replica)
+    deadline = time.monotonic() + 30
+    while True:
+        replication = master.info("replication")
+        if replication.get("connected_slaves") == "1" and "state=online" in replication.get("slave0", ""):
+            return
+        assert time.monotonic() < deadline, replication
+        time.sleep(0.05)
+
+
 def _frozen(nodes: list[RedisClusterNode], seconds: float) -> threading.Thread:
     """SIGSTOP `nodes` now and SIGCONT them after `seconds` (in a thread): replication stalls."""
     for node in nodes:
@@ -190,7 +202,7 @@ async def test_a_master_whose_replica_stopped_fails_only_its_records_then_they_a
     }
     assert sorted(others) == sorted(set(KEYS) - set(mine))  # the other masters' writes landed, replicated
     assert all(b'"done":5' in v for v in others.values())
-    await anyio.to_thread.run_sync(cluster.restart_node, replica)
+    await anyio.to_thread.run_sync(_replica_back, cluster, replica, master)
     await RecoverableState.persist_many(made)  # no change since, but not confirmed: written again
     held = _held(replica, store.id)
     assert sorted(held) == mine and all(b'"done":5' in v for v in held.values())
