@@ -7,13 +7,12 @@ is ever told another process took it over.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from small_disk import small_tmpfs
 
 from recoverable_state import KeyValueStore, RecoverableState, StorageError
 from recoverable_state.storage import RecordDelete, RecordWrite, WriteOutcome, open_backend
@@ -27,18 +26,9 @@ class Blob(BaseModel):
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (needs root: CI runs as root; skipped elsewhere, failing under CI)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the disk-full tests need root to mount a tmpfs")
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    """A 1 MiB tmpfs."""
+    with small_tmpfs(tmp_path, "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def make_states(kvs: KeyValueStore) -> tuple[RecoverableState[Blob], RecoverableState[Blob]]:

@@ -9,13 +9,13 @@ closing, and in a new one; once there is room again, writes and checkpoints go o
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+from small_disk import small_tmpfs
 
 from recoverable_state import KeyValueStore
 from recoverable_state.storage import open_backend
@@ -28,18 +28,9 @@ COUNT = 72  # 4.5 MiB: past the 4 MiB that wakes the checkpointer; WAL + copy ov
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs (needs root: CI runs as root; skipped elsewhere, failing under CI)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the disk-full tests need root to mount a tmpfs")
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    try:
+    """An 8 MiB tmpfs."""
+    with small_tmpfs(tmp_path, "8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def grow(mount: Path) -> None:
