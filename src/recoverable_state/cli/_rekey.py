@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._errors import StorageError
-from ..storage import KeyRing, KeyValueStore, RecordInfo, RecordWrite, StoredRecord, sealed_key_id
+from ..storage import (
+    KeyRing,
+    KeyValueStore,
+    RecordInfo,
+    RecordWrite,
+    StoredRecord,
+    materialise,
+    sealed_key_id,
+)
 from ._output import plural
 from ._transfer import PAGE_RECORDS
 
@@ -98,6 +106,11 @@ async def _rekey_page(
         if isinstance(record, StorageError):
             report.failed.append(f"{kvs.label}/{info.key}: {record}")
         elif isinstance(record, StoredRecord):  # None: deleted since the listing
+            try:
+                record = materialise(record, store=kvs.label)  # written back whole, under the new key
+            except StorageError as error:
+                report.failed.append(f"{kvs.label}/{info.key}: {error}")
+                continue
             write = kvs.prepare_put(
                 record.key, record.value, record.content_type, expected_version=record.version
             )

@@ -16,6 +16,7 @@ import typer
 
 from .. import RecoverableStateError, StoreNotFoundError
 from ..storage import (
+    CHAIN_CONTENT_TYPE,
     KeyRing,
     KeyValueStore,
     RecordRead,
@@ -24,6 +25,7 @@ from ..storage import (
     StoredRecord,
     open_backend,
     sealed_key_id,
+    unpack_chain,
 )
 
 T = TypeVar("T")
@@ -201,4 +203,8 @@ async def sealed_with(kvs: KeyValueStore, key: str) -> str | None:
     sealed is told from what the store holds, not from what opening gave.
     """
     found = (await kvs.storage.read_batch([RecordRead(kvs.id, key)]))[0]
-    return sealed_key_id(found.content_type) if isinstance(found, StoredRecord) else None
+    if not isinstance(found, StoredRecord):
+        return None
+    if found.content_type == CHAIN_CONTENT_TYPE:  # a snapshot and its deltas: the snapshot tells
+        return sealed_key_id(unpack_chain(found.value)[0][1])
+    return sealed_key_id(found.content_type)

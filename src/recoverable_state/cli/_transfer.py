@@ -41,6 +41,7 @@ from ..storage import (
     StoredRecord,
     WriteOutcome,
     check_key,
+    materialise,
     sealed_key_id,
 )
 from ._output import console, is_json, plural
@@ -227,7 +228,7 @@ async def export_stores(stores: Sequence[KeyValueStore], out: TextIO) -> tuple[i
                     if isinstance(record, StorageError):
                         raise record
                     if record is not None:  # a record deleted since the listing is skipped
-                        out.write(encode_line(kvs.label, record) + "\n")
+                        out.write(encode_line(kvs.label, materialise(record, store=kvs.label)) + "\n")
                         written += 1
                 advance(end - start)
                 start = end

@@ -6,6 +6,7 @@ The layers above import storage from here alone; the modules behind it are priva
 from ._backend import (
     DEFAULT_STORE_NAME,
     Durability,
+    RecordAppend,
     RecordDelete,
     RecordInfo,
     RecordRead,
@@ -17,6 +18,15 @@ from ._backend import (
     WriteOutcome,
 )
 from ._batching import Batcher, batcher_of
+from ._chain import (
+    CHAIN_CONTENT_TYPE,
+    DELTA_CONTENT_TYPE,
+    apply_delta,
+    materialise,
+    pack_chain,
+    replay,
+    unpack_chain,
+)
 from ._contract import (
     HistoryPlan,
     Pair,
@@ -47,8 +57,10 @@ from ._transactional import TransactionalBackend
 from ._url import redact_url, url_options
 
 __all__ = [
+    "CHAIN_CONTENT_TYPE",
     "CHECKSUM_PARAM",
     "DEFAULT_STORE_NAME",
+    "DELTA_CONTENT_TYPE",
     "ENTRY_POINT_GROUP",
     "JSON_CONTENT_TYPE",
     "QUARANTINE_SUFFIX",
@@ -63,6 +75,7 @@ __all__ = [
     "KeyValueStore",
     "MemoryBackend",
     "Pair",
+    "RecordAppend",
     "RecordDelete",
     "RecordInfo",
     "RecordRead",
@@ -76,6 +89,7 @@ __all__ = [
     "WriteOp",
     "WriteOutcome",
     "WritePlan",
+    "apply_delta",
     "batcher_of",
     "check_key",
     "claim_reads",
@@ -84,11 +98,15 @@ __all__ = [
     "expected_outcomes",
     "fail_records",
     "is_json_content_type",
+    "materialise",
     "open_backend",
+    "pack_chain",
     "plan_reads",
     "plan_writes",
     "redact_url",
     "registered_schemes",
+    "replay",
     "sealed_key_id",
+    "unpack_chain",
     "url_options",
 ]

@@ -42,7 +42,7 @@ class StoreInfo:
 
 
 class StoredRecord(NamedTuple):
-    """One whole stored snapshot."""
+    """One stored record: a snapshot, or (content type `CHAIN_CONTENT_TYPE`) a snapshot and its deltas."""
 
     key: str
     value: bytes
@@ -89,8 +89,24 @@ class RecordDelete(NamedTuple):
     expected_version: int | None = None
 
 
-WriteOp: TypeAlias = RecordWrite | RecordDelete
-"""One request of a write batch: a write or a delete."""
+class RecordAppend(NamedTuple):
+    """Append a delta to a record stored at `expected_version`; the record's version becomes the next one.
+
+    A delta is the change since the record's previous version (`_chain.py` says what
+    it holds); the record is then its snapshot and the deltas appended since, read
+    back together as one chain. A snapshot written over it (a `RecordWrite`) or a
+    delete drops its deltas. The version is required: a delta follows one version.
+    """
+
+    store_id: str
+    key: str
+    value: bytes
+    content_type: str
+    expected_version: int
+
+
+WriteOp: TypeAlias = RecordWrite | RecordDelete | RecordAppend
+"""One request of a write batch: a write, a delete or an append."""
 
 
 class WriteOutcome(NamedTuple):
@@ -191,6 +207,12 @@ class StorageBackend(AsyncResource):
     max_batch: int = 10_000
     """The most requests handed to `write_batch` / `read_batch` at once."""
 
+    keeps_deltas: bool = False
+    """Whether this backend keeps deltas (`RecordAppend`, see `write_batch`).
+
+    False, as for a backend written before deltas existed: states on it write whole
+    snapshots only, and no append is ever handed to it."""
+
     @abstractmethod
     async def open_store(self, *, name: str | None = None, id: str | None = None) -> StoreInfo:
         """Find a store by id (StoreNotFoundError when missing) or by name (created when missing).
@@ -227,6 +249,12 @@ class StorageBackend(AsyncResource):
         with `keep_history=n`, keeps its snapshot among the newest n of the key.
         A `RecordDelete` applies when the record exists and, if a version is
         expected, is at that version; it removes the record and its history.
+        A `RecordAppend` applies when the record exists at `expected_version`: it
+        keeps the delta after the record's snapshot (and its earlier deltas) and
+        stores the next version. A write drops the deltas kept before it, a delete
+        drops them with the record, and a read of a record with deltas answers with
+        the chain of its pieces (`pack_chain`: the snapshot first, each piece as it
+        was stored). A backend without deltas answers an append with a StorageError.
         See `WriteOutcome` for the answers, and the class docstring for the batch.
         """
 

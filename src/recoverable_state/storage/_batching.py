@@ -28,7 +28,16 @@ import anyio.lowlevel
 
 from .._errors import StorageError
 from .._forks import watch_forks
-from ._backend import RecordRead, RecordWrite, StorageBackend, StoredRecord, StoreInfo, WriteOp, WriteOutcome
+from ._backend import (
+    RecordAppend,
+    RecordRead,
+    RecordWrite,
+    StorageBackend,
+    StoredRecord,
+    StoreInfo,
+    WriteOp,
+    WriteOutcome,
+)
 from ._envelope import seal, unseal, unseal_many
 from ._keyring import KeyRing
 
@@ -329,13 +338,17 @@ def batcher_of(backend: StorageBackend) -> Batcher:
 
 
 def seal_writes(ops: Sequence[WriteOp], ring: KeyRing | None) -> list[WriteOp]:
-    """`ops` with each write's value sealed as it is stored (deletes as they are)."""
+    """`ops` with each write's and append's value sealed as it is stored (deletes as they are)."""
     sealed: list[WriteOp] = []
     for op in ops:
-        if type(op) is RecordWrite:
+        if isinstance(op, RecordWrite):
             store_id, key, value, content_type, expected, keep = op
             value, content_type = seal(value, content_type, ring)
             op = _new_write(RecordWrite, (store_id, key, value, content_type, expected, keep))
+        elif isinstance(op, RecordAppend):
+            store_id, key, value, content_type, expected = op
+            value, content_type = seal(value, content_type, ring)
+            op = _new_write(RecordAppend, (store_id, key, value, content_type, expected))
         sealed.append(op)
     return sealed
 

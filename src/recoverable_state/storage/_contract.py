@@ -24,6 +24,10 @@ The rules:
 - History keeps, per key, the newest `keep_history` snapshots written with
   history; each such write keeps its own snapshot and trims to its own count.
   A claim bumps the version without a snapshot; a delete drops them all.
+- An append applies only to a record at its expected version: it keeps its
+  delta after the record's snapshot and stores the next version. A write drops
+  the deltas kept before it (a write then an append in one batch keeps that
+  append), a delete drops them with the record; a claim keeps them.
 - A record the medium holds but cannot read (a damaged file) is stored at
   version 0: a write replaces it as if it were absent, and a delete (expecting
   nothing, or 0) removes it.
@@ -36,7 +40,7 @@ from operator import attrgetter
 from typing import NamedTuple, TypeVar
 
 from .._errors import StorageError
-from ._backend import RecordDelete, RecordRead, RecordWrite, StoredRecord, WriteOp, WriteOutcome
+from ._backend import RecordAppend, RecordDelete, RecordRead, RecordWrite, StoredRecord, WriteOp, WriteOutcome
 
 T = TypeVar("T")
 
@@ -81,6 +85,15 @@ class WritePlan(NamedTuple):
     deletes: set[Pair]
     """The stored records the batch deletes, with their history, before `rows` are applied
     (a record deleted, then written again, is in both)."""
+    appends: dict[Pair, list[tuple[int, RecordAppend]]]
+    """The deltas each record keeps after `rows` are applied, in order, each with the version
+    it makes. Where a record has appends, its version after the batch is the last one's; the
+    deltas stored before the batch stay unless the record is in `rows` or `deletes`."""
+
+    def final_version(self, pair: Pair) -> int:
+        """The version a record of `rows` or `appends` is stored at after the batch."""
+        added = self.appends.get(pair)
+        return added[-1][0] if added else self.rows[pair][1]
 
 
 def compare_and_set(expected: int | None, stored: int) -> bool:
@@ -105,6 +118,7 @@ def plan_writes(
     history: dict[Pair, HistoryPlan] = {}
     applied: dict[Pair, list[int]] = {}
     deletes: set[Pair] = set()
+    appends: dict[Pair, list[tuple[int, RecordAppend]]] = {}
     for i, w in enumerate(ops):
         if missing and w.store_id in missing:
             outcomes.append(missing[w.store_id])
@@ -114,6 +128,16 @@ def plan_writes(
         if w.expected_version is not None and w.expected_version != version:
             outcomes.append(WriteOutcome(False, version))
             continue
+        if isinstance(w, RecordAppend):
+            if pair not in current or version == 0 or w.expected_version is None:
+                outcomes.append(WriteOutcome(False, version))
+                continue
+            version += 1
+            current[pair] = version
+            appends.setdefault(pair, []).append((version, w))
+            outcomes.append(WriteOutcome(True, version))
+            applied.setdefault(pair, []).append(i)
+            continue
         if isinstance(w, RecordDelete):
             if pair not in current:
                 outcomes.append(WriteOutcome(False, 0))
@@ -121,6 +145,7 @@ def plan_writes(
             del current[pair]
             rows.pop(pair, None)
             history.pop(pair, None)
+            appends.pop(pair, None)
             if pair in stored:
                 deletes.add(pair)
             outcomes.append(WriteOutcome(True, 0))
@@ -129,12 +154,13 @@ def plan_writes(
         version += 1
         current[pair] = version
         rows[pair] = (w, version)
+        appends.pop(pair, None)
         outcomes.append(WriteOutcome(True, version))
         applied.setdefault(pair, []).append(i)
         if w.keep_history > 0:
             history[pair] = _keep(history.get(pair), version, w, pair in deletes)
     existing = {pair for pair in rows if pair in stored and pair not in deletes}
-    return WritePlan(outcomes, rows, existing, history, applied, deletes)
+    return WritePlan(outcomes, rows, existing, history, applied, deletes, appends)
 
 
 def _keep(plan: HistoryPlan | None, version: int, w: RecordWrite, wiped: bool) -> HistoryPlan:
@@ -159,7 +185,7 @@ def expected_outcomes(writes: Sequence[WriteOp]) -> list[WriteOutcome] | None:
     try:
         if None in versions or any(map(_keep_history, writes)):
             return None
-    except AttributeError:  # a RecordDelete has no keep_history: cheaper than a look at each type
+    except AttributeError:  # a delete or an append has no keep_history: cheaper than a look at each type
         return None
     # Distinct keys make distinct pairs. A comprehension, not set(map(...)): one C call over
     # 100,000 writes would hold the GIL, and so the event loop, for 13 ms.

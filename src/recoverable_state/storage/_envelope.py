@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from .._errors import RecordCorruptError, RecordDecryptionError, StorageError
 from ._backend import StoredRecord
+from ._chain import CHAIN_CONTENT_TYPE, pack_chain, unpack_chain
 from ._keyring import SEALED_CONTENT_TYPE, KeyRing, sealed_key_id
 
 CHECKSUM_PARAM = "rs-crc32"
@@ -46,6 +47,8 @@ def unseal(record: StoredRecord, ring: KeyRing | None, *, store: str) -> StoredR
     not match, and RecordDecryptionError when a sealed record cannot be opened.
     """
     key, value, content_type, version, updated_at = record
+    if content_type == CHAIN_CONTENT_TYPE:
+        return _unseal_chain(record, ring, store)
     head, sep, checksum = content_type.rpartition(_SUFFIX)
     if not sep:
         return record  # written before checksums: nothing to check
@@ -69,6 +72,31 @@ def unseal(record: StoredRecord, ring: KeyRing | None, *, store: str) -> StoredR
             )
         value, head = ring.open(value, key_id, store=store, key=key)
     return StoredRecord(key, value, head, version, updated_at)
+
+
+def _unseal_chain(record: StoredRecord, ring: KeyRing | None, store: str) -> StoredRecord:
+    """A chain with each of its pieces unsealed: a damaged delta damages the record it belongs to."""
+    try:
+        pieces = unpack_chain(record.value)
+    except ValueError as exc:
+        raise RecordCorruptError(
+            str(exc), store=store, key=record.key, raw=record.value, version=record.version
+        ) from None
+    opened = []
+    for n, (value, content_type) in enumerate(pieces):
+        try:
+            piece = unseal(record._replace(value=value, content_type=content_type), ring, store=store)
+        except RecordCorruptError:
+            what = "snapshot" if n == 0 else f"delta {n} of {len(pieces) - 1}"
+            raise RecordCorruptError(
+                f"the record's {what} does not match its checksum (it was damaged after it was written)",
+                store=store,
+                key=record.key,
+                raw=record.value,
+                version=record.version,
+            ) from None
+        opened.append((piece.value, piece.content_type))
+    return record._replace(value=pack_chain(opened))
 
 
 def without_checksum(content_type: str) -> str:

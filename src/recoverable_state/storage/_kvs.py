@@ -14,6 +14,7 @@ from .._config import configuration_service
 from .._errors import InvalidKeyError, RecordCorruptError, StorageError, StoreNotFoundError
 from ._backend import (
     DEFAULT_STORE_NAME,
+    RecordAppend,
     RecordDelete,
     RecordInfo,
     RecordRead,
@@ -24,6 +25,7 @@ from ._backend import (
     WriteOutcome,
 )
 from ._batching import Batcher, batcher_of
+from ._chain import materialise
 from ._defaults import default_storage
 from ._envelope import without_checksum
 
@@ -307,10 +309,18 @@ class KeyValueStore:
 
     # -- whole records (used by RecoverableState and the CLI) ----------------
 
-    async def get_record(self, key: str, *, claim: bool = False) -> StoredRecord | None:
-        """The whole stored record under `key`; with `claim`, take ownership of it too."""
+    async def get_record(self, key: str, *, claim: bool = False, chain: bool = False) -> StoredRecord | None:
+        """The whole stored record under `key`; with `claim`, take ownership of it too.
+
+        A record kept as a snapshot and deltas is made whole (its deltas applied);
+        with `chain`, it is answered as stored, its pieces packed in one value of
+        content type `CHAIN_CONTENT_TYPE` (see `unpack_chain`).
+        """
         check_key(key, store=self.label)
-        return await self._batcher.read(RecordRead(self.id, key, claim))
+        record = await self._batcher.read(RecordRead(self.id, key, claim))
+        if record is None or chain:
+            return record
+        return materialise(record, store=self.label)
 
     async def put_record(
         self,
@@ -375,9 +385,9 @@ class KeyValueStore:
 
     @staticmethod
     async def put_together(
-        puts: Sequence[tuple[KeyValueStore, RecordWrite]],
+        puts: Sequence[tuple[KeyValueStore, RecordWrite | RecordAppend]],
     ) -> list[WriteOutcome | StorageError]:
-        """Apply many prepared writes, across stores, in as few batches as there are backends.
+        """Apply many prepared writes and appends, across stores, in as few batches as there are backends.
 
         A write that failed on its own is answered with its error in its place.
         """
@@ -390,7 +400,8 @@ class KeyValueStore:
     ) -> list[StoredRecord | StorageError | None]:
         """Read many `(store, key, claim)` records, in as few batches as there are backends.
 
-        The keys are taken as checked (see `check_key`), as in `prepare_put`.
+        The keys are taken as checked (see `check_key`), as in `prepare_put`. A record
+        with deltas is answered as stored, as its chain (see `get_record`).
 
         A read that failed on its own is answered with its error in its place.
         """

@@ -12,6 +12,7 @@ import anyio.lowlevel
 
 from .._errors import StorageError, StoreNotFoundError
 from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
+from ._chain import CHAIN_CONTENT_TYPE, pack_chain
 from ._contract import Pair, WritePlan
 from ._transactional import TransactionalBackend
 
@@ -25,12 +26,15 @@ class MemoryBackend(TransactionalBackend["MemoryBackend"]):
     runs meanwhile), and its handle is the backend itself.
     """
 
+    keeps_deltas = True
+
     def __init__(self) -> None:
         super().__init__()
         self.url = "memory://"
         self._stores: dict[str, StoreInfo] = {}
         self._records: dict[str, dict[str, StoredRecord]] = {}
         self._history: dict[Pair, list[StoredRecord]] = {}
+        self._deltas: dict[Pair, list[tuple[bytes, str]]] = {}
 
     def _store(self, store_id: str) -> dict[str, StoredRecord]:
         try:
@@ -63,8 +67,9 @@ class MemoryBackend(TransactionalBackend["MemoryBackend"]):
         self._forget_history(store_id)
 
     def _forget_history(self, store_id: str) -> None:
-        for hkey in [k for k in self._history if k[0] == store_id]:
-            del self._history[hkey]
+        for table in (self._history, self._deltas):
+            for hkey in [k for k in table if k[0] == store_id]:
+                del table[hkey]
 
     # -- the transactional primitives ------------------------------------------
 
@@ -90,6 +95,11 @@ class MemoryBackend(TransactionalBackend["MemoryBackend"]):
             for sid, key in pairs
             if sid in records and (rec := records[sid].get(key)) is not None
         }
+        if self._deltas:
+            for pair, record in found.items():
+                if (deltas := self._deltas.get(pair)) is not None:
+                    chain = pack_chain([(record.value, record.content_type), *deltas])
+                    found[pair] = record._replace(value=chain, content_type=CHAIN_CONTENT_TYPE)
         return self._missing(store_ids), found
 
     def store_claims(self, txn: MemoryBackend, claimed: Mapping[Pair, int]) -> None:
@@ -102,8 +112,16 @@ class MemoryBackend(TransactionalBackend["MemoryBackend"]):
         for pair in plan.deletes:
             del self._records[pair[0]][pair[1]]
             self._history.pop(pair, None)
+            self._deltas.pop(pair, None)
         for (store_id, key), (w, version) in plan.rows.items():
             self._records[store_id][key] = StoredRecord(key, bytes(w.value), w.content_type, version, now)
+            self._deltas.pop((store_id, key), None)
+        for (store_id, key), added in plan.appends.items():
+            records = self._records[store_id]
+            records[key] = records[key]._replace(version=added[-1][0], updated_at=now)
+            self._deltas.setdefault((store_id, key), []).extend(
+                (bytes(a.value), a.content_type) for _, a in added
+            )
         for pair, change in plan.history.items():
             kept = self._history.get(pair, [])
             new = [StoredRecord(pair[1], bytes(w.value), w.content_type, v, now) for v, w in change.added]

@@ -22,10 +22,8 @@ import anyio
 
 from .._errors import StorageError
 from ..storage import (
-    RecordDelete,
     RecordInfo,
     RecordRead,
-    RecordWrite,
     StorageBackend,
     StoredRecord,
     StoreInfo,
@@ -42,7 +40,7 @@ When = Literal["before", "after", "requests", "delay", "hang"]
 @dataclass
 class _Fault:
     when: When
-    match: Callable[[RecordWrite | RecordDelete | RecordRead], bool] | None
+    match: Callable[[WriteOp | RecordRead], bool] | None
     seconds: float
     message: str
 
@@ -73,7 +71,7 @@ class FaultInjectingBackend(StorageBackend):
         *,
         on: Literal["write", "read"] = "write",
         when: Literal["before", "after", "requests"] = "before",
-        match: Callable[[RecordWrite | RecordDelete | RecordRead], bool] | None = None,
+        match: Callable[[WriteOp | RecordRead], bool] | None = None,
         message: str = "injected fault",
     ) -> None:
         """Make the next batch of kind `on` fail as `when` says (`on="write"`: writes and deletes)."""

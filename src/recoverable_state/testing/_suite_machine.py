@@ -105,6 +105,7 @@ class RecordMachine(RuleBasedStateMachine):
             del self.records[op.key]
             self.history.pop(op.key, None)
             return WriteOutcome(True, 0)
+        assert isinstance(op, RecordWrite), "the machine makes writes and deletes"
         self.records[op.key] = (version + 1, op.value)
         if op.keep_history:
             kept = self.history.setdefault(op.key, [])

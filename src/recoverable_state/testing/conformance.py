@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ._suite import MakeBackend
 from ._suite_batches import BatchChecks
+from ._suite_deltas import DeltaChecks
 from ._suite_instances import InstanceChecks
 from ._suite_machine import MachineChecks, RecordMachine
 from ._suite_model import ModelChecks, check_random_batches
@@ -35,7 +36,9 @@ from ._suite_stores import StoreChecks
 __all__ = ["BackendConformance", "MakeBackend", "RecordMachine", "check_random_batches"]
 
 
-class BackendConformance(RecordChecks, BatchChecks, ModelChecks, StoreChecks, InstanceChecks, MachineChecks):
+class BackendConformance(
+    RecordChecks, BatchChecks, DeltaChecks, ModelChecks, StoreChecks, InstanceChecks, MachineChecks
+):
     """Every conformance check of a storage backend; subclass it with a `make_backend` fixture.
 
     Capability flags (class attributes, True unless set otherwise):
@@ -45,6 +48,8 @@ class BackendConformance(RecordChecks, BatchChecks, ModelChecks, StoreChecks, In
     - `shared`: backends open at once over the same data (as two processes)
       see each other's writes and claims.
     - `large_values`: records of several MiB are stored.
+
+    The delta checks run when the backend's own `keeps_deltas` is True.
     - `machine_examples`: how many random runs the stateful check makes (20).
 
     Fixtures it provides: `backend` (opened with `make_backend`, closed after the

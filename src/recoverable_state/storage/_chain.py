@@ -1,0 +1,150 @@
+"""A record with deltas: its snapshot and the changes appended since, read back as one chain.
+
+A backend keeps a record's pieces as it likes (rows, a list, files) and reads
+them back as one value, `pack_chain(pieces)`, under `CHAIN_CONTENT_TYPE`: the
+snapshot first, then each delta in the order appended, every piece with the
+content type it was stored with (sealed and checksummed one by one).
+
+A delta (`DELTA_CONTENT_TYPE`) is a JSON list of operations on the JSON of the
+snapshot, each naming its place by a path of keys (strings, for objects) and
+indices (integers, for arrays):
+
+    ["s", path, value]    set the place to value (an empty path: the whole document)
+    ["d", path]           delete the key of an object
+    ["x", path, [items]]  extend the array at the place with items
+
+Applying every delta to the snapshot, in order, gives the document the record
+holds; `materialise` does it for readers that want the whole value (the CLI,
+`get_value`), the state's loader does it once before validating.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from .._errors import RecordCorruptError
+from ._backend import StoredRecord
+
+CHAIN_CONTENT_TYPE = "application/vnd.recoverable-state.chain"
+"""The content type of a record read back with its deltas: `pack_chain` of its pieces."""
+
+DELTA_CONTENT_TYPE = "application/vnd.recoverable-state.delta+json"
+"""The content type of one delta."""
+
+_MAGIC = b"RSC1"
+_COUNT = struct.Struct(">I")
+_PIECE = struct.Struct(">IQ")  # content type length, value length
+
+
+def pack_chain(pieces: Sequence[tuple[bytes, str]]) -> bytes:
+    """One value holding `pieces` (value, content type), the snapshot first."""
+    head = [_MAGIC, _COUNT.pack(len(pieces))]
+    for value, content_type in pieces:
+        ct = content_type.encode()
+        head.append(_PIECE.pack(len(ct), len(value)))
+        head.append(ct)
+    return b"".join([*head, *(value for value, _ in pieces)])
+
+
+def unpack_chain(chain: bytes) -> list[tuple[bytes, str]]:
+    """The pieces `pack_chain` packed; ValueError when `chain` is not such a value."""
+    if chain[:4] != _MAGIC:
+        raise ValueError("not a chain of record pieces")
+    try:
+        (count,) = _COUNT.unpack_from(chain, 4)
+        at = 8
+        heads: list[tuple[str, int]] = []
+        for _ in range(count):
+            ct_len, value_len = _PIECE.unpack_from(chain, at)
+            at += _PIECE.size
+            heads.append((chain[at : at + ct_len].decode(), value_len))
+            at += ct_len
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"a damaged chain of record pieces ({exc})") from None
+    pieces = []
+    for content_type, value_len in heads:
+        pieces.append((chain[at : at + value_len], content_type))
+        at += value_len
+    if at != len(chain):
+        raise ValueError("a chain of record pieces of the wrong length")
+    return pieces
+
+
+def apply_delta(doc: Any, delta: bytes) -> Any:
+    """`doc` (a parsed JSON document) with one delta's operations applied; ValueError if they do not fit."""
+    try:
+        ops = json.loads(delta)
+        for op in ops:
+            code, path = op[0], op[1]
+            if not path:
+                if code != "s":
+                    raise ValueError(f"operation {code!r} on the whole document")
+                doc = op[2]
+                continue
+            place = doc
+            for step in path[:-1]:
+                place = place[step]
+            last = path[-1]
+            if code == "s":
+                if isinstance(place, list) and last == len(place):
+                    place.append(op[2])
+                else:
+                    place[last] = op[2]
+            elif code == "d":
+                if not isinstance(place, dict):
+                    raise ValueError(f"delete of {last!r} from an array")
+                del place[last]
+            elif code == "x":
+                target = place[last]
+                if not isinstance(target, list):
+                    raise ValueError(f"extend of {last!r}, which is not an array")
+                target.extend(op[2])
+            else:
+                raise ValueError(f"unknown operation {code!r}")
+    except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"the delta does not fit the value before it ({type(exc).__name__}: {exc})"
+        ) from None
+    return doc
+
+
+def replay(pieces: Sequence[tuple[bytes, str]]) -> Any:
+    """The parsed JSON document a chain's pieces (already opened) make; ValueError when they do not fit."""
+    snapshot, _ = pieces[0]
+    try:
+        doc = json.loads(snapshot)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the snapshot before the deltas is not JSON ({exc})") from None
+    for n, (delta, content_type) in enumerate(pieces[1:], 1):
+        if content_type.split(";", 1)[0] != DELTA_CONTENT_TYPE:
+            raise ValueError(f"piece {n} of the chain is not a delta ({content_type!r})")
+        try:
+            doc = apply_delta(doc, delta)
+        except ValueError as exc:
+            raise ValueError(f"delta {n} of {len(pieces) - 1}: {exc}") from None
+    return doc
+
+
+def materialise(record: StoredRecord, *, store: str) -> StoredRecord:
+    """A record as one whole value: a chain's deltas applied to its snapshot (others as they are).
+
+    Raises RecordCorruptError when the pieces do not make a value.
+    """
+    if record.content_type != CHAIN_CONTENT_TYPE:
+        return record
+    try:
+        pieces = unpack_chain(record.value)
+        doc = replay(pieces)
+    except ValueError as exc:
+        raise RecordCorruptError(
+            f"the record's deltas cannot be applied: {exc}",
+            store=store,
+            key=record.key,
+            raw=record.value,
+            version=record.version,
+        ) from None
+    value = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    return StoredRecord(record.key, value, pieces[0][1], record.version, record.updated_at)
