@@ -44,14 +44,31 @@ _LEAVES: frozenset[type] = frozenset(
 
 
 class ChangeMark:
-    """Set by a watched container when its state changes; cleared by the persist that reads it."""
+    """Set by a watched container when its state changes; cleared by the persist that reads it.
 
-    __slots__ = ("adopt", "dirty")
+    With `log` on (a state kept as deltas, see `_deltas.py`), each container also
+    notes where it changed (`_changes`: the keys of a dict, the length a list had
+    before its first append, or EVERYTHING) and joins `changed` at its first change.
+    A container's `_changes` is not None exactly while it is in `changed`.
+    """
+
+    __slots__ = ("adopt", "changed", "dirty", "log")
 
     def __init__(self) -> None:
         self.dirty = False
         self.adopt = False
         """Something other than a leaf value was put in: watch the state's new parts too."""
+        self.log = False
+        self.changed: list[Any] = []
+
+    def forget_changes(self) -> list[tuple[Any, Any]]:
+        """Each noted container with what it noted, all notes cleared (a persist takes them)."""
+        taken, self.changed = self.changed, []
+        notes = []
+        for container in taken:
+            notes.append((container, container._changes))
+            container._changes = None
+        return notes
 
     def touched(self, value: Any) -> None:
         self.dirty = True
@@ -63,59 +80,115 @@ class ChangeMark:
         self.adopt = True
 
 
+EVERYTHING: Any = frozenset({"*everything*"})
+"""A container's `_changes` when it changed in a way that is not noted key by key."""
+
+
+def _note(container: Any, key: Any) -> None:
+    """Note that `key` of a dict changed (the mark's log is on)."""
+    changes = container._changes
+    if changes is None:
+        container._changes = {key}
+        container._mark.changed.append(container)
+    elif changes is not EVERYTHING:
+        changes.add(key)
+
+
+def _note_all(container: Any) -> None:
+    """Note that a container changed as a whole (the mark's log is on)."""
+    if container._changes is None:
+        container._mark.changed.append(container)
+    container._changes = EVERYTHING
+
+
+def _note_growth(container: list[Any]) -> None:
+    """Note that a list grows at its end: from the length it had before its first change."""
+    if container._changes is None:  # type: ignore[attr-defined]
+        container._changes = len(container)  # type: ignore[attr-defined]
+        container._mark.changed.append(container)  # type: ignore[attr-defined]
+
+
+def new_tracked(kind: type, plain: Any, mark: ChangeMark, at: tuple[Any, Any] | None) -> Any:
+    """A tracked copy of `plain` watched by `mark`, held at `at` (parent container, key; None: the top)."""
+    tracked = kind(plain)
+    tracked._mark = mark
+    tracked._at = at
+    tracked._changes = None
+    return tracked
+
+
 class TrackedList(list[Any]):
     """A list that tells its state's mark when it changes; copies and pickles are plain lists."""
 
-    __slots__ = ("_mark",)
+    __slots__ = ("_at", "_changes", "_mark")
     _mark: ChangeMark
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        self._mark.grown() if isinstance(index, slice) else self._mark.touched(value)
+        mark = self._mark
+        mark.grown() if isinstance(index, slice) else mark.touched(value)
+        if mark.log:
+            _note_all(self)
         super().__setitem__(index, value)
 
     def __delitem__(self, index: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().__delitem__(index)
 
     def __iadd__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.grown()
+        if self._mark.log:
+            _note_growth(self)
         return super().__iadd__(other)
 
     def __imul__(self, n: SupportsIndex) -> Self:
-        self._mark.dirty = True
+        self._changed()
         return super().__imul__(n)
 
     def append(self, value: Any) -> None:
-        self._mark.touched(value)
+        mark = self._mark
+        mark.touched(value)
+        if mark.log:
+            _note_growth(self)
         super().append(value)
 
     def extend(self, values: Any) -> None:
         self._mark.grown()
+        if self._mark.log:
+            _note_growth(self)
         super().extend(values)
 
     def insert(self, index: SupportsIndex, value: Any) -> None:
         self._mark.touched(value)
+        if self._mark.log:
+            _note_all(self)
         super().insert(index, value)
 
     def pop(self, index: SupportsIndex = -1) -> Any:
-        self._mark.dirty = True
+        self._changed()
         return super().pop(index)
 
     def remove(self, value: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().remove(value)
 
     def clear(self) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().clear()
 
     def sort(self, *args: Any, **kwargs: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().sort(*args, **kwargs)
 
     def reverse(self) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().reverse()
+
+    def _changed(self) -> None:
+        """A change that removes or moves items: the list is noted as changed whole."""
+        mark = self._mark
+        mark.dirty = True
+        if mark.log:
+            _note_all(self)
 
     def __copy__(self) -> list[Any]:
         return list(self)
@@ -132,39 +205,72 @@ class TrackedList(list[Any]):
 class TrackedDict(dict[Any, Any]):
     """A dict (or a model's `__dict__`) that tells its state's mark when it changes."""
 
-    __slots__ = ("_mark",)
+    __slots__ = ("_at", "_changes", "_mark")
     _mark: ChangeMark
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._mark.touched(value)
+        mark = self._mark
+        mark.touched(value)
+        if mark.log:
+            _note(self, key)
         super().__setitem__(key, value)
 
     def __delitem__(self, key: Any) -> None:
-        self._mark.dirty = True
+        mark = self._mark
+        mark.dirty = True
+        if mark.log:
+            _note(self, key)
         super().__delitem__(key)
 
     def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._mark.grown()
+        self._grown_by(other)
         return super().__ior__(other)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self._mark.grown()
+        self._grown_by(args[0] if len(args) == 1 and not kwargs else None, kwargs)
         super().update(*args, **kwargs)
 
+    def _grown_by(self, other: Any, kwargs: dict[str, Any] | None = None) -> None:
+        """Items put in from a mapping (their keys noted) or from anything else (noted whole)."""
+        mark = self._mark
+        mark.grown()
+        if mark.log:
+            if kwargs and other is None:
+                for key in kwargs:
+                    _note(self, key)
+            elif isinstance(other, dict) and not kwargs:
+                for key in other:
+                    _note(self, key)
+            else:
+                _note_all(self)
+
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        self._mark.touched(default)
+        mark = self._mark
+        mark.touched(default)
+        if mark.log:
+            _note(self, key)
         return super().setdefault(key, default)
 
     def pop(self, *args: Any) -> Any:
-        self._mark.dirty = True
+        mark = self._mark
+        mark.dirty = True
+        if mark.log and args:
+            _note(self, args[0])
         return super().pop(*args)
 
     def popitem(self) -> tuple[Any, Any]:
-        self._mark.dirty = True
-        return super().popitem()
+        mark = self._mark
+        mark.dirty = True
+        item = super().popitem()
+        if mark.log:
+            _note(self, item[0])
+        return item
 
     def clear(self) -> None:
-        self._mark.dirty = True
+        mark = self._mark
+        mark.dirty = True
+        if mark.log:
+            _note_all(self)
         super().clear()
 
     def __copy__(self) -> dict[Any, Any]:
@@ -180,61 +286,74 @@ class TrackedDict(dict[Any, Any]):
 
 
 class TrackedSet(set[Any]):
-    """A set that tells its state's mark when it changes (its items are leaf values)."""
+    """A set that tells its state's mark when it changes (its items are leaf values).
 
-    __slots__ = ("_mark",)
+    A set is noted as changed whole: its JSON is an array, with no key to name an item by.
+    """
+
+    __slots__ = ("_at", "_changes", "_mark")
     _mark: ChangeMark
+
+    def _changed(self, grown: bool = False) -> None:
+        mark = self._mark
+        if grown:
+            mark.grown()
+        mark.dirty = True
+        if mark.log:
+            _note_all(self)
 
     def add(self, value: Any) -> None:
         self._mark.touched(value)
+        if self._mark.log:
+            _note_all(self)
         super().add(value)
 
     def discard(self, value: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().discard(value)
 
     def remove(self, value: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().remove(value)
 
     def pop(self) -> Any:
-        self._mark.dirty = True
+        self._changed()
         return super().pop()
 
     def clear(self) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().clear()
 
     def update(self, *others: Any) -> None:
-        self._mark.grown()
+        self._changed(grown=True)
         super().update(*others)
 
     def difference_update(self, *others: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().difference_update(*others)
 
     def intersection_update(self, *others: Any) -> None:
-        self._mark.dirty = True
+        self._changed()
         super().intersection_update(*others)
 
     def symmetric_difference_update(self, other: Any) -> None:
-        self._mark.grown()
+        self._changed(grown=True)
         super().symmetric_difference_update(other)
 
     def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._mark.grown()
+        self._changed(grown=True)
         return super().__ior__(other)
 
     def __iand__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._mark.dirty = True
+        self._changed()
         return super().__iand__(other)
 
     def __isub__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._mark.dirty = True
+        self._changed()
         return super().__isub__(other)
 
     def __ixor__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._mark.grown()
+        self._changed(grown=True)
         return super().__ixor__(other)
 
     def __copy__(self) -> set[Any]:
@@ -315,39 +434,42 @@ class _Adopter:
         """References to `child` beyond this call's own (the caller's local included)."""
         return _refs(child)
 
-    def node(self, value: Any, depth: int) -> None:
-        """Watch the parts of `value`, which is kept as it is (a leaf, model, tuple or tracked container)."""
+    def node(self, value: Any, depth: int, at: tuple[Any, Any] | None = None) -> None:
+        """Watch the parts of `value`, which is kept as it is (a leaf, model, tuple or tracked container).
+
+        `at`: where it is held (its parent container and its key there; None: the top).
+        """
         kind = type(value)
         if kind in _LEAVES or isinstance(value, enum.Enum):
             return
         if depth > MAX_DEPTH:
             raise _Untrackable
         if isinstance(value, BaseModel):
-            self.model(value, depth)
+            self.model(value, depth, at)
         elif kind in _TRACKED:
             if value._mark is not self.mark:
                 raise _Untrackable  # watched by another state
+            value._at = at  # it may have moved since the last walk
             self.children(value, depth)
         elif kind is tuple or kind is frozenset:
             for item in value:
                 if type(item) in (list, dict, set):
                     raise _Untrackable  # a tuple's items cannot be replaced
-                self.node(item, depth + 1)
+                self.node(item, depth + 1)  # held by no container: a change inside is noted nowhere
         else:
             raise _Untrackable  # a plain container held elsewhere, a dataclass, a bytearray, ...
 
-    def replace(self, plain: Any, depth: int) -> Any:
+    def replace(self, plain: Any, depth: int, at: tuple[Any, Any] | None) -> Any:
         """A tracked copy of a plain container that nothing else holds (emptied: it is unreachable)."""
         kind = type(plain)
         tracked: TrackedList | TrackedDict | TrackedSet
         if kind is list:
-            tracked = TrackedList(plain)
+            tracked = new_tracked(TrackedList, plain, self.mark, at)
         elif kind is dict:
-            tracked = TrackedDict(plain)
+            tracked = new_tracked(TrackedDict, plain, self.mark, at)
         else:
-            tracked = TrackedSet(plain)
+            tracked = new_tracked(TrackedSet, plain, self.mark, at)
         plain.clear()  # its items now have one holder, the copy
-        tracked._mark = self.mark
         try:
             self.children(tracked, depth)
         except BaseException:  # an item cannot be watched: `plain` stays in use, so refill it
@@ -375,9 +497,9 @@ class _Adopter:
                 if kind is list or kind is dict or kind is set:
                     if self.held_by_one(child) > _IN_PARENT:
                         raise _Untrackable
-                    list.__setitem__(container, i, self.replace(child, depth + 1))
+                    list.__setitem__(container, i, self.replace(child, depth + 1, (container, i)))
                 else:
-                    self.node(child, depth + 1)
+                    self.node(child, depth + 1, (container, i))
         elif isinstance(container, dict):
             if not named and not set(map(type, container)) <= _LEAVES:
                 for key in container:
@@ -393,25 +515,25 @@ class _Adopter:
                 if kind is list or kind is dict or kind is set:
                     if self.held_by_one(child) > _IN_PARENT:
                         raise _Untrackable
-                    dict.__setitem__(container, key, self.replace(child, depth + 1))
+                    dict.__setitem__(container, key, self.replace(child, depth + 1, (container, key)))
                 else:
-                    self.node(child, depth + 1)
+                    self.node(child, depth + 1, (container, key))
         elif not set(map(type, container)) <= _LEAVES:  # a set: its items must not change in place
             for item in container:
                 if type(item) not in _LEAVES and not isinstance(item, enum.Enum):
                     raise _Untrackable
 
-    def model(self, model: BaseModel, depth: int) -> None:
+    def model(self, model: BaseModel, depth: int, at: tuple[Any, Any] | None) -> None:
         if not model_trackable(type(model)):
             raise _Untrackable
         fields = model.__dict__
         if type(fields) is TrackedDict:
             if fields._mark is not self.mark:
                 raise _Untrackable
+            fields._at = at
             self.children(fields, depth, named=True)
             return
-        tracked = TrackedDict(fields)
-        tracked._mark = self.mark
+        tracked = new_tracked(TrackedDict, fields, self.mark, at)
         object.__setattr__(model, "__dict__", tracked)
         if self.held_by_one(fields) <= _LOCAL:
             fields.clear()  # the old __dict__ is ours alone now: let its values have one holder
@@ -446,7 +568,7 @@ def watch(holder: Any, mark: ChangeMark) -> bool:
         if kind is list or kind is dict or kind is set:
             if adopter.held_by_one(value) > _IN_PARENT:
                 return False  # the worker holds this very object
-            holder.value = adopter.replace(value, 0)
+            holder.value = adopter.replace(value, 0, None)
         else:
             del kind
             adopter.node(value, 0)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ._tracking import ChangeMark, TrackedDict, TrackedList, TrackedSet, model_trackable
+from ._tracking import ChangeMark, TrackedDict, TrackedList, TrackedSet, model_trackable, new_tracked
 
 _LEAF_SCHEMAS = {"int", "bool", "str", "bytes", "none", "date", "datetime", "time", "timedelta", "uuid"}
 _LEAF_SCHEMAS.add("float")
@@ -38,32 +38,29 @@ def plan_for(cls: type[BaseModel]) -> Plan | None:
     return plan
 
 
-def apply(model: BaseModel, plan: Plan, mark: ChangeMark) -> None:
-    """Put a freshly validated model under `mark`'s watch, as its plan says."""
-    tracked = TrackedDict(model.__dict__)
-    tracked._mark = mark
+def apply(model: BaseModel, plan: Plan, mark: ChangeMark, at: tuple[Any, Any] | None = None) -> None:
+    """Put a freshly validated model under `mark`'s watch, as its plan says (`at`: where it is held)."""
+    tracked = new_tracked(TrackedDict, model.__dict__, mark, at)
     object.__setattr__(model, "__dict__", tracked)
     for name, kind, sub in plan:
         value = tracked[name]
         if value is None:
             continue
         if kind == MODEL:
-            apply(value, sub, mark)
+            apply(value, sub, mark, (tracked, name))
             continue
         if kind in (DICT, DICT_OF_MODELS):
-            mapping = TrackedDict(value)
-            mapping._mark = mark
+            mapping = new_tracked(TrackedDict, value, mark, (tracked, name))
             dict.__setitem__(tracked, name, mapping)
             if kind == DICT_OF_MODELS:
-                for item in mapping.values():
-                    apply(item, sub, mark)
+                for key, item in mapping.items():
+                    apply(item, sub, mark, (mapping, key))
             continue
-        items: TrackedList | TrackedSet = TrackedSet(value) if kind == SET else TrackedList(value)
-        items._mark = mark
+        items = new_tracked(TrackedSet if kind == SET else TrackedList, value, mark, (tracked, name))
         dict.__setitem__(tracked, name, items)
         if kind == LIST_OF_MODELS:
-            for item in items:
-                apply(item, sub, mark)
+            for i, item in enumerate(items):
+                apply(item, sub, mark, (items, i))
 
 
 def _read_model(cls: type[BaseModel]) -> Plan | None:

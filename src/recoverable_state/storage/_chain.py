@@ -5,13 +5,13 @@ them back as one value, `pack_chain(pieces)`, under `CHAIN_CONTENT_TYPE`: the
 snapshot first, then each delta in the order appended, every piece with the
 content type it was stored with (sealed and checksummed one by one).
 
-A delta (`DELTA_CONTENT_TYPE`) is a JSON list of operations on the JSON of the
-snapshot, each naming its place by a path of keys (strings, for objects) and
-indices (integers, for arrays):
-
-    ["s", path, value]    set the place to value (an empty path: the whole document)
-    ["d", path]           delete the key of an object
-    ["x", path, [items]]  extend the array at the place with items
+A delta (`DELTA_CONTENT_TYPE`) is a JSON array `[spec, part]`: `part` holds the
+new values, `spec` says where each goes. `spec` mirrors `part`'s objects; at each
+key of the object there, `1` sets the key to `part`'s value, `0` deletes the key,
+`["x", n]` cuts the array there to its first n items and extends it with
+`part`'s items, and an object merges into the object there, key by key. Every
+operation sets a place to what it holds after the change, so a delta applied
+over a snapshot that already holds part of it gives the same document.
 
 Applying every delta to the snapshot, in order, gives the document the record
 holds; `materialise` does it for readers that want the whole value (the CLI,
@@ -74,41 +74,33 @@ def unpack_chain(chain: bytes) -> list[tuple[bytes, str]]:
 
 
 def apply_delta(doc: Any, delta: bytes) -> Any:
-    """`doc` (a parsed JSON document) with one delta's operations applied; ValueError if they do not fit."""
+    """`doc` (a parsed JSON document) with one delta applied; ValueError if it does not fit."""
     try:
-        ops = json.loads(delta)
-        for op in ops:
-            code, path = op[0], op[1]
-            if not path:
-                if code != "s":
-                    raise ValueError(f"operation {code!r} on the whole document")
-                doc = op[2]
-                continue
-            place = doc
-            for step in path[:-1]:
-                place = place[step]
-            last = path[-1]
-            if code == "s":
-                if isinstance(place, list) and last == len(place):
-                    place.append(op[2])
-                else:
-                    place[last] = op[2]
-            elif code == "d":
-                if not isinstance(place, dict):
-                    raise ValueError(f"delete of {last!r} from an array")
-                del place[last]
-            elif code == "x":
-                target = place[last]
-                if not isinstance(target, list):
-                    raise ValueError(f"extend of {last!r}, which is not an array")
-                target.extend(op[2])
-            else:
-                raise ValueError(f"unknown operation {code!r}")
+        spec, part = json.loads(delta)
+        _merge(doc, spec, part)
     except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"the delta does not fit the value before it ({type(exc).__name__}: {exc})"
-        ) from None
+        raise ValueError(f"it does not fit the value before it ({type(exc).__name__}: {exc})") from None
     return doc
+
+
+def _merge(doc: Any, spec: Any, part: Any) -> None:
+    if not isinstance(doc, dict) or not isinstance(spec, dict) or not isinstance(part, dict):
+        raise TypeError("a merge into something other than an object")
+    for key, what in spec.items():
+        if isinstance(what, dict):
+            _merge(doc[key], what, part[key])
+        elif isinstance(what, list):
+            target, base = doc[key], what[1]
+            if what[0] != "x" or not isinstance(target, list) or not 0 <= base <= len(target):
+                raise TypeError(f"an extend of {key!r} that does not fit")
+            del target[base:]
+            target.extend(part[key])
+        elif what == 1:
+            doc[key] = part[key]
+        elif what == 0:
+            doc.pop(key, None)
+        else:
+            raise TypeError(f"an unknown operation {what!r}")
 
 
 def replay(pieces: Sequence[tuple[bytes, str]]) -> Any:

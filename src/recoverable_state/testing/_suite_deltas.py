@@ -26,8 +26,9 @@ from ._suite import MakeBackend, Suite, open_store, read, write
 JSON = "application/json"
 
 
-def _delta(*ops: list[object]) -> bytes:
-    return json.dumps(list(ops)).encode()
+def _delta(spec: object, part: object) -> bytes:
+    """A delta in the format of `recoverable_state.storage._chain` (`[spec, part]`)."""
+    return json.dumps([spec, part]).encode()
 
 
 def _pieces(record: StoredRecord | object) -> list[tuple[bytes, str]]:
@@ -57,7 +58,7 @@ class DeltaChecks(Suite):
 
     async def test_an_append_follows_its_version(self, backend: StorageBackend) -> None:
         kvs = await self._base(backend)
-        d1, d2 = _delta(["s", ["b"], 2]), _delta(["d", ["a"]])
+        d1, d2 = _delta({"b": 1}, {"b": 2}), _delta({"a": 0}, {})
         outcomes = await write(
             backend,
             [
@@ -84,7 +85,7 @@ class DeltaChecks(Suite):
 
     async def test_a_write_or_a_delete_drops_the_deltas(self, backend: StorageBackend) -> None:
         kvs = await self._base(backend)
-        d = _delta(["s", ["a"], 5])
+        d = _delta({"a": 1}, {"a": 5})
         await write(backend, [RecordAppend(kvs.id, "k", d, DELTA_CONTENT_TYPE, 1)])
         assert await write(backend, [RecordWrite(kvs.id, "k", b'{"a":9}', JSON, 2)]) == [
             WriteOutcome(True, 3)
@@ -102,7 +103,7 @@ class DeltaChecks(Suite):
     async def test_in_one_batch_each_request_sees_the_last(self, backend: StorageBackend) -> None:
         self.needs_deltas(backend)
         kvs = await open_store(backend)
-        d1, d2 = _delta(["s", ["x"], 1]), _delta(["s", ["y"], 2])
+        d1, d2 = _delta({"x": 1}, {"x": 1}), _delta({"y": 1}, {"y": 2})
         outcomes = await write(
             backend,
             [
@@ -123,7 +124,7 @@ class DeltaChecks(Suite):
 
     async def test_a_claim_keeps_the_deltas_and_fences_the_old_writer(self, backend: StorageBackend) -> None:
         kvs = await self._base(backend)
-        d = _delta(["s", ["a"], 2])
+        d = _delta({"a": 1}, {"a": 2})
         await write(backend, [RecordAppend(kvs.id, "k", d, DELTA_CONTENT_TYPE, 1)])
         (claimed,) = await read(backend, [RecordRead(kvs.id, "k", claim=True)])
         assert isinstance(claimed, StoredRecord)
@@ -140,16 +141,16 @@ class DeltaChecks(Suite):
     async def test_many_deltas_keep_their_order(self, backend: StorageBackend) -> None:
         kvs = await self._base(backend)
         for n in range(1, 121):  # past any page or list size a backend might read in
-            delta = _delta(["s", ["a"], n])
+            delta = _delta({"a": 1}, {"a": n})
             (outcome,) = await write(backend, [RecordAppend(kvs.id, "k", delta, DELTA_CONTENT_TYPE, n)])
             assert outcome == WriteOutcome(True, n + 1)
         (record,) = await read(backend, [RecordRead(kvs.id, "k")])
-        assert [json.loads(v)[0][2] for v, _ in _pieces(record)[1:]] == list(range(1, 121))
+        assert [json.loads(v)[1]["a"] for v, _ in _pieces(record)[1:]] == list(range(1, 121))
         assert await kvs.get_value("k") == {"a": 120}
 
     async def test_an_append_to_a_missing_store_fails_alone(self, backend: StorageBackend) -> None:
         kvs = await self._base(backend)
-        d = _delta(["s", ["a"], 2])
+        d = _delta({"a": 1}, {"a": 2})
         outcomes = await write(
             backend,
             [
@@ -165,10 +166,10 @@ class DeltaChecks(Suite):
         self.needs("keeps_history")
         kvs = await open_store(backend)
         await write(backend, [RecordWrite(kvs.id, "k", b'{"a":1}', JSON, 0, keep_history=3)])
-        await write(backend, [RecordAppend(kvs.id, "k", _delta(["s", ["a"], 2]), DELTA_CONTENT_TYPE, 1)])
+        await write(backend, [RecordAppend(kvs.id, "k", _delta({"a": 1}, {"a": 2}), DELTA_CONTENT_TYPE, 1)])
         await write(backend, [RecordWrite(kvs.id, "k", b'{"a":3}', JSON, 2, keep_history=3)])
         assert [r.version for r in await backend.read_history(kvs.id, "k")] == [3, 1]
-        await write(backend, [RecordAppend(kvs.id, "k", _delta(["s", ["a"], 4]), DELTA_CONTENT_TYPE, 3)])
+        await write(backend, [RecordAppend(kvs.id, "k", _delta({"a": 1}, {"a": 4}), DELTA_CONTENT_TYPE, 3)])
         [info] = await backend.list_records(kvs.id)
         assert (info.key, info.version) == ("k", 4)
         await backend.purge_store(kvs.id)
@@ -183,7 +184,7 @@ class DeltaChecks(Suite):
         try:
             write_ = kvs.prepare_put("s", b'{"n":[1]}', JSON, expected_version=0)
             (_outcome,) = await KeyValueStore.put_together([(kvs, write_)])
-            append = RecordAppend(kvs.id, "s", _delta(["x", ["n"], [2, 3]]), DELTA_CONTENT_TYPE, 1)
+            append = RecordAppend(kvs.id, "s", _delta({"n": ["x", 1]}, {"n": [2, 3]}), DELTA_CONTENT_TYPE, 1)
             assert await KeyValueStore.put_together([(kvs, append)]) == [WriteOutcome(True, 2)]
             (raw,) = await read(backend, [RecordRead(kvs.id, "s")])
             assert all("rs-crc32=" in ct and b"[2, 3]" not in v for v, ct in _pieces(raw))
@@ -199,7 +200,7 @@ class DeltaChecks(Suite):
     ) -> None:
         kvs = await self._base(backend)
         self.needs("shared")
-        d = _delta(["s", ["c"], [1, 2]])
+        d = _delta({"c": 1}, {"c": [1, 2]})
         await write(backend, [RecordAppend(kvs.id, "k", d, DELTA_CONTENT_TYPE, 1)])
         other = open_more()
         (record,) = await read(other, [RecordRead(kvs.id, "k", claim=True)])
@@ -218,7 +219,8 @@ class DeltaChecks(Suite):
             kvs = await open_store(first, "kept")
             await write(first, [RecordWrite(kvs.id, "k", b'{"l":[]}', JSON, 0)])
             await write(
-                first, [RecordAppend(kvs.id, "k", _delta(["x", ["l"], ["a"]]), DELTA_CONTENT_TYPE, 1)]
+                first,
+                [RecordAppend(kvs.id, "k", _delta({"l": ["x", 0]}, {"l": ["a"]}), DELTA_CONTENT_TYPE, 1)],
             )
         finally:
             await first.aclose()
