@@ -264,6 +264,9 @@ class StateCodec:
         self._definitions = _collect_definitions(schema)
         self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
         """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
+        self.delta_safe = self.is_model and self._facts.exact and not self._facts.deep
+        """Whether a delta's bytes need no round-trip check (floats aside: a delta with null is not used)."""
+        self.floats = self._facts.floats
         self._forbid_first = _EXTRA_ON_CALL and not _allows_extra(schema)
         self.content_type = ""
         """The content type this type's records are written with (set with its schema version)."""

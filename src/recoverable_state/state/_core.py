@@ -313,14 +313,15 @@ def settings_for(
     on_bad_record: Literal["raise", "quarantine", "previous"],
     timeout: float | None,
     track: bool,
+    deltas: bool = True,
 ) -> SlotSettings:
     """The settings tuple of a state, one object for every state with the same ones."""
     if migrations:
-        return (history, dict(migrations), on_bad_record, timeout, track)
-    key = (history, on_bad_record, timeout, track)
+        return (history, dict(migrations), on_bad_record, timeout, track, deltas)
+    key = (history, on_bad_record, timeout, track, deltas)
     known = _settings.get(key)
     if known is None:
-        known = _settings[key] = (history, _NO_MIGRATIONS, on_bad_record, timeout, track)
+        known = _settings[key] = (history, _NO_MIGRATIONS, on_bad_record, timeout, track, deltas)
     return known
 
 

@@ -29,7 +29,7 @@ from .._errors import (
     StoreNotFoundError,
     UnrepresentableStateError,
 )
-from ..storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
+from ..storage import KeyValueStore, RecordAppend, RecordWrite, StoredRecord, WriteOutcome
 from ._collector import PAUSE_COLLECTOR_AT, collector_paused
 from ._loading import start_from, start_over
 from ._slot import DELETE_IN_DOUBT, StateSlot, Tally, fingerprinted_size
@@ -130,7 +130,7 @@ async def _write_held(
         await anyio.lowlevel.checkpoint()  # each pass over 100,000 states gets a step of its own
     failed: dict[tuple[type, str], Exception] = {}
     writing: list[StateSlot] = []
-    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]] = []
     held: list[StateSlot] = []  # their worker is inside editing(): written when it lets go
     start = 0
     with anyio.move_on_after(timeout) as scope, collector_paused(active=big):
@@ -165,7 +165,7 @@ _HELD = "waiting for the worker's editing() to end before saving"
 
 async def _write_and_again(
     writing: list[StateSlot],
-    puts: list[tuple[KeyValueStore, RecordWrite]],
+    puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]],
     errors: list[Exception],
     failed: dict[tuple[type, str], Exception],
     tally: Tally,
@@ -190,7 +190,7 @@ async def _write_when_let_go(
         delay = min(delay * 2, _POLL_MOST)
         waiting, held[:] = list(held), []
         writing: list[StateSlot] = []
-        puts: list[tuple[KeyValueStore, RecordWrite]] = []
+        puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]] = []
         _prepare_slice(waiting, 0, errors, writing, puts, held, full, deadline=None)
         if puts:
             await _write_and_again(writing, puts, errors, failed, tally)
@@ -214,7 +214,7 @@ def _prepare_slice(
     start: int,
     errors: list[Exception],
     writing: list[StateSlot],
-    puts: list[tuple[KeyValueStore, RecordWrite]],
+    puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]],
     held: list[StateSlot],
     full: bool = False,
     *,
@@ -254,7 +254,7 @@ def _prepare_slice(
 
 def _prepare_one(
     slot: StateSlot, warned: list[warnings.WarningMessage], full: bool, errors: list[Exception]
-) -> RecordWrite | None:
+) -> RecordWrite | RecordAppend | None:
     """The write one slot needs (None: none, or it failed; its error goes to `errors`)."""
     try:
         return slot.prepare(warned, full)
@@ -271,7 +271,7 @@ _SETTLE_CHUNK = 256  # about 0.5 ms of settling: a step ends soon after its slic
 
 async def _write_prepared(
     writing: list[StateSlot],
-    puts: list[tuple[KeyValueStore, RecordWrite]],
+    puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]],
     errors: list[Exception],
     failed: dict[tuple[type, str], Exception],
     tally: Tally,
@@ -305,15 +305,15 @@ async def _write_prepared(
                 if isinstance(outcome, NotDurableError) and outcome.outcome is not None:
                     # Applied, not confirmed durable: the version is true, the state stays
                     # unsynced so that the next persist writes it again (and waits again).
-                    slot.settle(WriteOutcome(*outcome.outcome), write.value)
-                    slot.stored, slot.synced = None, False
+                    slot.settle(WriteOutcome(*outcome.outcome), write.value, type(write) is RecordAppend)
+                    slot.stored, slot.synced, slot.appendable = None, False, False
                     errors.append(outcome)
                 elif isinstance(outcome, StoreNotFoundError) and kvs.name is not None:
                     again.append((slot, True))  # the server lost the store: made again, then written
                 else:
                     errors.append(outcome)  # failed on its own: not applied, nothing changes
                 continue
-            lost = slot.settle(outcome, write.value)
+            lost = slot.settle(outcome, write.value, type(write) is RecordAppend)
             if lost is not None:
                 errors.append(lost)
             elif slot.behind:
@@ -365,7 +365,7 @@ async def _write_again(
             slot.kvs, slot.version, slot.stored, slot.synced = made[id(kvs)], 0, None, False
         slots.append(slot)
     writing: list[StateSlot] = []
-    puts: list[tuple[KeyValueStore, RecordWrite]] = []
+    puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]] = []
     held: list[StateSlot] = []  # a worker entered editing() meanwhile: the next persist writes them
     _prepare_slice(slots, 0, errors, writing, puts, held, full=True, deadline=None)
     _let_go(held)
@@ -448,10 +448,10 @@ async def clear_slot(slot: StateSlot, timeout: float | None) -> None:
         with anyio.move_on_after(timeout) as scope:
             try:
                 if slot.in_doubt is not None:
-                    slot.resolve(await kvs.get_record(slot.key))
+                    slot.resolve(await kvs.get_record(slot.key, chain=True))
                 deleted = await kvs.delete_record(slot.key, expected_version=slot.version)
                 if not deleted and slot.version:
-                    record = await kvs.get_record(slot.key)
+                    record = await kvs.get_record(slot.key, chain=True)
                     if record is not None and record.version < slot.version:  # the store went back
                         await kvs.delete_record(slot.key, expected_version=record.version)
                     elif record is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .._errors import RecordCorruptError, StorageError
-from ..storage import StoredRecord
+from ..storage import CHAIN_CONTENT_TYPE, StoredRecord, materialise, unpack_chain
 from ._codec import describe_validation_error
 from ._schema import migrate
 from ._slot import StateSlot, fingerprint
@@ -35,6 +35,9 @@ def start_from(slot: StateSlot, record: StoredRecord | None, default: Callable[[
         slot.take(default(), synced=False)
         slot.version, slot.stored = 0, None
         return
+    chain = _shape(record)
+    if record.content_type == CHAIN_CONTENT_TYPE:  # a snapshot and its deltas: one value, validated once
+        record = materialise(record, store=kvs.label)
     data = (
         record.value
         if record.content_type == slot.content_type
@@ -52,7 +55,19 @@ def start_from(slot: StateSlot, record: StoredRecord | None, default: Callable[[
     synced = data is record.value and not dropped
     slot.take(value, synced=synced, fresh=True)
     slot.version = record.version
-    slot.stored = fingerprint(record.value) if synced else None
+    slot.stored = fingerprint(record.value) if synced and not chain[2] else None
+    slot.chain, slot.appendable = chain, synced  # an append follows what is stored as it loaded
+
+
+def _shape(record: StoredRecord) -> tuple[int, int, int]:
+    """A record's (snapshot bytes, delta bytes, deltas)."""
+    if record.content_type != CHAIN_CONTENT_TYPE:
+        return (len(record.value), 0, 0)
+    try:
+        pieces = unpack_chain(record.value)
+    except ValueError:
+        return (len(record.value), 0, 0)  # `materialise` says what is wrong with it
+    return (len(pieces[0][0]), sum(len(p) for p, _ in pieces[1:]), len(pieces) - 1)
 
 
 async def start_over(
@@ -103,7 +118,7 @@ async def _start_from_history(
             skipped.append(snapshot.version)
             continue
         # The record stays at its own version: the next persist replaces it, fenced as usual.
-        slot.version, slot.stored, slot.synced = skipped[0], None, False
+        slot.version, slot.stored, slot.synced, slot.appendable = skipped[0], None, False, False
         slot.log.warning(
             "store %r, key %r: the stored record does not load (%s); starting from the snapshot of version "
             "%d in its history (versions skipped: %s); the next persist writes a good record",

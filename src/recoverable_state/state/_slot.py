@@ -18,17 +18,27 @@ from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
 from .._errors import StateOwnershipLost, UnrepresentableStateError
-from ..storage import KeyValueStore, RecordWrite, StoredRecord, WriteOutcome
+from ..storage import (
+    CHAIN_CONTENT_TYPE,
+    DELTA_CONTENT_TYPE,
+    KeyValueStore,
+    RecordAppend,
+    RecordWrite,
+    StoredRecord,
+    WriteOutcome,
+    unpack_chain,
+)
 from ._codec import Refused, StateCodec
+from ._deltas import DELTA_FROM_BYTES, MAX_DELTAS, build_delta
 from ._editing import EditGuard
 from ._gate import WriteGate
 from ._schema import Migration
-from ._tracking import ChangeMark, watch
+from ._tracking import ChangeMark, model_trackable, watch
 from ._watch_plan import apply, plan_for
 
 OnBadRecord = Literal["raise", "quarantine", "previous"]
-SlotSettings = tuple[int, Mapping[int, Migration], OnBadRecord, float | None, bool]
-"""What many states share: (history, migrations, on_bad_record, timeout in seconds, track)."""
+SlotSettings = tuple[int, Mapping[int, Migration], OnBadRecord, float | None, bool, bool]
+"""What many states share: (history, migrations, on_bad_record, timeout in seconds, track, deltas)."""
 
 DELETE_IN_DOUBT = b""
 """`in_doubt` of a delete whose outcome is unknown (no state serialises to empty bytes)."""
@@ -39,9 +49,12 @@ class StateSlot:
 
     __slots__ = (
         "_refusal",
+        "appendable",
         "behind",
+        "chain",
         "codec",
         "content_type",
+        "deltas",
         "editing",
         "enabled",
         "fresh",
@@ -76,7 +89,7 @@ class StateSlot:
         log: logging.Logger,
         owner: weakref.ref[Any],
     ) -> None:
-        history, migrations, on_bad_record, timeout, track = settings
+        history, migrations, on_bad_record, timeout, track, deltas = settings
         self.key = key
         self.codec = codec
         self.content_type = codec.content_type
@@ -109,6 +122,12 @@ class StateSlot:
         self.tracked = False
         self.synced = False
         self.fresh = False
+        # Deltas (see _deltas.py): whether this state may write them at all; whether the store
+        # holds what this process last wrote or read at `version` (an append may follow it);
+        # and the record's shape as far as known: (snapshot bytes, delta bytes, deltas).
+        self.deltas = deltas and track and history == 0 and codec.delta_safe
+        self.appendable = False
+        self.chain = (0, 0, 0)
 
     def hand_out(self) -> Any:
         """The live value, for the worker: from now on it may change, so it is watched."""
@@ -122,7 +141,20 @@ class StateSlot:
                     self.tracked = True
                 else:
                     self.tracked = watch(self, self.mark)
+                self.mark.log = self._logs(self.chain[0])
         return self.value
+
+    def _logs(self, snapshot_size: int) -> bool:
+        """Whether the tracking should note where changes happen: the next persist may write a delta."""
+        kvs = self.kvs
+        return (
+            self.deltas
+            and self.tracked
+            and snapshot_size >= DELTA_FROM_BYTES
+            and kvs is not None
+            and kvs.storage.keeps_deltas
+            and model_trackable(type(self.value))
+        )
 
     def take(self, value: Any, *, synced: bool, fresh: bool = False) -> None:
         """Make `value` (nobody else holds it) the live value.
@@ -136,10 +168,12 @@ class StateSlot:
         self.tracked = False
         self.synced = synced
         self.fresh = fresh
+        self.appendable = False
 
     def changed(self) -> None:
         """The value was changed in a way the mark cannot see (a reset): look at it next persist."""
         self.synced = False
+        self.appendable = False
         if self.handed and self.track and self.enabled:
             self.tracked = watch(self, self.mark)
 
@@ -160,7 +194,9 @@ class StateSlot:
 
     # -- writing ---------------------------------------------------------------
 
-    def prepare(self, warned: list[warnings.WarningMessage], full: bool = False) -> RecordWrite | None:
+    def prepare(
+        self, warned: list[warnings.WarningMessage], full: bool = False
+    ) -> RecordWrite | RecordAppend | None:
         """The write this slot needs now (None: nothing changed); raises UnrepresentableStateError.
 
         `warned` records warnings: pydantic warns when a value does not have its
@@ -171,6 +207,10 @@ class StateSlot:
         mark = self.mark
         if not full and self.synced and not mark.dirty and (self.tracked or not self.handed):
             return None  # `unchanged`, inlined: a big persist asks every state
+        if mark.log and self.appendable and self.tracked:
+            return self._delta(warned)
+        if mark.changed:
+            mark.forget_changes()  # the snapshot holds every change noted so far
         mark.dirty = False  # cleared before serialising: a change made from now on sets it again
         self.synced = False
         codec = self.codec
@@ -196,8 +236,46 @@ class StateSlot:
                 raise self._refuse(refused) from None
         kvs = self.kvs
         assert kvs is not None
+        if self.deltas:  # noted from before it was serialised: a change made meanwhile is noted too
+            mark.log = self.handed and self._logs(len(data))
         fields = (kvs.id, self.key, data, self.content_type, self.version, self.history)
         return _new_write(RecordWrite, fields)
+
+    def _delta(self, warned: list[warnings.WarningMessage]) -> RecordWrite | RecordAppend | None:
+        """The append of what the tracking noted since the last persist; a snapshot when it cannot be one.
+
+        A state kept as deltas is not compared in full every few persists: a change made
+        behind the tracking's back reaches the store with its next snapshot.
+        """
+        mark = self.mark
+        mark.dirty = False
+        notes = mark.forget_changes()
+        if not notes:
+            self.synced = True  # nothing was noted: nothing to write
+            return None
+        seen = len(warned)
+        try:
+            delta = build_delta(self.value, notes, self.codec.serializer)
+        except PydanticSerializationError:
+            delta = None
+        size, delta_bytes, count = self.chain
+        if (
+            delta is None
+            or len(warned) != seen
+            or (self.codec.floats and b"null" in delta)
+            or delta_bytes + len(delta) > size
+            or count >= MAX_DELTAS
+        ):
+            self.appendable = False  # the notes are taken: only a snapshot holds them now
+            return self.prepare(warned, full=True)
+        self.synced = False
+        if mark.adopt:
+            mark.adopt = False
+            self.tracked = watch(self, mark)  # watch the parts put in since the last look
+            mark.log = mark.log and self.tracked
+        kvs = self.kvs
+        assert kvs is not None
+        return _new_write(RecordAppend, (kvs.id, self.key, delta, DELTA_CONTENT_TYPE, self.version))
 
     def _refuse(self, refused: Refused) -> UnrepresentableStateError:
         error = UnrepresentableStateError(
@@ -212,7 +290,7 @@ class StateSlot:
             self.log.error("%s", error, extra=self.log_fields)
         return error
 
-    def settle(self, outcome: WriteOutcome, data: bytes) -> StateOwnershipLost | None:
+    def settle(self, outcome: WriteOutcome, data: bytes, delta: bool = False) -> StateOwnershipLost | None:
         """Record a write's outcome; a compare-and-set lost to a newer record gives the state up.
 
         A record older than the one this process wrote, or none where it wrote one,
@@ -221,9 +299,14 @@ class StateSlot:
         state takes the stored version and is marked `behind`, to be written again.
         """
         if outcome.applied:
-            self.version, self.stored, self._refusal = outcome.version, fingerprint(data), None
-            self.synced = True
+            self.version, self._refusal, self.synced, self.appendable = outcome.version, None, True, True
+            if delta:
+                size, delta_bytes, count = self.chain
+                self.chain, self.stored = (size, delta_bytes + len(data), count + 1), None
+            else:
+                self.chain, self.stored = (len(data), 0, 0), fingerprint(data)
             return None
+        self.appendable = False
         if outcome.version < self.version:
             self.log.warning(
                 "store %r, key %r: the store holds version %d, older than version %d that this process "
@@ -262,7 +345,19 @@ class StateSlot:
             return False
         if record is not None and record.version == self.version + 1 and record.value == data:
             self.version, self.stored = record.version, fingerprint(data)  # it had landed
+            self.chain, self.appendable = (len(data), 0, 0), True
             return True
+        if (
+            record is not None
+            and record.version == self.version + 1
+            and record.content_type == CHAIN_CONTENT_TYPE
+            and unpack_chain(record.value)[-1][0] == data
+        ):
+            self.version, self.stored = record.version, None  # the delta in doubt had landed
+            size, delta_bytes, count = self.chain
+            self.chain, self.appendable = (size, delta_bytes + len(data), count + 1), True
+            return True
+        self.appendable = False
         # Otherwise it had not; a successor, if any, shows in the next write's compare-and-set.
         return False
 

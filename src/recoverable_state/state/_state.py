@@ -102,6 +102,7 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         persistence_timeout: timedelta | float | None = DEFAULT_PERSISTENCE_TIMEOUT,
         state_type: Any = None,
         change_detection: Literal["track", "compare"] = "track",
+        deltas: bool = True,
     ) -> None:
         """Describe a state; nothing is read or registered until `initialize()`.
 
@@ -138,6 +139,12 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
                 "compare" serialises the value on every persist and compares the bytes:
                 use it when the value is changed behind its containers' backs (by
                 `heapq`'s functions, or by unbound calls such as `list.append(v, x)`).
+            deltas: with "track", a state whose snapshot is 64 KiB or more writes what
+                changed (a delta appended to its record) instead of the whole value, and a
+                snapshot again once the deltas add up to the snapshot's size or number 100
+                (see the guide on deltas). False: every persist writes the whole value.
+                States with `history`, on a backend without deltas, or of a type that is
+                not a watched model write whole values whatever this says.
         """
         sources = (persist_state_kvs_name, persist_state_kvs_id, persist_state_kvs_factory)
         _check(persistence_enabled, sources, history, change_detection, on_bad_record)
@@ -152,7 +159,9 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         )
         timeout = _seconds(persistence_timeout, "persistence_timeout")
         track = change_detection == "track"
-        settings = settings_for(history, migrations or {}, on_bad_record, timeout, track)
+        if not isinstance(deltas, bool):
+            raise TypeError(f"deltas must be True or False, not {deltas!r}")
+        settings = settings_for(history, migrations or {}, on_bad_record, timeout, track, deltas)
         self._core = StateCore(
             persist_state_key,
             default_state,

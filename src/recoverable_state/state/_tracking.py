@@ -122,6 +122,8 @@ class TrackedList(list[Any]):
 
     __slots__ = ("_at", "_changes", "_mark")
     _mark: ChangeMark
+    _at: tuple[Any, Any] | None
+    _changes: Any
 
     def __setitem__(self, index: Any, value: Any) -> None:
         mark = self._mark
@@ -207,6 +209,8 @@ class TrackedDict(dict[Any, Any]):
 
     __slots__ = ("_at", "_changes", "_mark")
     _mark: ChangeMark
+    _at: tuple[Any, Any] | None
+    _changes: Any
 
     def __setitem__(self, key: Any, value: Any) -> None:
         mark = self._mark
@@ -293,6 +297,8 @@ class TrackedSet(set[Any]):
 
     __slots__ = ("_at", "_changes", "_mark")
     _mark: ChangeMark
+    _at: tuple[Any, Any] | None
+    _changes: Any
 
     def _changed(self, grown: bool = False) -> None:
         mark = self._mark
