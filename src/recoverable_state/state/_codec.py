@@ -264,13 +264,24 @@ class StateCodec:
         self._definitions = _collect_definitions(schema)
         self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
         """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
-        self.delta_safe = self.is_model and self._facts.exact and not self._facts.deep
-        """Whether a delta's bytes need no round-trip check (floats aside: a delta with null is not used)."""
-        self.floats = self._facts.floats
+        self.delta_safe = self.is_model and self._facts.exact
+        """Whether a delta's bytes need no round-trip check beyond `delta_fits`."""
         self._forbid_first = _EXTRA_ON_CALL and not _allows_extra(schema)
         self.content_type = ""
         """The content type this type's records are written with (set with its schema version)."""
         """Whether a load first validates refusing unknown keys (where they are kept, none is dropped)."""
+
+    def delta_fits(self, delta: bytes) -> bool:
+        """Whether a delta's bytes load back as they were made (of a `delta_safe` type).
+
+        A null may be a NaN or an infinity that JSON cannot hold, and brackets past
+        MAX_DEPTH a nesting too deep to load: the full check of a snapshot tells, so
+        such a delta is not used.
+        """
+        facts = self._facts
+        return not (facts.floats and b"null" in delta) and not (
+            facts.deep and delta.count(b"[") + delta.count(b"{") > MAX_DEPTH
+        )
 
     # -- the hot path ----------------------------------------------------------
 

@@ -262,7 +262,7 @@ class StateSlot:
         if (
             delta is None
             or len(warned) != seen
-            or (self.codec.floats and b"null" in delta)
+            or not self.codec.delta_fits(delta)
             or delta_bytes + len(delta) > size
             or count >= MAX_DELTAS
         ):

@@ -62,6 +62,7 @@ class FaultInjectingBackend(StorageBackend):
         """The wrapped backend."""
         self.url = inner.url
         self.max_batch = inner.max_batch
+        self.keeps_deltas = inner.keeps_deltas
         self.faults: dict[str, deque[_Fault]] = {"write": deque(), "read": deque()}
         self.injected = 0
         """How many faults have met a batch so far."""
