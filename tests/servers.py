@@ -185,16 +185,24 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [
                     self.binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "yes",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
                     # Acknowledged means on disk: with "everysec" Redis may postpone
                     # its AOF writes, and a killed server loses acknowledged writes.
-                    "--appendfsync", "always",
-                    "--dir", str(self.directory),
-                    "--daemonize", "no",
-                    "--protected-mode", "no",
+                    "--appendfsync",
+                    "always",
+                    "--dir",
+                    str(self.directory),
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "no",
                     *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdout=log,
@@ -292,8 +300,10 @@ class PostgresServer:
         proc = self._popen(
             [
                 str(PG_BIN / "initdb"),
-                "-D", str(self.data),
-                "-U", "postgres",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
                 *auth,
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
@@ -307,9 +317,7 @@ class PostgresServer:
             raise RuntimeError(f"initdb failed:\n{out.decode(errors='replace')}")
         if self.password:
             hba = self.data / "pg_hba.conf"
-            hba.write_text(
-                f"host all {REJECTED_ROLE} 127.0.0.1/32 reject\n" + hba.read_text()
-            )
+            hba.write_text(f"host all {REJECTED_ROLE} 127.0.0.1/32 reject\n" + hba.read_text())
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the server (again, on the same port and data) and wait until it serves."""
@@ -319,12 +327,18 @@ class PostgresServer:
             self.proc = self._popen(
                 [
                     str(PG_BIN / "postgres"),
-                    "-D", str(self.data),
-                    "-p", str(self.port),
-                    "-k", str(self.sockets),
-                    "-c", "listen_addresses=127.0.0.1",
-                    "-c", "max_connections=200",
-                    "-c", "shared_buffers=64MB",
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.sockets),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=64MB",
                     *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
                 ],
                 stdout=log,
@@ -358,9 +372,7 @@ class PostgresServer:
         import psycopg
 
         with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
-            found = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)
-            ).fetchone()
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone()
             if found is None:
                 conn.execute(f"CREATE DATABASE {PG_DATABASE}")
 

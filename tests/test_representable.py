@@ -43,11 +43,13 @@ leaves = (
 hashable = st.integers(min_value=-100, max_value=100) | st.text(max_size=4)
 anything = st.recursive(
     leaves,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=4)
-    | st.frozensets(hashable, max_size=4)
-    | st.sets(hashable, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+        | st.frozensets(hashable, max_size=4)
+        | st.sets(hashable, max_size=4)
+    ),
     max_leaves=12,
 )
 json_native = st.recursive(

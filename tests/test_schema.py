@@ -75,8 +75,13 @@ async def test_a_v1_record_is_migrated_to_v3_and_written_back() -> None:
 async def test_a_record_newer_than_the_code_is_refused_and_kept() -> None:
     kvs = await KeyValueStore.open()
     await kvs.put_record("job", b'{"total":5}', "application/json; schema-version=4")
-    state = RecoverableState(default_state=V3(), persist_state_key="job", persistence_enabled=True,
-                             migrations=MIGRATIONS, on_bad_record="quarantine")
+    state = RecoverableState(
+        default_state=V3(),
+        persist_state_key="job",
+        persistence_enabled=True,
+        migrations=MIGRATIONS,
+        on_bad_record="quarantine",
+    )
     expected = r"store 'default', key 'job'.*version 4, newer than the 3"
     with pytest.raises(SchemaVersionError, match=expected):
         await state.initialize()
@@ -86,8 +91,9 @@ async def test_a_record_newer_than_the_code_is_refused_and_kept() -> None:
 
 async def test_a_missing_migration_step_is_named() -> None:
     await write_v1(1)
-    state = RecoverableState(default_state=V3(), persist_state_key="job", persistence_enabled=True,
-                             migrations={2: v2_to_v3})
+    state = RecoverableState(
+        default_state=V3(), persist_state_key="job", persistence_enabled=True, migrations={2: v2_to_v3}
+    )
     with pytest.raises(SchemaVersionError, match=r"no migration is given from version\(s\) \[1\]"):
         await state.initialize()
 
@@ -98,8 +104,12 @@ async def test_a_failing_migration_is_a_bad_record() -> None:
     def broken(old: dict[str, Any]) -> dict[str, Any]:
         raise KeyError("count_typo")
 
-    state = RecoverableState(default_state=V3(), persist_state_key="job", persistence_enabled=True,
-                             migrations={1: broken, 2: v2_to_v3})
+    state = RecoverableState(
+        default_state=V3(),
+        persist_state_key="job",
+        persistence_enabled=True,
+        migrations={1: broken, 2: v2_to_v3},
+    )
     with pytest.raises(RecordCorruptError, match=r"key 'job'.*from schema version 1 to 2 failed"):
         await state.initialize()
 
@@ -117,8 +127,9 @@ async def test_quarantine_keeps_the_bad_record_and_starts_from_default(
     kvs = await KeyValueStore.open()
     await kvs.put_record("job", b'{"count": "lots"}', "application/json")
     async with EventManager():
-        state = RecoverableState(default_state=V1(), persist_state_key="job", persistence_enabled=True,
-                                 on_bad_record="quarantine")
+        state = RecoverableState(
+            default_state=V1(), persist_state_key="job", persistence_enabled=True, on_bad_record="quarantine"
+        )
         with caplog.at_level(logging.WARNING, logger="recoverable_state"):
             value = await state.initialize()
         assert value == V1()

@@ -293,8 +293,9 @@ async def test_a_successor_fences_off_the_stale_writer() -> None:
         kvs = await KeyValueStore.open()
         claimed = await kvs.get_record("progress", claim=True)
         assert claimed is not None
-        await kvs.put_record("progress", b'{"done":100,"seen":[]}', "application/json",
-                             expected_version=claimed.version)
+        await kvs.put_record(
+            "progress", b'{"done":100,"seen":[]}', "application/json", expected_version=claimed.version
+        )
         state.current_value.done = 2
         with pytest.raises(StateOwnershipLost, match=r"key 'progress'.*another process"):
             await state.persist_state()

@@ -228,9 +228,12 @@ async def test_reset_keeps_the_object_the_worker_holds_live(store: str) -> None:
         done: int = 0
         seen: list[str] = Field(default_factory=list)
 
-    async with EventManager(), RecoverableState(
-        default_state=Progress(), persist_state_key="p", persistence_enabled=True
-    ) as (state_value):
+    async with (
+        EventManager(),
+        RecoverableState(default_state=Progress(), persist_state_key="p", persistence_enabled=True) as (
+            state_value
+        ),
+    ):
         state_value.done = 5
         state_value.seen.append("a")
         holder = state_value

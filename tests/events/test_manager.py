@@ -244,6 +244,7 @@ async def test_a_failing_event_source_stops_alone_and_the_timer_goes_on(
         preemption_notice_kind="aws",
     )
     manager.on(event=Event.PERSIST_STATE, listener=ticks.append)
+
     def failed() -> bool:
         return any("poller of the EventManager failed" in r.getMessage() for r in caplog.records)
 

@@ -82,16 +82,20 @@ def main() -> int:
         client = redis.Redis(port=master.port)
         key = next(k for k in (f"m{i}" for i in range(1000)) if client.cluster("KEYSLOT", k) <= 5460)
         line("SET", timed(lambda: client.set(key, "x" * 600), args.count))
-        line("SET + WAIT 1 1000 (one replica acknowledged)", timed(
-            lambda: (client.set(key, "x" * 600), client.wait(1, 1000)), args.count))
+        line(
+            "SET + WAIT 1 1000 (one replica acknowledged)",
+            timed(lambda: (client.set(key, "x" * 600), client.wait(1, 1000)), args.count),
+        )
         client.close()
         print(f"\nRedis Cluster failover (SIGKILL a master, node timeout {cluster.node_timeout_ms} ms)")
         for _ in range(args.rounds):
             failover = cluster.kill_master()
             restart = time.monotonic()
             cluster.restart_node(failover.killed)
-            print(f"  replica promoted, cluster ok on every node after {failover.seconds:5.2f} s; "
-                  f"old master back as a replica in {time.monotonic() - restart:4.2f} s")
+            print(
+                f"  replica promoted, cluster ok on every node after {failover.seconds:5.2f} s; "
+                f"old master back as a replica in {time.monotonic() - restart:4.2f} s"
+            )
 
         print(f"\nPostgreSQL: one-row INSERT, autocommit ({args.count // 4} commits each)")
         for sync, pair in pairs.items():
@@ -99,12 +103,21 @@ def main() -> int:
                 conn.execute("CREATE TABLE IF NOT EXISTS measure (v text)")
                 pair.wait_replayed()
                 label = "synchronous standby" if sync else "asynchronous standby"
-                line(f"COMMIT, {label}", timed(
-                    lambda conn=conn: conn.execute("INSERT INTO measure VALUES ('x')"), args.count // 4))
+                line(
+                    f"COMMIT, {label}",
+                    timed(
+                        lambda conn=conn: conn.execute("INSERT INTO measure VALUES ('x')"), args.count // 4
+                    ),
+                )
                 if sync:
                     conn.execute("SET synchronous_commit = local")
-                    line("COMMIT, synchronous standby, synchronous_commit=local", timed(
-                        lambda conn=conn: conn.execute("INSERT INTO measure VALUES ('x')"), args.count // 4))
+                    line(
+                        "COMMIT, synchronous standby, synchronous_commit=local",
+                        timed(
+                            lambda conn=conn: conn.execute("INSERT INTO measure VALUES ('x')"),
+                            args.count // 4,
+                        ),
+                    )
 
         print("\nPostgreSQL promotion (SIGKILL the primary, `pg_ctl promote -w`, until it takes writes)")
         for sync, pair in pairs.items():
@@ -115,8 +128,10 @@ def main() -> int:
                 with psycopg.connect(pair.url, connect_timeout=2) as conn:
                     conn.execute("SELECT 1")
                 found = time.monotonic() - began
-                print(f"  {'synchronous' if sync else 'asynchronous'} pair: promoted in {seconds:5.2f} s; "
-                      f"multi-host URL connects in {found * 1e3:5.1f} ms")
+                print(
+                    f"  {'synchronous' if sync else 'asynchronous'} pair: promoted in {seconds:5.2f} s; "
+                    f"multi-host URL connects in {found * 1e3:5.1f} ms"
+                )
                 pair.restore()
 
         print(f"\nPgBouncer (transaction pooling) against direct ({args.count} calls each)")
@@ -124,15 +139,21 @@ def main() -> int:
             with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
                 line(f"SELECT 1, {label}", timed(lambda conn=conn: conn.execute("SELECT 1"), args.count))
             with psycopg.connect(url, prepare_threshold=None) as conn:
+
                 def transaction(conn: psycopg.Connection = conn) -> None:
                     with conn.pipeline():
                         conn.execute("SELECT set_config('statement_timeout', '10000', true)")
                         conn.execute("SELECT txid_current()")
                     conn.commit()
-                line(f"pipelined set_config + txid_current + COMMIT, {label}",
-                     timed(transaction, args.count // 2))
-            line(f"connect + close, {label}", timed(
-                lambda url=url: psycopg.connect(url, autocommit=True).close(), args.count // 10))
+
+                line(
+                    f"pipelined set_config + txid_current + COMMIT, {label}",
+                    timed(transaction, args.count // 2),
+                )
+            line(
+                f"connect + close, {label}",
+                timed(lambda url=url: psycopg.connect(url, autocommit=True).close(), args.count // 10),
+            )
     return 0
 
 

@@ -138,9 +138,7 @@ def test_a_postgresql_down_behind_pgbouncer_takes_logins_and_answers_queries_lat
     for a server connection, then fails with a protocol violation (08P01)."""
     upstream = start_or_skip(lambda: PostgresServer(server_dir / "pgbouncer-down-upstream"))
     bouncer = start_or_skip(
-        lambda: PgBouncerServer(
-            server_dir / "pgbouncer-down", upstream, settings={"query_wait_timeout": "2"}
-        )
+        lambda: PgBouncerServer(server_dir / "pgbouncer-down", upstream, settings={"query_wait_timeout": "2"})
     )
     try:
         upstream.kill()

@@ -72,7 +72,11 @@ class Crawl:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(WORKER), start_url, *args],
-                cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
             )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

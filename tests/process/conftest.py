@@ -23,4 +23,3 @@ def metadata() -> Iterator[FakeMetadata]:
     """A fake cloud metadata service on 127.0.0.1 (AWS and GCP paths)."""
     with serve_metadata() as fake:
         yield fake
-

@@ -169,7 +169,7 @@ def test_sigterm_inside_an_editing_block_longer_than_the_grace_ends_in_time_and_
     assert all(s["a"] == s["b"] for s in pair_history(sync_workers.storage_url))
 
 
-THREADS_WORKER = '''
+THREADS_WORKER = """
 import argparse
 import threading
 
@@ -211,7 +211,7 @@ parser.add_argument("--backend", default="asyncio")
 parser.add_argument("--report-dir", default=None)
 parser.add_argument("--stop-grace", default=None)
 recoverable_state.run_sync(work, backend=parser.parse_args().backend)
-'''
+"""
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

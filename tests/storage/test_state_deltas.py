@@ -178,7 +178,7 @@ async def test_deltas_are_folded_into_a_snapshot_when_they_grow(storage: Storage
     value = await state.initialize()
     await state.persist_state()
     counts = []
-    for tick in range(30):
+    for _ in range(30):
         value.lines.append("x" * 5_000)  # 30 x 5 kB: past the snapshot's 70 kB
         await state.persist_state()
         counts.append(len(await _pieces(kvs)))
@@ -206,7 +206,9 @@ async def test_at_most_a_hundred_deltas_follow_a_snapshot(storage: StorageBacken
 
 
 @pytest.mark.parametrize("options", [{"deltas": False}, {"history": 2}, {"change_detection": "compare"}])
-async def test_switches_that_write_whole_snapshots(storage: StorageBackend, options: dict[str, object]) -> None:
+async def test_switches_that_write_whole_snapshots(
+    storage: StorageBackend, options: dict[str, object]
+) -> None:
     kvs = await _store(storage)
     state = _state(kvs, **options)
     value = await state.initialize()
@@ -318,7 +320,8 @@ async def test_a_damaged_delta_is_quarantined(storage: StorageBackend) -> None:
 async def test_a_record_written_before_deltas_loads_and_is_followed(storage: StorageBackend) -> None:
     kvs = await _store(storage)
     old = Big(seen={"a": 1})
-    await storage.write_batch([RecordWrite(kvs.id, "big", old.model_dump_json().encode(), "application/json")])
+    data = old.model_dump_json().encode()
+    await storage.write_batch([RecordWrite(kvs.id, "big", data, "application/json")])
     state = _state(kvs)
     value = await state.initialize()
     assert value == old
@@ -374,7 +377,7 @@ async def _persist_round(manager: EventManager) -> None:
 
 def test_the_delta_format_is_documented(tmp_path: Path) -> None:
     """The chain a reader gets is documented by its functions: a round trip of pack and unpack."""
-    from recoverable_state.storage import pack_chain
+    from recoverable_state.storage import DELTA_CONTENT_TYPE, pack_chain
 
-    pieces = [(b"{}", "application/json"), (b'[{"a":1},{"a":2}]', "application/vnd.recoverable-state.delta+json")]
+    pieces = [(b"{}", "application/json"), (b'[{"a":1},{"a":2}]', DELTA_CONTENT_TYPE)]
     assert unpack_chain(pack_chain(pieces)) == pieces
