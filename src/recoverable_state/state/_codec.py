@@ -265,22 +265,23 @@ class StateCodec:
         self.needs_check = not self._facts.exact or self._facts.floats or self._facts.deep
         """Whether a changed value's bytes must be looked at; False: the type's JSON loses nothing."""
         self.delta_safe = self.is_model and self._facts.exact
-        """Whether a delta's bytes need no round-trip check beyond `delta_fits`."""
+        """Whether a delta's bytes need no round-trip check beyond `loads_back_plainly`."""
         self._forbid_first = _EXTRA_ON_CALL and not _allows_extra(schema)
         self.content_type = ""
         """The content type this type's records are written with (set with its schema version)."""
         """Whether a load first validates refusing unknown keys (where they are kept, none is dropped)."""
 
-    def delta_fits(self, delta: bytes) -> bool:
-        """Whether a delta's bytes load back as they were made (of a `delta_safe` type).
+    def loads_back_plainly(self, data: bytes) -> bool:
+        """Whether bytes of this type load back as they were made without a full check.
 
-        A null may be a NaN or an infinity that JSON cannot hold, and brackets past
-        MAX_DEPTH a nesting too deep to load: the full check of a snapshot tells, so
-        such a delta is not used.
+        So for an exact type, unless a null stands where a float may be (a NaN or an
+        infinity that JSON cannot hold) or brackets go past MAX_DEPTH.
         """
         facts = self._facts
-        return not (facts.floats and b"null" in delta) and not (
-            facts.deep and delta.count(b"[") + delta.count(b"{") > MAX_DEPTH
+        return (
+            facts.exact
+            and not (facts.floats and b"null" in data)
+            and not (facts.deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH)
         )
 
     # -- the hot path ----------------------------------------------------------
@@ -295,13 +296,7 @@ class StateCodec:
         new bytes checked, and a value that changes on every try is judged by its
         bytes alone (they must load back to themselves).
         """
-        facts = self._facts
-        if (
-            not suspect
-            and facts.exact
-            and not (facts.floats and b"null" in data)
-            and not (facts.deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH)
-        ):
+        if not suspect and self.loads_back_plainly(data):
             return data
         for _ in range(_CHECK_TRIES):
             try:

@@ -33,8 +33,9 @@ from ._deltas import DELTA_FROM_BYTES, MAX_DELTAS, build_delta
 from ._editing import EditGuard
 from ._gate import WriteGate
 from ._schema import Migration
-from ._tracking import ChangeMark, model_trackable, watch
+from ._tracking import ChangeMark
 from ._watch_plan import apply, plan_for
+from ._watching import model_trackable, watch
 
 OnBadRecord = Literal["raise", "quarantine", "previous"]
 SlotSettings = tuple[int, Mapping[int, Migration], OnBadRecord, float | None, bool, bool]
@@ -262,7 +263,7 @@ class StateSlot:
         if (
             delta is None
             or len(warned) != seen
-            or not self.codec.delta_fits(delta)
+            or not self.codec.loads_back_plainly(delta)
             or delta_bytes + len(delta) > size
             or count >= MAX_DELTAS
         ):

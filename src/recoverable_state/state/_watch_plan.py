@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ._tracking import ChangeMark, TrackedDict, TrackedList, TrackedSet, model_trackable, new_tracked
+from ._tracking import ChangeMark, TrackedDict, TrackedList, TrackedSet, new_tracked
+from ._watching import model_trackable
 
 _LEAF_SCHEMAS = {"int", "bool", "str", "bytes", "none", "date", "datetime", "time", "timedelta", "uuid"}
 _LEAF_SCHEMAS.add("float")
