@@ -136,13 +136,15 @@ class StateSlot:
             self.handed = True
             if self.track and self.enabled:
                 value = self.value
+                mark = self.mark
+                mark.log = self._logs(self.chain[0])  # before the watch: it links the parts then
                 plan = plan_for(type(value)) if self.fresh and isinstance(value, BaseModel) else None
                 if plan is not None:  # just validated: its schema says what to watch
-                    apply(value, plan, self.mark)
+                    apply(value, plan, mark)
                     self.tracked = True
                 else:
-                    self.tracked = watch(self, self.mark)
-                self.mark.log = self._logs(self.chain[0])
+                    self.tracked = watch(self, mark)
+                mark.log = mark.log and self.tracked
         return self.value
 
     def _logs(self, snapshot_size: int) -> bool:
@@ -150,7 +152,6 @@ class StateSlot:
         kvs = self.kvs
         return (
             self.deltas
-            and self.tracked
             and snapshot_size >= DELTA_FROM_BYTES
             and kvs is not None
             and kvs.storage.keeps_deltas
@@ -237,8 +238,12 @@ class StateSlot:
                 raise self._refuse(refused) from None
         kvs = self.kvs
         assert kvs is not None
-        if self.deltas:  # noted from before it was serialised: a change made meanwhile is noted too
-            mark.log = self.handed and self._logs(len(data))
+        if self.deltas and self.handed and self.tracked:
+            logs = self._logs(len(data))
+            if logs and not mark.log:  # now big enough for deltas: link every part to its place
+                mark.log = True
+                self.tracked = watch(self, mark)
+            mark.log = logs and self.tracked
         fields = (kvs.id, self.key, data, self.content_type, self.version, self.history)
         return _new_write(RecordWrite, fields)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ._tracking import ChangeMark, TrackedDict, TrackedList, TrackedSet, new_tracked
+from ._tracking import ChangeMark, TrackedDict, TrackedList, TrackedSet
 from ._watching import model_trackable
 
 _LEAF_SCHEMAS = {"int", "bool", "str", "bytes", "none", "date", "datetime", "time", "timedelta", "uuid"}
@@ -40,28 +40,36 @@ def plan_for(cls: type[BaseModel]) -> Plan | None:
 
 
 def apply(model: BaseModel, plan: Plan, mark: ChangeMark, at: tuple[Any, Any] | None = None) -> None:
-    """Put a freshly validated model under `mark`'s watch, as its plan says (`at`: where it is held)."""
-    tracked = new_tracked(TrackedDict, model.__dict__, mark, at)
+    """Put a freshly validated model under `mark`'s watch, as its plan says (`at`: where it is held).
+
+    The tracked containers are made inline, not by `new_tracked`: a cold start of 100,000
+    states makes several each. Links to where each is held only with the mark's log on.
+    """
+    links = mark.log
+    tracked = TrackedDict(model.__dict__)
+    tracked._mark, tracked._at, tracked._changes = mark, at, None
     object.__setattr__(model, "__dict__", tracked)
     for name, kind, sub in plan:
         value = tracked[name]
         if value is None:
             continue
+        here = (tracked, name) if links else None
         if kind == MODEL:
-            apply(value, sub, mark, (tracked, name))
+            apply(value, sub, mark, here)
             continue
+        items: TrackedDict | TrackedList | TrackedSet
         if kind in (DICT, DICT_OF_MODELS):
-            mapping = new_tracked(TrackedDict, value, mark, (tracked, name))
-            dict.__setitem__(tracked, name, mapping)
-            if kind == DICT_OF_MODELS:
-                for key, item in mapping.items():
-                    apply(item, sub, mark, (mapping, key))
-            continue
-        items = new_tracked(TrackedSet if kind == SET else TrackedList, value, mark, (tracked, name))
+            items = TrackedDict(value)
+        else:
+            items = TrackedSet(value) if kind == SET else TrackedList(value)
+        items._mark, items._at, items._changes = mark, here, None
         dict.__setitem__(tracked, name, items)
-        if kind == LIST_OF_MODELS:
+        if kind == DICT_OF_MODELS:
+            for key, item in items.items():
+                apply(item, sub, mark, (items, key) if links else None)
+        elif kind == LIST_OF_MODELS:
             for i, item in enumerate(items):
-                apply(item, sub, mark, (items, i))
+                apply(item, sub, mark, (items, i) if links else None)
 
 
 def _read_model(cls: type[BaseModel]) -> Plan | None:

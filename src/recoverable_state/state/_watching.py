@@ -74,10 +74,12 @@ class _Adopter:
     would cut the worker's reference off from the state.
     """
 
-    __slots__ = ("mark",)
+    __slots__ = ("links", "mark")
 
     def __init__(self, mark: ChangeMark) -> None:
         self.mark = mark
+        self.links = mark.log
+        """Link each part to where it is held (`_at`): only a state kept as deltas needs them."""
 
     @staticmethod
     def held_by_one(child: Any) -> int:
@@ -147,9 +149,10 @@ class _Adopter:
                 if kind is list or kind is dict or kind is set:
                     if self.held_by_one(child) > _IN_PARENT:
                         raise _Untrackable
-                    list.__setitem__(container, i, self.replace(child, depth + 1, (container, i)))
+                    here = (container, i) if self.links else None
+                    list.__setitem__(container, i, self.replace(child, depth + 1, here))
                 else:
-                    self.node(child, depth + 1, (container, i))
+                    self.node(child, depth + 1, (container, i) if self.links else None)
         elif isinstance(container, dict):
             if not named and not set(map(type, container)) <= _LEAVES:
                 for key in container:
@@ -165,9 +168,10 @@ class _Adopter:
                 if kind is list or kind is dict or kind is set:
                     if self.held_by_one(child) > _IN_PARENT:
                         raise _Untrackable
-                    dict.__setitem__(container, key, self.replace(child, depth + 1, (container, key)))
+                    here = (container, key) if self.links else None
+                    dict.__setitem__(container, key, self.replace(child, depth + 1, here))
                 else:
-                    self.node(child, depth + 1, (container, key))
+                    self.node(child, depth + 1, (container, key) if self.links else None)
         elif not set(map(type, container)) <= _LEAVES:  # a set: its items must not change in place
             for item in container:
                 if type(item) not in _LEAVES and not isinstance(item, enum.Enum):
