@@ -117,7 +117,7 @@ class FileBatch:
 
     def _chain(self, pair: Pair, name: str, record: StoredRecord) -> StoredRecord:
         """A record with its deltas: the chain of its snapshot and the deltas that follow it."""
-        log = self.deltas.seen(pair, name, (record.version, record.updated_at))
+        log = self.deltas.seen(pair, name, (record.version, record.updated_at), whole=True)
         if log is None or not log.pieces:
             return record
         key, value, content_type, version, updated_at = record
@@ -144,7 +144,7 @@ class FileBatch:
                     _, _, header, updated_at = parse_header(head)
                     heads[pair] = (header, updated_at)
                 if logs[store_id] and name in logs[store_id]:
-                    log = self.deltas.seen(pair, name, None if header is None else heads[pair])
+                    log = self.deltas.seen(pair, name, None if header is None else heads[pair], whole=False)
                     claimed = max(claimed, log.version if log else 0)
                 stored[pair] = 0 if header is None else max(header, claimed)  # 0: unreadable
             if header is None and claimed:

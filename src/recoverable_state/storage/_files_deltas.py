@@ -82,17 +82,22 @@ class DeltaLog(NamedTuple):
     """Where the next frame goes when every frame of the log follows the snapshot; None: write it afresh."""
 
 
+def has_logs(directory: Path) -> bool:
+    """Whether a store ever kept deltas (one `lstat`); a link in place of `.deltas` is not followed."""
+    try:
+        return stat.S_ISDIR(os.lstat(directory / DELTAS).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def logs_of(directory: Path, names: Sequence[str]) -> set[str]:
     """The names among `names` that have a log: nothing at all when the store never had deltas.
 
-    One failed `lstat` per batch on a store without deltas; a few opens for a small
-    batch, one directory listing for a large one. A link in place of `.deltas` is not followed.
+    One failed `lstat` per batch on a store without deltas; a few `lstat`s for a
+    small batch, one directory listing for a large one.
     """
     ddir = directory / DELTAS
-    try:
-        if not stat.S_ISDIR(os.lstat(ddir).st_mode):
-            return set()
-    except FileNotFoundError:
+    if not has_logs(directory):
         return set()
     if len(names) <= PROBE:
         base = f"{ddir}{os.sep}"
@@ -144,6 +149,44 @@ def read_log(path: str, snapshot: tuple[int, int]) -> DeltaLog | None:
     finally:
         os.close(fd)
     return parse_log(b"".join(chunks), snapshot)
+
+
+def scan_log(path: str, snapshot: tuple[int, int]) -> DeltaLog | None:
+    """What a write batch needs of a log (its last version, where it ends), reading only frame heads.
+
+    An append then costs its delta, not every delta before it. A crash can only
+    tear the tail, so the last whole frame is checked in full (dropped, and the one
+    before checked, when it fails); a log holding frames of another snapshot is
+    read whole (`read_log`), as it is written afresh with the frames that count.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return DeltaLog([], 0, None, b"", None)
+    try:
+        size = os.fstat(fd).st_size
+        heads: list[tuple[int, int, int, tuple[int, int], int, int]] = []
+        at = 0
+        while at + _FRAME.size + _BODY.size <= size:
+            head = os.pread(fd, _FRAME.size + _BODY.size, at)
+            magic, length, crc = _FRAME.unpack_from(head)
+            if magic != _MAGIC or length < _BODY.size or at + _FRAME.size + length > size:
+                break
+            snap_version, snap_time, version, moment, _ = _BODY.unpack_from(head, _FRAME.size)
+            heads.append((at, length, crc, (snap_version, snap_time), version, moment))
+            at += _FRAME.size + length
+        while heads and zlib.crc32(os.pread(fd, heads[-1][1], heads[-1][0] + _FRAME.size)) != heads[-1][2]:
+            heads.pop()
+    finally:
+        os.close(fd)
+    if any(h[3] != snapshot for h in heads):
+        return read_log(path, snapshot)
+    if not heads:
+        return DeltaLog([], 0, None, b"", 0)
+    start, length, _, _, version, moment = heads[-1]
+    return DeltaLog([], version, _EPOCH + moment * _MICRO, b"", start + _FRAME.size + length)
 
 
 def append_frames(ddir: Path, name: str, log: DeltaLog | None, frames: bytes) -> bool:
@@ -219,18 +262,26 @@ class BatchDeltas:
 
     def names(self, store_id: str, pairs: Sequence[Pair]) -> set[str]:
         """The file names of the batch's records of one store that have a log."""
+        if not has_logs(self.dirs[store_id]):
+            return set()  # the common case: no cost per record
         names = list(dict.fromkeys(encode_key(key) for sid, key in pairs if sid == store_id))
         return logs_of(self.dirs[store_id], names) if names else set()
 
-    def seen(self, pair: Pair, name: str, header: tuple[int, datetime] | None) -> DeltaLog | None:
-        """Read the log of a record found with one (`header`: its snapshot's, None when unreadable)."""
+    def seen(
+        self, pair: Pair, name: str, header: tuple[int, datetime] | None, *, whole: bool
+    ) -> DeltaLog | None:
+        """Read the log of a record found with one (`header`: its snapshot's, None when unreadable).
+
+        `whole` reads its deltas too (to answer a read); else only what a write needs.
+        """
         path = f"{self.dirs[pair[0]]}{os.sep}{DELTAS}{os.sep}{name}"
+        read = read_log if whole else scan_log
         if header is None:
             self.orphans.add(pair)
-            log = read_log(path, (0, 0))
+            log = read(path, (0, 0))
         else:
             self.heads[pair] = header
-            log = read_log(path, (header[0], stamp(header[1])))
+            log = read(path, (header[0], stamp(header[1])))
         if log is not None:
             self.logs[pair] = log
         return log
