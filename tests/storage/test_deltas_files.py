@@ -313,3 +313,48 @@ async def test_purge_and_drop_remove_the_logs(tmp_path: Path) -> None:
     finally:
         await backend.aclose()
         shutil.rmtree(tmp_path / "files", ignore_errors=True)
+
+
+async def test_a_large_batch_finds_the_logs_of_its_records(tmp_path: Path) -> None:
+    """Past `PROBE` records of a store, a batch lists `.deltas` once instead of looking for each log."""
+    backend = open_backend(f"file://{tmp_path}/files")
+    try:
+        kvs = await KeyValueStore.open(name="large", storage=backend)
+        keys = [f"k{i:03d}" for i in range(100)]
+        await backend.write_batch([RecordWrite(kvs.id, key, b'{"n": 1}', JSON, 0) for key in keys])
+        appended = keys[::10]
+        outcomes = await backend.write_batch(
+            [RecordAppend(kvs.id, key, delta(2), DELTA_CONTENT_TYPE, 1) for key in appended]
+        )
+        assert outcomes == [WriteOutcome(True, 2)] * len(appended)
+        records = await backend.read_batch([RecordRead(kvs.id, key, claim=True) for key in keys])
+        for key, record in zip(keys, records, strict=True):
+            assert isinstance(record, StoredRecord)
+            assert (record.version, len(pieces(record))) == ((3, 2) if key in appended else (2, 1))
+        outcomes = await backend.write_batch(
+            [
+                op
+                for key in keys
+                for op in (
+                    RecordWrite(kvs.id, key, b'{"n": 5}', JSON),
+                    *(
+                        [RecordAppend(kvs.id, key, delta(6), DELTA_CONTENT_TYPE, 4)]
+                        if key in appended[:5]
+                        else []
+                    ),
+                )
+            ]
+        )
+        assert all(isinstance(o, WriteOutcome) and o.applied for o in outcomes)
+        records = await backend.read_batch([RecordRead(kvs.id, key) for key in keys])
+        for key, record in zip(keys, records, strict=True):
+            assert isinstance(record, StoredRecord)
+            expected = [(b'{"n": 5}', JSON)] + (
+                [(delta(6), DELTA_CONTENT_TYPE)] if key in appended[:5] else []
+            )
+            assert pieces(record) == expected
+            assert record.version == (5 if key in appended[:5] else (4 if key in appended else 3))
+        logs = sorted(p.name for p in (tmp_path / "files" / kvs.id / ".deltas").iterdir())
+        assert logs == sorted(f"{key}.rec" for key in appended[:5])
+    finally:
+        await backend.aclose()

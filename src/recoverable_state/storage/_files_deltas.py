@@ -14,6 +14,8 @@ delta after a snapshot), and a read of the chain is one file read, however
 many deltas the record holds. What a crash leaves is handled by the frames:
 a frame cut short by SIGKILL or power loss fails its length or CRC check, and
 it and everything after it are ignored (the next append writes over them).
+A frame damaged on disk later (not by a crash) ends the chain the same way:
+the deltas after it are not read.
 The snapshot file is never touched by an append: its version moves because the
 record's version is the largest of its header's, its last claim's (the claims
 journal) and its last delta's.
@@ -31,6 +33,7 @@ written, so that no later snapshot of it can meet a stale frame by chance.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -140,7 +143,9 @@ def read_log(path: str, snapshot: tuple[int, int]) -> DeltaLog | None:
         fd = os.open(path, os.O_RDONLY | NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError:
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise  # unreadable: the batch fails, rather than answer the snapshot without its deltas
         return DeltaLog([], 0, None, b"", None)  # a link planted there: ignored, and replaced by an append
     try:
         chunks = []
@@ -163,7 +168,9 @@ def scan_log(path: str, snapshot: tuple[int, int]) -> DeltaLog | None:
         fd = os.open(path, os.O_RDONLY | NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError:
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
         return DeltaLog([], 0, None, b"", None)
     try:
         size = os.fstat(fd).st_size

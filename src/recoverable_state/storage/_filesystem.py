@@ -7,6 +7,7 @@ Layout under the root directory::
     <store id>/.claims                 the claims journal (`_files_claims.py`)
     <store id>/<encoded key>.rec       one record: a JSON header line, then the value
     <store id>/.history/<encoded key>/<version>.rec
+    <store id>/.deltas/<encoded key>.rec   the record's deltas, a log of frames (`_files_deltas.py`)
 
 A record is written to a temporary file in the same directory, fsynced, renamed
 over the old one, and the directory is fsynced: after a crash (SIGKILL or power
@@ -16,6 +17,9 @@ batch under its stores' locks is `_files_batch.py`.
 
 Claims (fencing) do not rewrite record files: a claiming batch appends a line
 per record to the store's journal and syncs it once (see `_files_claims.py`).
+Appends do not either: a delta goes to the record's log beside it, and the
+record's version is the largest of its header's, its last claim's and its last
+delta's. A listing counts a record's size as its snapshot's value plus its deltas'.
 
 Links: nothing is followed out of a store. Record, history, lock and journal
 files are opened with O_NOFOLLOW, directories are checked with lstat, and a link
