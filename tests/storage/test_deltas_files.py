@@ -111,21 +111,28 @@ CHILD = textwrap.dedent(
     import json, sys
     import anyio
     from recoverable_state.storage import (
-        DELTA_CONTENT_TYPE, KeyValueStore, RecordAppend, RecordRead, open_backend,
+        DELTA_CONTENT_TYPE, KeyValueStore, RecordAppend, RecordRead, RecordWrite, open_backend,
     )
+
+    def delta(n):
+        return json.dumps([["s", ["n"], n], ["s", ["pad"], "p" * 3000]]).encode()
 
     async def main(url):
         backend = open_backend(url)
         kvs = await KeyValueStore.open(name="kill", storage=backend)
         (record,) = await backend.read_batch([RecordRead(kvs.id, "k")])
         version = record.version
-        while True:
-            value = json.dumps([["s", ["n"], version + 1], ["s", ["pad"], "p" * 3000]]).encode()
-            (outcome,) = await backend.write_batch(
-                [RecordAppend(kvs.id, "k", value, DELTA_CONTENT_TYPE, version)]
-            )
-            assert outcome.applied, outcome
-            version = outcome.version
+        for turn in range(10**9):
+            ops = [RecordAppend(kvs.id, "k", delta(version + 1), DELTA_CONTENT_TYPE, version)]
+            if turn % 4 == 3:  # now and then a new snapshot, and a delta after it in the same batch
+                snapshot = json.dumps({"n": version + 1, "pad": ""}).encode()
+                ops = [
+                    RecordWrite(kvs.id, "k", snapshot, "application/json", version),
+                    RecordAppend(kvs.id, "k", delta(version + 2), DELTA_CONTENT_TYPE, version + 1),
+                ]
+            outcomes = await backend.write_batch(ops)
+            assert all(o.applied for o in outcomes), outcomes
+            version = outcomes[-1].version
             print(version, flush=True)
 
     anyio.run(main, sys.argv[1])
@@ -167,8 +174,9 @@ async def test_sigkill_mid_append_leaves_a_whole_chain(tmp_path: Path) -> None:
             record = await one(reader, kvs.id, "k")
             chain = pieces(record)
             assert record.version >= acked  # every acknowledged append is there
-            assert len(chain) == record.version  # the version and the pieces agree
-            for n, (value, content_type) in enumerate(chain[1:], 2):
+            base = json.loads(chain[0][0])["n"]  # the version of the snapshot the deltas follow
+            assert len(chain) - 1 == record.version - base  # the version and the pieces agree
+            for n, (value, content_type) in enumerate(chain[1:], base + 1):
                 assert (value, content_type) == (
                     json.dumps([["s", ["n"], n], ["s", ["pad"], "p" * 3000]]).encode(),
                     DELTA_CONTENT_TYPE,
