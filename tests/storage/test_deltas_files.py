@@ -285,6 +285,7 @@ async def test_stale_and_torn_logs_are_never_read_as_a_chain(tmp_path: Path) -> 
         await backend.write_batch([RecordDelete(kvs.id, "k")])
         log.write_bytes(kept)
         await backend.write_batch([RecordWrite(kvs.id, "k", b'{"n": 0}', JSON, 0)])
+        assert not log.exists()  # removed before the record was made afresh
         assert (await backend.write_batch([RecordWrite(kvs.id, "k", b'{"n": 1}', JSON, 1)]))[0].applied
         log.write_bytes(kept)  # and again, as if its removal had been lost
         assert pieces(await one(backend, kvs.id, "k")) == [(b'{"n": 1}', JSON)]

@@ -143,9 +143,10 @@ class FileBatch:
                 with contextlib.suppress(ValueError):
                     _, _, header, updated_at = parse_header(head)
                     heads[pair] = (header, updated_at)
-                if logs[store_id] and name in logs[store_id]:
-                    log = self.deltas.seen(pair, name, None if header is None else heads[pair], whole=False)
-                    claimed = max(claimed, log.version if log else 0)
+            if logs[store_id] and name in logs[store_id]:  # also of an absent record: a crash left it
+                log = self.deltas.seen(pair, name, None if header is None else heads[pair], whole=False)
+                claimed = max(claimed, log.version if log else 0)
+            if head is not None:
                 stored[pair] = 0 if header is None else max(header, claimed)  # 0: unreadable
             if header is None and claimed:
                 self.fresh.add(pair)
