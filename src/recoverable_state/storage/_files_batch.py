@@ -18,8 +18,10 @@ from typing import Protocol, TypeVar
 
 from .._errors import RecordCorruptError, StorageError, StoreNotFoundError
 from ._backend import StoredRecord
+from ._chain import CHAIN_CONTENT_TYPE, pack_chain
 from ._contract import Pair, WritePlan
 from ._files_claims import ClaimsJournal
+from ._files_deltas import DELTAS, BatchDeltas
 from ._files_io import (
     HISTORY,
     SUFFIX,
@@ -66,6 +68,7 @@ class FileBatch:
         """Per store: record file name -> header version, of the records read (spares compaction a read)."""
         self.fresh: set[Pair] = set()
         """Records absent or unreadable, whose old claims must end before they are written."""
+        self.deltas = BatchDeltas(self.dirs, files._label)
         self._locks = contextlib.ExitStack()
         self._store_ids = sorted(store_ids)
         self._exclusive = exclusive
@@ -92,6 +95,7 @@ class FileBatch:
         found: dict[Pair, StoredRecord | StorageError] = {}
         # String paths: a Path per file costs as much as reading it.
         bases = {store_id: f"{directory}{os.sep}" for store_id, directory in self.dirs.items()}
+        logs = {store_id: self.deltas.names(store_id, pairs) for store_id in self.dirs}
         for pair in pairs:
             store_id, key = pair
             if pair in found or store_id not in bases:
@@ -104,14 +108,28 @@ class FileBatch:
                 continue
             if record is not None:
                 self.headers[store_id][name] = record.version
+                if logs[store_id] and name in logs[store_id]:
+                    record = self._chain(pair, name, record)
                 if (version := self.journals[store_id].versions.get(name, 0)) > record.version:
                     record = record._replace(version=version)
                 found[pair] = record
         return found
 
+    def _chain(self, pair: Pair, name: str, record: StoredRecord) -> StoredRecord:
+        """A record with its deltas: the chain of its snapshot and the deltas that follow it."""
+        log = self.deltas.seen(pair, name, (record.version, record.updated_at), whole=True)
+        if log is None or not log.pieces:
+            return record
+        key, value, content_type, version, updated_at = record
+        chain = pack_chain([(value, content_type), *log.pieces])
+        when = log.updated_at or updated_at
+        return StoredRecord(key, chain, CHAIN_CONTENT_TYPE, max(version, log.version), when)
+
     def find_versions(self, pairs: Sequence[Pair]) -> dict[Pair, int]:
         stored: dict[Pair, int] = {}
         seen: set[Pair] = set()
+        logs = {store_id: self.deltas.names(store_id, pairs) for store_id in self.dirs}
+        heads = self.deltas.heads
         for pair in pairs:
             store_id, key = pair
             if pair in seen or store_id not in self.dirs:
@@ -123,7 +141,12 @@ class FileBatch:
             header: int | None = None
             if head is not None:
                 with contextlib.suppress(ValueError):
-                    header = parse_header(head)[2]
+                    _, _, header, updated_at = parse_header(head)
+                    heads[pair] = (header, updated_at)
+            if logs[store_id] and name in logs[store_id]:  # also of an absent record: a crash left it
+                log = self.deltas.seen(pair, name, None if header is None else heads[pair], whole=False)
+                claimed = max(claimed, log.version if log else 0)
+            if head is not None:
                 stored[pair] = 0 if header is None else max(header, claimed)  # 0: unreadable
             if header is None and claimed:
                 self.fresh.add(pair)
@@ -159,10 +182,15 @@ class FileBatch:
         for store_id, entries in reset.items():
             self.journals[store_id].append(entries)
         now = time.time()
-        rows = [pair for pair in plan.rows if pair not in undeleted]
+        if self.deltas.logs or plan.appends:
+            self.deltas.before_rows(plan, plan.deletes, failed, now)
+        rows = [pair for pair in plan.rows if pair not in failed]
         self.files._map(lambda pair: self._put(plan, pair, now, failed), rows)
         for store_id in {pair[0] for pair in (*plan.rows, *plan.deletes)}:
             fsync_dir(self.dirs[store_id])
+        if self.deltas.logs or plan.appends:
+            self.deltas.after_rows(plan, failed)
+            self.deltas.appends(plan, failed, self.files._map, now)
         for pair, (w, version) in plan.rows.items():
             if pair not in failed:
                 self.journals[pair[0]].written(encode_key(w.key), version)
@@ -187,10 +215,12 @@ class FileBatch:
         except OSError as exc:
             failed[pair] = self._error(pair, "deleted from", exc)
             return
-        try:
+        try:  # after the record: its deltas, were they left by a crash, follow no snapshot of it
+            if pair in self.deltas.logs:
+                (directory / DELTAS / name).unlink(missing_ok=True)
             remove_dir(directory / HISTORY / name)
         except OSError as exc:
-            _log.warning("file store %s: history of deleted %r not removed: %s", self.files.url, key, exc)
+            _log.warning("file store %s: history or deltas of %r not removed: %s", self.files.url, key, exc)
 
     def _put(self, plan: WritePlan, pair: Pair, now: float, failed: dict[Pair, StorageError]) -> None:
         """Write a record's history snapshots, then the record; on failure, neither stays."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from ._backend import RecordInfo
+from ._files_deltas import DELTAS, logs_of, read_log, stamp
 from ._files_io import NOFOLLOW, SUFFIX, encode_key, parse_header
 
 _log = logging.getLogger("recoverable_state.storage")
@@ -72,3 +73,20 @@ def list_page(directory: Path, start: str | None, limit: int | None, where: str)
         if info is not None:
             infos.append(info)
     return infos
+
+
+def with_deltas(directory: Path, infos: list[RecordInfo]) -> list[RecordInfo]:
+    """A page with each record's deltas counted: its version and time are its last delta's, its
+    size the snapshot's value plus the deltas' values (what a read of it carries, framing aside)."""
+    names = [encode_key(info.key) for info in infos]
+    if not (logs := logs_of(directory, names)):
+        return infos
+    base = f"{directory}{os.sep}{DELTAS}{os.sep}"
+    page = []
+    for info, name in zip(infos, names, strict=True):
+        log = read_log(base + name, (info.version, stamp(info.updated_at))) if name in logs else None
+        if log is not None and log.pieces and log.updated_at is not None:
+            size = info.size + sum(len(value) for value, _ in log.pieces)
+            info = info._replace(size=size, version=max(info.version, log.version), updated_at=log.updated_at)
+        page.append(info)
+    return page

@@ -7,6 +7,7 @@ Layout under the root directory::
     <store id>/.claims                 the claims journal (`_files_claims.py`)
     <store id>/<encoded key>.rec       one record: a JSON header line, then the value
     <store id>/.history/<encoded key>/<version>.rec
+    <store id>/.deltas/<encoded key>.rec   the record's deltas, a log of frames (`_files_deltas.py`)
 
 A record is written to a temporary file in the same directory, fsynced, renamed
 over the old one, and the directory is fsynced: after a crash (SIGKILL or power
@@ -16,6 +17,9 @@ batch under its stores' locks is `_files_batch.py`.
 
 Claims (fencing) do not rewrite record files: a claiming batch appends a line
 per record to the store's journal and syncs it once (see `_files_claims.py`).
+Appends do not either: a delta goes to the record's log beside it, and the
+record's version is the largest of its header's, its last claim's and its last
+delta's. A listing counts a record's size as its snapshot's value plus its deltas'.
 
 Links: nothing is followed out of a store. Record, history, lock and journal
 files are opened with O_NOFOLLOW, directories are checked with lstat, and a link
@@ -56,6 +60,7 @@ from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan
 from ._files_batch import FileBatch
 from ._files_claims import CLAIMS, ClaimsJournal
+from ._files_deltas import DELTAS
 from ._files_io import (
     DIR_MODE,
     FORMAT,
@@ -73,7 +78,7 @@ from ._files_io import (
     remove_dir,
     write_atomically,
 )
-from ._files_listing import list_page
+from ._files_listing import list_page, with_deltas
 from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
@@ -85,6 +90,8 @@ _FSYNC_THREADS = 8
 
 class FileSystemBackend(TransactionalBackend[FileBatch]):
     """Stores each record as one file; a batch is written by parallel threads, then synced."""
+
+    keeps_deltas = True
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -313,11 +320,12 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
             directory = self._store_dir(store_id)
             where = f"file store {self.url}, store {self._label(store_id)!r}"
             with self._claims(store_id, directory, change=False) as journal:
+                page = with_deltas(directory, list_page(directory, exclusive_start_key, limit, where))
                 return [
                     info
                     if (v := journal.versions.get(encode_key(info.key), 0)) <= info.version
                     else info._replace(version=v)
-                    for info in list_page(directory, exclusive_start_key, limit, where)
+                    for info in page
                 ]
 
         return await self._run(listing, store_id)
@@ -330,6 +338,7 @@ class FileSystemBackend(TransactionalBackend[FileBatch]):
                 for name in os.listdir(directory):
                     if not name.startswith(".") and name.endswith(SUFFIX):
                         (directory / name).unlink(missing_ok=True)  # a link is removed, not followed
+                remove_dir(directory / DELTAS)  # after the records: a crash between leaves only stale logs
                 (directory / CLAIMS).unlink(missing_ok=True)  # its records are gone
                 fsync_dir(directory)
 
