@@ -50,7 +50,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def delta(n: int, pad: int = 0) -> bytes:
-    return json.dumps([["s", ["n"], n], ["s", ["pad"], "p" * pad]]).encode()
+    return json.dumps([{"n": 1, "pad": 1}, {"n": n, "pad": "p" * pad}]).encode()
 
 
 def pieces(record: StoredRecord | StorageError | None) -> list[tuple[bytes, str]]:
@@ -115,7 +115,7 @@ CHILD = textwrap.dedent(
     )
 
     def delta(n):
-        return json.dumps([["s", ["n"], n], ["s", ["pad"], "p" * 3000]]).encode()
+        return json.dumps([{"n": 1, "pad": 1}, {"n": n, "pad": "p" * 3000}]).encode()
 
     async def main(url):
         backend = open_backend(url)
@@ -178,7 +178,7 @@ async def test_sigkill_mid_append_leaves_a_whole_chain(tmp_path: Path) -> None:
             assert len(chain) - 1 == record.version - base  # the version and the pieces agree
             for n, (value, content_type) in enumerate(chain[1:], base + 1):
                 assert (value, content_type) == (
-                    json.dumps([["s", ["n"], n], ["s", ["pad"], "p" * 3000]]).encode(),
+                    json.dumps([{"n": 1, "pad": 1}, {"n": n, "pad": "p" * 3000}]).encode(),
                     DELTA_CONTENT_TYPE,
                 )
             kept = await KeyValueStore.open(id=kvs.id, storage=reader)
