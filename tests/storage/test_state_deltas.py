@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
@@ -381,3 +382,71 @@ def test_the_delta_format_is_documented(tmp_path: Path) -> None:
 
     pieces = [(b"{}", "application/json"), (b'[{"a":1},{"a":2}]', DELTA_CONTENT_TYPE)]
     assert unpack_chain(pack_chain(pieces)) == pieces
+
+
+class BigV2(BaseModel):
+    """Big's next schema: `seen` became `visits`; migrated from a record kept as deltas."""
+
+    schema_version: ClassVar[int] = 2
+    pad: str = PAD
+    visits: dict[str, int] = {}
+    lines: list[str] = []
+
+
+def _big_to_v2(old: dict[str, Any]) -> dict[str, Any]:
+    return {"pad": old["pad"], "visits": old["seen"], "lines": old["lines"]}
+
+
+async def test_a_migration_runs_on_the_value_its_deltas_make(storage: StorageBackend) -> None:
+    kvs = await _store(storage)
+    state = _state(kvs)
+    value = await state.initialize()
+    await state.persist_state()
+    for n in range(3):
+        value.seen[f"s{n}"] = n
+        value.lines.append(f"l{n}")
+        await state.persist_state()
+    assert len(await _pieces(kvs)) == 4
+    await state.teardown()
+
+    async def factory() -> KeyValueStore:
+        return kvs
+
+    new = RecoverableState(
+        default_state=BigV2,
+        persist_state_key="big",
+        persistence_enabled="explicit_only",
+        persist_state_kvs_factory=factory,
+        migrations={1: _big_to_v2},
+    )
+    migrated = await new.initialize()
+    assert migrated.visits == {"s0": 0, "s1": 1, "s2": 2}
+    assert migrated.lines == ["l0", "l1", "l2"]
+    migrated.visits["s3"] = 3
+    await new.persist_state()  # the migrated value is written whole first, then deltas follow it
+    assert len(await _pieces(kvs)) == 1
+    migrated.visits["s4"] = 4
+    await new.persist_state()
+    assert len(await _pieces(kvs)) == 2
+    await new.teardown()
+    assert (await kvs.get_value("big"))["visits"] == {f"s{n}": n for n in range(5)}
+
+
+async def test_a_store_lost_by_its_server_is_made_again_and_written_whole(storage: StorageBackend) -> None:
+    """A server restarted without its data: the next persist of a state kept as deltas writes a snapshot."""
+    kvs = await _store(storage, "lost")
+    state = _state(kvs)
+    value = await state.initialize()
+    await state.persist_state()
+    value.seen["a"] = 1
+    await state.persist_state()
+    assert len(await _pieces(kvs)) == 2
+    await storage.drop_store(kvs.id)  # what the server lost
+    value.seen["b"] = 2
+    await state.persist_state()
+    again = await KeyValueStore.open(name="lost", storage=storage)
+    record = await again.get_record("big", chain=True)
+    assert record is not None
+    assert record.content_type != CHAIN_CONTENT_TYPE
+    assert Big.model_validate_json(record.value).seen == {"a": 1, "b": 2}
+    await state.teardown()

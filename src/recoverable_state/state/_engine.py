@@ -302,6 +302,7 @@ async def _write_prepared(
         chunk = zip(writing[:_SETTLE_CHUNK], puts[:_SETTLE_CHUNK], outcomes[:_SETTLE_CHUNK], strict=True)
         for slot, (kvs, write), outcome in chunk:
             if isinstance(outcome, StorageError):
+                slot.appendable = False  # whatever it was, the next write of this state is a snapshot
                 if isinstance(outcome, NotDurableError) and outcome.outcome is not None:
                     # Applied, not confirmed durable: the version is true, the state stays
                     # unsynced so that the next persist writes it again (and waits again).
@@ -363,6 +364,7 @@ async def _write_again(
                     extra=slot.log_fields,
                 )
             slot.kvs, slot.version, slot.stored, slot.synced = made[id(kvs)], 0, None, False
+            slot.appendable = False
         slots.append(slot)
     writing: list[StateSlot] = []
     puts: list[tuple[KeyValueStore, RecordWrite | RecordAppend]] = []
