@@ -2,6 +2,7 @@
 
     python benchmarks/deltas.py                 # the 25 MB state, medians of 5, both loops, SQLite
     python benchmarks/deltas.py --smoke         # a 250 kB state, one run of each (CI)
+    python benchmarks/deltas.py --store file    # the file store (the raw read stays sqlite3's)
     python benchmarks/deltas.py --url redis://127.0.0.1:6379/0   # report another store (no raw baseline)
 
 The state (`_deltas_child.Crawl`) is a dict of 1,000,000 URLs and a list of
@@ -57,22 +58,29 @@ def child(args: Sequence[str], env: dict[str, str], timeout: float) -> dict[str,
 
 
 def fresh(template: Path, into: Path) -> Path:
-    """A copy of the store's files (the database and any -wal / -shm beside it)."""
+    """A copy of the store's files: a file store's directory, or the database and its -wal / -shm."""
     if into.exists():
         shutil.rmtree(into)
+    if template.is_dir():
+        shutil.copytree(template, into / template.name, symlinks=True)
+        return into / template.name
     into.mkdir(parents=True)
     for path in template.parent.glob(template.name + "*"):
         shutil.copy2(path, into / path.name)
     return into / template.name
 
 
+def url_of(store: str, path: Path) -> str:
+    return f"file://{path}" if store == "file" else f"sqlite:///{path}"
+
+
 def measure(
     args: argparse.Namespace, tmp: Path, env: dict[str, str]
 ) -> tuple[dict[str, list[dict[str, Any]]], int]:
-    template = tmp / "template" / "state.sqlite3"
+    template = tmp / "template" / ("files" if args.store == "file" else "state.sqlite3")
     template.parent.mkdir()
     raw_db = tmp / "raw.sqlite3"
-    url = args.url or f"sqlite:///{template}"
+    url = args.url or url_of(args.store, template)
     made = child(["setup", url, str(raw_db), str(args.setup_ticks)], env, args.timeout)
     systems = [(f"deltas-{loop}", loop, "1") for loop in args.loops] + [
         (f"whole-{loop}", loop, "0") for loop in args.loops
@@ -83,7 +91,7 @@ def measure(
     for rep in range(args.repeat):
         order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
         for name, loop, deltas in order:
-            target = url if args.url else f"sqlite:///{fresh(template, tmp / 'run')}"
+            target = url if args.url else url_of(args.store, fresh(template, tmp / "run"))
             print(f"  rep {rep + 1}/{args.repeat}: {name}", file=sys.stderr, flush=True)
             samples[name].append(child(["lib", target, loop, str(args.ticks), deltas], env, args.timeout))
         if not args.url:
@@ -152,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--setup-ticks", type=int, default=50)
     parser.add_argument("--loops", nargs="+", default=["asyncio", "trio"])
     parser.add_argument(
+        "--store", choices=["sqlite", "file"], default="sqlite", help="the store copied for each run"
+    )
+    parser.add_argument(
         "--url", default=None, help="a store other than a fresh SQLite file (reported, no raw baseline)"
     )
     parser.add_argument("--json", type=Path, default=None)
@@ -171,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text, verdicts = report(samples, args.loops, json_bytes)
     where = f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(
-        f"benchmarks/deltas.py on {args.url or 'SQLite'}, "
+        f"benchmarks/deltas.py on {args.url or args.store}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {where}"
     )
     print(f"medians of {args.repeat}; each figure from a fresh process\n")
