@@ -37,8 +37,8 @@ class Crawl(BaseModel):
 
 def big() -> Crawl:
     return Crawl(
-        seen={f"https://example.com/page/{i}": i for i in range(ENTRIES)},
-        lines=[f"{i:08d} fetched https://example.com/page/{i} in 120 ms" for i in range(LINES)],
+        seen={f"/p/{i}": i for i in range(ENTRIES)},
+        lines=[f"{i:08d} fetched /p/{i} in 120 ms" for i in range(LINES)],
     )
 
 
@@ -46,7 +46,7 @@ def tick(value: Crawl) -> None:
     """One tick's news: 200 entries set (new and changed), 20 lines appended."""
     t = value.ticks = value.ticks + 1
     for j in range(CHANGED):
-        value.seen[f"https://example.com/page/{(t * 7919 + j * 104729) % (ENTRIES * 2)}"] = t
+        value.seen[f"/p/{(t * 7919 + j * 104729) % (ENTRIES * 2)}"] = t
     for j in range(APPENDED):
         value.lines.append(f"tick {t} line {j}")
 

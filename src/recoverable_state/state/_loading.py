@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .._errors import RecordCorruptError, StorageError
-from ..storage import CHAIN_CONTENT_TYPE, StoredRecord, materialise, unpack_chain
+from ..storage import CHAIN_CONTENT_TYPE, StoredRecord, chain_sizes, materialise
 from ._codec import describe_validation_error
 from ._schema import migrate
 from ._slot import StateSlot, fingerprint
@@ -64,10 +64,10 @@ def _shape(record: StoredRecord) -> tuple[int, int, int]:
     if record.content_type != CHAIN_CONTENT_TYPE:
         return (len(record.value), 0, 0)
     try:
-        pieces = unpack_chain(record.value)
+        sizes = chain_sizes(record.value)
     except ValueError:
         return (len(record.value), 0, 0)  # `materialise` says what is wrong with it
-    return (len(pieces[0][0]), sum(len(p) for p, _ in pieces[1:]), len(pieces) - 1)
+    return (sizes[0], sum(sizes[1:]), len(sizes) - 1)
 
 
 async def start_over(
