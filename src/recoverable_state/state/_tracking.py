@@ -25,6 +25,7 @@ Warning:
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -44,11 +45,14 @@ class ChangeMark:
 
     With `log` on (a state kept as deltas, see `_deltas.py`), each container also
     notes where it changed (`_changes`: the keys of a dict, the length a list had
-    before its first append, or EVERYTHING) and joins `changed` at its first change.
-    A container's `_changes` is not None exactly while it is in `changed`.
+    before it grew, or EVERYTHING) and joins `changed` at its first change. A
+    container's `_changes` is not None exactly while it is in `changed`. A note is
+    made after its change, under `lock`, and a persist takes the notes under it
+    before it reads the values: a change made by another thread (a sync worker) is
+    then either seen by this persist or noted for the next.
     """
 
-    __slots__ = ("adopt", "changed", "dirty", "log")
+    __slots__ = ("adopt", "changed", "dirty", "lock", "log")
 
     def __init__(self) -> None:
         self.dirty = False
@@ -56,14 +60,16 @@ class ChangeMark:
         """Something other than a leaf value was put in: watch the state's new parts too."""
         self.log = False
         self.changed: list[Any] = []
+        self.lock = threading.Lock()
 
     def forget_changes(self) -> list[tuple[Any, Any]]:
         """Each noted container with what it noted, all notes cleared (a persist takes them)."""
-        taken, self.changed = self.changed, []
-        notes = []
-        for container in taken:
-            notes.append((container, container._changes))
-            container._changes = None
+        with self.lock:
+            taken, self.changed = self.changed, []
+            notes = []
+            for container in taken:
+                notes.append((container, container._changes))
+                container._changes = None
         return notes
 
     def touched(self, value: Any) -> None:
@@ -81,27 +87,33 @@ EVERYTHING: Any = frozenset({"*everything*"})
 
 
 def _note(container: Any, key: Any) -> None:
-    """Note that `key` of a dict changed (the mark's log is on)."""
-    changes = container._changes
-    if changes is None:
-        container._changes = {key}
-        container._mark.changed.append(container)
-    elif changes is not EVERYTHING:
-        changes.add(key)
+    """Note that `key` of a dict changed (the mark's log is on); called after the change."""
+    mark = container._mark
+    with mark.lock:
+        changes = container._changes
+        if changes is None:
+            container._changes = {key}
+            mark.changed.append(container)
+        elif changes is not EVERYTHING:
+            changes.add(key)
 
 
 def _note_all(container: Any) -> None:
-    """Note that a container changed as a whole (the mark's log is on)."""
-    if container._changes is None:
-        container._mark.changed.append(container)
-    container._changes = EVERYTHING
+    """Note that a container changed as a whole (the mark's log is on); called after the change."""
+    mark = container._mark
+    with mark.lock:
+        if container._changes is None:
+            mark.changed.append(container)
+        container._changes = EVERYTHING
 
 
-def _note_growth(container: list[Any]) -> None:
-    """Note that a list grows at its end: from the length it had before its first change."""
-    if container._changes is None:  # type: ignore[attr-defined]
-        container._changes = len(container)  # type: ignore[attr-defined]
-        container._mark.changed.append(container)  # type: ignore[attr-defined]
+def _note_growth(container: Any, before: int) -> None:
+    """Note that a list grew at its end from length `before` (kept from its first change on)."""
+    mark = container._mark
+    with mark.lock:
+        if container._changes is None:
+            container._changes = before
+            mark.changed.append(container)
 
 
 def new_tracked(kind: type, plain: Any, mark: ChangeMark, at: tuple[Any, Any] | None) -> Any:
@@ -124,68 +136,78 @@ class TrackedList(list[Any]):
     def __setitem__(self, index: Any, value: Any) -> None:
         mark = self._mark
         mark.grown() if isinstance(index, slice) else mark.touched(value)
+        super().__setitem__(index, value)
         if mark.log:
             _note_all(self)
-        super().__setitem__(index, value)
 
     def __delitem__(self, index: Any) -> None:
-        self._changed()
+        self._mark.dirty = True
         super().__delitem__(index)
+        self._changed()
 
     def __iadd__(self, other: Any) -> Self:  # type: ignore[misc]
         self._mark.grown()
+        before = len(self)
+        result = super().__iadd__(other)
         if self._mark.log:
-            _note_growth(self)
-        return super().__iadd__(other)
+            _note_growth(self, before)
+        return result
 
     def __imul__(self, n: SupportsIndex) -> Self:
+        self._mark.dirty = True
+        result = super().__imul__(n)
         self._changed()
-        return super().__imul__(n)
+        return result
 
     def append(self, value: Any) -> None:
         mark = self._mark
         mark.touched(value)
-        if mark.log:
-            _note_growth(self)
+        before = len(self)
         super().append(value)
+        if mark.log:
+            _note_growth(self, before)
 
     def extend(self, values: Any) -> None:
         self._mark.grown()
-        if self._mark.log:
-            _note_growth(self)
+        before = len(self)
         super().extend(values)
+        if self._mark.log:
+            _note_growth(self, before)
 
     def insert(self, index: SupportsIndex, value: Any) -> None:
         self._mark.touched(value)
-        if self._mark.log:
-            _note_all(self)
         super().insert(index, value)
+        self._changed()
 
     def pop(self, index: SupportsIndex = -1) -> Any:
+        self._mark.dirty = True
+        item = super().pop(index)
         self._changed()
-        return super().pop(index)
+        return item
 
     def remove(self, value: Any) -> None:
-        self._changed()
+        self._mark.dirty = True
         super().remove(value)
+        self._changed()
 
     def clear(self) -> None:
-        self._changed()
+        self._mark.dirty = True
         super().clear()
+        self._changed()
 
     def sort(self, *args: Any, **kwargs: Any) -> None:
-        self._changed()
+        self._mark.dirty = True
         super().sort(*args, **kwargs)
+        self._changed()
 
     def reverse(self) -> None:
-        self._changed()
+        self._mark.dirty = True
         super().reverse()
+        self._changed()
 
     def _changed(self) -> None:
-        """A change that removes or moves items: the list is noted as changed whole."""
-        mark = self._mark
-        mark.dirty = True
-        if mark.log:
+        """After a change that removes or moves items: the list is noted as changed whole."""
+        if self._mark.log:
             _note_all(self)
 
     def __copy__(self) -> list[Any]:
@@ -211,30 +233,31 @@ class TrackedDict(dict[Any, Any]):
     def __setitem__(self, key: Any, value: Any) -> None:
         mark = self._mark
         mark.touched(value)
+        super().__setitem__(key, value)
         if mark.log:
             _note(self, key)
-        super().__setitem__(key, value)
 
     def __delitem__(self, key: Any) -> None:
         mark = self._mark
         mark.dirty = True
+        super().__delitem__(key)
         if mark.log:
             _note(self, key)
-        super().__delitem__(key)
 
     def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
+        self._mark.grown()
+        result = super().__ior__(other)
         self._grown_by(other)
-        return super().__ior__(other)
+        return result
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self._grown_by(args[0] if len(args) == 1 and not kwargs else None, kwargs)
+        self._mark.grown()
         super().update(*args, **kwargs)
+        self._grown_by(args[0] if len(args) == 1 and not kwargs else None, kwargs)
 
     def _grown_by(self, other: Any, kwargs: dict[str, Any] | None = None) -> None:
-        """Items put in from a mapping (their keys noted) or from anything else (noted whole)."""
-        mark = self._mark
-        mark.grown()
-        if mark.log:
+        """After items were put in: from a mapping (their keys noted) or from anything else (noted whole)."""
+        if self._mark.log:
             if kwargs and other is None:
                 for key in kwargs:
                     _note(self, key)
@@ -247,16 +270,18 @@ class TrackedDict(dict[Any, Any]):
     def setdefault(self, key: Any, default: Any = None) -> Any:
         mark = self._mark
         mark.touched(default)
+        value = super().setdefault(key, default)
         if mark.log:
             _note(self, key)
-        return super().setdefault(key, default)
+        return value
 
     def pop(self, *args: Any) -> Any:
         mark = self._mark
         mark.dirty = True
+        value = super().pop(*args)
         if mark.log and args:
             _note(self, args[0])
-        return super().pop(*args)
+        return value
 
     def popitem(self) -> tuple[Any, Any]:
         mark = self._mark
@@ -269,9 +294,9 @@ class TrackedDict(dict[Any, Any]):
     def clear(self) -> None:
         mark = self._mark
         mark.dirty = True
+        super().clear()
         if mark.log:
             _note_all(self)
-        super().clear()
 
     def __copy__(self) -> dict[Any, Any]:
         return dict(self)
@@ -296,67 +321,84 @@ class TrackedSet(set[Any]):
     _at: tuple[Any, Any] | None
     _changes: Any
 
-    def _changed(self, grown: bool = False) -> None:
-        mark = self._mark
+    def _before(self, grown: bool = False) -> None:
         if grown:
-            mark.grown()
-        mark.dirty = True
-        if mark.log:
+            self._mark.grown()
+        self._mark.dirty = True
+
+    def _after(self) -> None:
+        if self._mark.log:
             _note_all(self)
 
     def add(self, value: Any) -> None:
         self._mark.touched(value)
-        if self._mark.log:
-            _note_all(self)
         super().add(value)
+        self._after()
 
     def discard(self, value: Any) -> None:
-        self._changed()
+        self._before()
         super().discard(value)
+        self._after()
 
     def remove(self, value: Any) -> None:
-        self._changed()
+        self._before()
         super().remove(value)
+        self._after()
 
     def pop(self) -> Any:
-        self._changed()
-        return super().pop()
+        self._before()
+        item = super().pop()
+        self._after()
+        return item
 
     def clear(self) -> None:
-        self._changed()
+        self._before()
         super().clear()
+        self._after()
 
     def update(self, *others: Any) -> None:
-        self._changed(grown=True)
+        self._before(grown=True)
         super().update(*others)
+        self._after()
 
     def difference_update(self, *others: Any) -> None:
-        self._changed()
+        self._before()
         super().difference_update(*others)
+        self._after()
 
     def intersection_update(self, *others: Any) -> None:
-        self._changed()
+        self._before()
         super().intersection_update(*others)
+        self._after()
 
     def symmetric_difference_update(self, other: Any) -> None:
-        self._changed(grown=True)
+        self._before(grown=True)
         super().symmetric_difference_update(other)
+        self._after()
 
     def __ior__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._changed(grown=True)
-        return super().__ior__(other)
+        self._before(grown=True)
+        result = super().__ior__(other)
+        self._after()
+        return result
 
     def __iand__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._changed()
-        return super().__iand__(other)
+        self._before()
+        result = super().__iand__(other)
+        self._after()
+        return result
 
     def __isub__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._changed()
-        return super().__isub__(other)
+        self._before()
+        result = super().__isub__(other)
+        self._after()
+        return result
 
     def __ixor__(self, other: Any) -> Self:  # type: ignore[misc]
-        self._changed(grown=True)
-        return super().__ixor__(other)
+        self._before(grown=True)
+        result = super().__ixor__(other)
+        self._after()
+        return result
 
     def __copy__(self) -> set[Any]:
         return set(self)

@@ -64,7 +64,7 @@ def apply(model: BaseModel, plan: Plan, mark: ChangeMark, at: tuple[Any, Any] | 
             items = TrackedSet(value) if kind == SET else TrackedList(value)
         items._mark, items._at, items._changes = mark, here, None
         dict.__setitem__(tracked, name, items)
-        if kind == DICT_OF_MODELS:
+        if isinstance(items, TrackedDict) and kind == DICT_OF_MODELS:
             for key, item in items.items():
                 apply(item, sub, mark, (items, key) if links else None)
         elif kind == LIST_OF_MODELS:

@@ -168,8 +168,8 @@ class _Adopter:
                 if kind is list or kind is dict or kind is set:
                     if self.held_by_one(child) > _IN_PARENT:
                         raise _Untrackable
-                    here = (container, key) if self.links else None
-                    dict.__setitem__(container, key, self.replace(child, depth + 1, here))
+                    at = (container, key) if self.links else None
+                    dict.__setitem__(container, key, self.replace(child, depth + 1, at))
                 else:
                     self.node(child, depth + 1, (container, key) if self.links else None)
         elif not set(map(type, container)) <= _LEAVES:  # a set: its items must not change in place
