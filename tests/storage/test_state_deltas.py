@@ -450,3 +450,37 @@ async def test_a_store_lost_by_its_server_is_made_again_and_written_whole(storag
     assert record.content_type != CHAIN_CONTENT_TYPE
     assert Big.model_validate_json(record.value).seen == {"a": 1, "b": 2}
     await state.teardown()
+
+
+async def test_threads_changing_a_state_while_it_persists_lose_nothing(storage: StorageBackend) -> None:
+    """A sync worker's threads change the state (no editing()) while the loop writes deltas of it."""
+    import threading
+
+    import anyio.to_thread
+
+    kvs = await _store(storage)
+    state = _state(kvs)
+    value = await state.initialize()
+    await state.persist_state()
+    stop = threading.Event()
+
+    def worker(n: int) -> None:
+        i = 0
+        while not stop.is_set() or i < 200:
+            value.seen[f"w{n}-{i}"] = i
+            value.lines.append(f"w{n}-{i}")
+            if i % 7 == 0:
+                value.seen.pop(f"w{n}-{i - 3}", None)
+            i += 1
+
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            tg.start_soon(anyio.to_thread.run_sync, worker, n)
+        for _ in range(40):
+            await state.persist_state()
+            await anyio.sleep(0.002)
+        stop.set()
+    await state.persist_state()
+    assert len(await _pieces(kvs)) > 1
+    assert await _stored(kvs) == value
+    await state.teardown()

@@ -108,12 +108,19 @@ def _note_all(container: Any) -> None:
 
 
 def _note_growth(container: Any, before: int) -> None:
-    """Note that a list grew at its end from length `before` (kept from its first change on)."""
+    """Note that a list grew at its end from length `before`: the shortest length noted is kept.
+
+    Threads appending at once may note out of order; every item from the shortest
+    length on is written, and an item written twice is written the same.
+    """
     mark = container._mark
     with mark.lock:
-        if container._changes is None:
+        changes = container._changes
+        if changes is None:
             container._changes = before
             mark.changed.append(container)
+        elif type(changes) is int and before < changes:
+            container._changes = before
 
 
 def new_tracked(kind: type, plain: Any, mark: ChangeMark, at: tuple[Any, Any] | None) -> Any:
