@@ -38,7 +38,6 @@ import logging
 import os
 import stat
 import struct
-import uuid
 import zlib
 from collections.abc import Callable, Sequence, Set
 from datetime import UTC, datetime, timedelta
@@ -49,7 +48,7 @@ from .._errors import StorageError
 from ._backend import RecordAppend
 from ._contract import Pair, WritePlan
 from ._files_claims import fdatasync
-from ._files_io import FILE_MODE, NOFOLLOW, encode_key, fsync_dir, make_dir, write_atomically
+from ._files_io import NOFOLLOW, encode_key, fsync_dir, make_dir, write_atomically, write_temporary
 
 Runner = Callable[[Callable[[Pair], None], Sequence[Pair]], None]
 
@@ -231,19 +230,7 @@ def append_frames(ddir: Path, name: str, log: DeltaLog | None, frames: bytes) ->
 def stage(ddir: Path, data: bytes) -> Path:
     """A new log in a temporary file of `.deltas`, synced: put in place once its snapshot is durable."""
     make_dir(ddir)
-    tmp = ddir / f".tmp-{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
+    return write_temporary(ddir, data)
 
 
 class BatchDeltas:

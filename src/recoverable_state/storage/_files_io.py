@@ -113,7 +113,12 @@ def write_atomically(path: Path, data: bytes) -> None:
         mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else FILE_MODE
     except FileNotFoundError:
         mode = FILE_MODE
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    os.replace(write_temporary(path.parent, data, mode), path)
+
+
+def write_temporary(directory: Path, data: bytes, mode: int = FILE_MODE) -> Path:
+    """A new temporary file in `directory` holding `data`, fsynced (removed again if that fails)."""
+    tmp = directory / f".tmp-{uuid.uuid4().hex}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, FILE_MODE)
     try:
         if mode != FILE_MODE:
@@ -127,7 +132,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    return tmp
 
 
 def read_bytes(path: str | Path, limit: int = -1) -> bytes | None:
