@@ -21,6 +21,7 @@ from .._forks import FORK_WAIT, watch_forks
 from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
+from ._sqlite_deltas import LISTING_WITH_DELTAS, add_chains, append_deltas, drop_deltas, stores_with_deltas
 from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
@@ -42,7 +43,7 @@ _VERSION = (
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
 _SCAN_FROM = 1000  # keys of one store in a batch from which reading the store's range may be cheaper
 _BUSY = re.compile(r"database is locked|database table is locked|database is busy")
-_TABLES = ("records", "versions", "history")  # what a store's or a record's rows live in
+_TABLES = ("records", "versions", "history", "deltas")  # what a store's or a record's rows live in
 
 
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
@@ -83,6 +84,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
     transaction before failing with a StorageError saying another process holds the
     database (set before first use; the CLI sets it from `--timeout`).
     """
+
+    keeps_deltas = True
 
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_SECONDS) -> None:
         super().__init__()
@@ -242,6 +245,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             (sid, key): _new_record(StoredRecord, (key, value, ct, v, stamps.get(at) or _stamp(stamps, at)))
             for sid, key, value, ct, v, at in rows
         }
+        if found and (with_deltas := stores_with_deltas(txn, store_ids - missing.keys())):
+            add_chains(txn, found, with_deltas)
         return missing, found
 
     def find_versions(
@@ -283,6 +288,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             for table in _TABLES:
                 txn.executemany(f"DELETE FROM {table} WHERE store_id = ? AND key = ?", list(plan.deletes))
         writes = [w for w, _ in plan.rows.values()]
+        if plan.rows and (with_deltas := stores_with_deltas(txn, {sid for sid, _ in plan.rows})):
+            drop_deltas(txn, plan.rows, with_deltas, self._json)
         txn.executemany(
             _UPSERT_RECORD,
             [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()],
@@ -301,6 +308,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             "(SELECT version FROM history WHERE store_id = ? AND key = ? ORDER BY version DESC LIMIT ?)",
             [(sid, key, sid, key, change.keep_total) for (sid, key), change in plan.history.items()],
         )
+        if plan.appends:  # after the rows: a write then an append in one batch keeps the append
+            self._wrote += append_deltas(txn, plan.appends, now)
         self._wrote += estimated_bytes(writes)
         return {}
 
@@ -308,7 +317,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         """Each version moves on only where it is the expected one; when the count of moves
         falls short, nothing is kept and the batch is planned from the stored versions.
 
-        Skipping that read of every version saves a third of a big batch's time.
+        Skipping that read of every version saves a third of a big batch's time. The
+        snapshots written drop their records' deltas, looked for only in a store that has any.
         """
         if self._missing_stores(txn, {w.store_id for w in writes}):
             return False
@@ -331,9 +341,12 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         if done != len(writes):
             txn.execute("ROLLBACK TO expected")
         txn.execute("RELEASE expected")
-        if done == len(writes):
-            self._wrote += estimated_bytes(writes)
-        return done == len(writes)
+        if done != len(writes):
+            return False
+        if with_deltas := stores_with_deltas(txn, {w.store_id for w in writes}):
+            drop_deltas(txn, [(w.store_id, w.key) for w in writes], with_deltas, self._json)
+        self._wrote += estimated_bytes(writes)
+        return True
 
     @classmethod
     def _missing_stores(cls, conn: sqlite3.Connection, store_ids: Set[str]) -> dict[str, StorageError]:
@@ -361,12 +374,15 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
 
         def listing(conn: sqlite3.Connection) -> list[RecordInfo]:
             self._require_stores(conn, {store_id})
+            columns = "length(value), content_type, updated_at"
+            if stores_with_deltas(conn, (store_id,)):
+                columns = LISTING_WITH_DELTAS
             cur = conn.execute(
-                f"SELECT key, length(value), content_type, {_VERSION}, updated_at FROM records "
+                f"SELECT key, {columns}, {_VERSION} FROM records "
                 f"WHERE store_id = ? {after}ORDER BY key LIMIT ?",
                 (*params, -1 if limit is None else limit),
             )
-            return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, v, u in cur]
+            return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, u, v in cur]
 
         return await self._run(listing)
 
