@@ -21,7 +21,7 @@ from .._forks import FORK_WAIT, watch_forks
 from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
-from ._sqlite_deltas import LISTING_WITH_DELTAS, add_chains, append_deltas, drop_deltas, stores_with_deltas
+from ._sqlite_deltas import add_chains, append_deltas, drop_deltas, listing_columns
 from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
@@ -49,6 +49,33 @@ _TABLES = ("records", "versions", "history", "deltas")  # what a store's or a re
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _select(
+    conn: sqlite3.Connection, columns: str, table: str, pairs: Sequence[tuple[str, str]]
+) -> Iterator[tuple[Any, ...]]:
+    """Rows of `table` for these (store_id, key) pairs, `key` first, then `columns`."""
+    # `store_id = ? AND key IN (...)` uses the primary key; a row-value IN scans the table.
+    for store_id, keys in by_store(pairs).items():
+        if (
+            len(keys) >= _SCAN_FROM
+            and 2 * len(keys)
+            >= conn.execute(f"SELECT count(*) FROM {table} WHERE store_id = ?", (store_id,)).fetchone()[0]
+        ):
+            # Most of the store: one pass over its range beats the IN lists by a third.
+            wanted = set(keys)
+            rows = conn.execute(f"SELECT key, {columns} FROM {table} WHERE store_id = ?", (store_id,))
+            yield from ((store_id, *row) for row in rows if row[0] in wanted)
+            continue
+        for chunk in _chunks(keys):
+            yield from (
+                (store_id, *row)
+                for row in conn.execute(
+                    f"SELECT key, {columns} FROM {table} WHERE store_id = ? "
+                    f"AND key IN ({','.join('?' * len(chunk))})",
+                    (store_id, *chunk),
+                )
+            )
 
 
 def _file_of(path: Path) -> tuple[int, int] | None:
@@ -206,47 +233,19 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
 
     # -- records ------------------------------------------------------------
 
-    @staticmethod
-    def _select(
-        conn: sqlite3.Connection, columns: str, table: str, pairs: Sequence[tuple[str, str]]
-    ) -> Iterator[tuple[Any, ...]]:
-        """Rows of `table` for these (store_id, key) pairs, `key` first, then `columns`."""
-        # `store_id = ? AND key IN (...)` uses the primary key; a row-value IN scans the table.
-        for store_id, keys in by_store(pairs).items():
-            if (
-                len(keys) >= _SCAN_FROM
-                and 2 * len(keys)
-                >= conn.execute(f"SELECT count(*) FROM {table} WHERE store_id = ?", (store_id,)).fetchone()[0]
-            ):
-                # Most of the store: one pass over its range beats the IN lists by a third.
-                wanted = set(keys)
-                rows = conn.execute(f"SELECT key, {columns} FROM {table} WHERE store_id = ?", (store_id,))
-                yield from ((store_id, *row) for row in rows if row[0] in wanted)
-                continue
-            for chunk in _chunks(keys):
-                yield from (
-                    (store_id, *row)
-                    for row in conn.execute(
-                        f"SELECT key, {columns} FROM {table} WHERE store_id = ? "
-                        f"AND key IN ({','.join('?' * len(chunk))})",
-                        (store_id, *chunk),
-                    )
-                )
-
     def find_records(
         self, txn: sqlite3.Connection, store_ids: Set[str], pairs: Sequence[Pair]
     ) -> tuple[dict[str, StorageError], dict[Pair, StoredRecord]]:
         missing = self._missing_stores(txn, store_ids)
         if missing:
             pairs = [pair for pair in pairs if pair[0] not in missing]
-        rows = self._select(txn, f"value, content_type, {_VERSION}, updated_at", "records", pairs)
+        rows = _select(txn, f"value, content_type, {_VERSION}, updated_at", "records", pairs)
         stamps: dict[float, datetime] = {}  # the records written in one batch share their time
         found = {
             (sid, key): _new_record(StoredRecord, (key, value, ct, v, stamps.get(at) or _stamp(stamps, at)))
             for sid, key, value, ct, v, at in rows
         }
-        if found and (with_deltas := stores_with_deltas(txn, store_ids - missing.keys())):
-            add_chains(txn, found, with_deltas)
+        add_chains(txn, found, store_ids - missing.keys())
         return missing, found
 
     def find_versions(
@@ -255,7 +254,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         missing = self._missing_stores(txn, store_ids)
         if missing:
             pairs = [pair for pair in pairs if pair[0] not in missing]
-        return missing, {(sid, key): v for sid, key, v in self._select(txn, _VERSION, "records", pairs)}
+        return missing, {(sid, key): v for sid, key, v in _select(txn, _VERSION, "records", pairs)}
 
     def store_claims(self, txn: sqlite3.Connection, claimed: Mapping[Pair, int]) -> None:
         """Store the claimed versions: one statement per store, its claims as one JSON object.
@@ -288,8 +287,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             for table in _TABLES:
                 txn.executemany(f"DELETE FROM {table} WHERE store_id = ? AND key = ?", list(plan.deletes))
         writes = [w for w, _ in plan.rows.values()]
-        if plan.rows and (with_deltas := stores_with_deltas(txn, {sid for sid, _ in plan.rows})):
-            drop_deltas(txn, plan.rows, with_deltas, self._json)
+        if plan.rows:
+            drop_deltas(txn, {sid for sid, _ in plan.rows}, plan.rows, self._json)
         txn.executemany(
             _UPSERT_RECORD,
             [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()],
@@ -320,7 +319,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         Skipping that read of every version saves a third of a big batch's time. The
         snapshots written drop their records' deltas, looked for only in a store that has any.
         """
-        if self._missing_stores(txn, {w.store_id for w in writes}):
+        if self._missing_stores(txn, store_ids := {w.store_id for w in writes}):
             return False
         now = time.time()
         txn.execute("SAVEPOINT expected")
@@ -343,8 +342,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         txn.execute("RELEASE expected")
         if done != len(writes):
             return False
-        if with_deltas := stores_with_deltas(txn, {w.store_id for w in writes}):
-            drop_deltas(txn, [(w.store_id, w.key) for w in writes], with_deltas, self._json)
+        drop_deltas(txn, store_ids, ((w.store_id, w.key) for w in writes), self._json)
         self._wrote += estimated_bytes(writes)
         return True
 
@@ -374,11 +372,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
 
         def listing(conn: sqlite3.Connection) -> list[RecordInfo]:
             self._require_stores(conn, {store_id})
-            columns = "length(value), content_type, updated_at"
-            if stores_with_deltas(conn, (store_id,)):
-                columns = LISTING_WITH_DELTAS
             cur = conn.execute(
-                f"SELECT key, {columns}, {_VERSION} FROM records "
+                f"SELECT key, {listing_columns(conn, store_id)}, {_VERSION} FROM records "
                 f"WHERE store_id = ? {after}ORDER BY key LIMIT ?",
                 (*params, -1 if limit is None else limit),
             )

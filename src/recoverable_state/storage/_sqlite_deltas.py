@@ -37,7 +37,7 @@ _MOVE_VERSION = (
 
 _OF_RECORD = "FROM deltas AS d WHERE d.store_id = records.store_id AND d.key = records.key"
 
-LISTING_WITH_DELTAS = (
+_LISTING_WITH_DELTAS = (
     f"length(value) + coalesce((SELECT sum(length(d.value)) {_OF_RECORD}), 0), content_type, "
     f"max(updated_at, coalesce((SELECT max(d.updated_at) {_OF_RECORD}), 0))"
 )
@@ -50,8 +50,21 @@ def stores_with_deltas(conn: sqlite3.Connection, store_ids: Iterable[str]) -> se
     return {sid for sid in store_ids if conn.execute(_ANY, (sid,)).fetchone() is not None}
 
 
-def drop_deltas(conn: sqlite3.Connection, pairs: Iterable[Pair], stores: Set[str], use_json: bool) -> None:
-    """Delete the deltas of these records, looking only in `stores` (the stores that have any)."""
+def listing_columns(conn: sqlite3.Connection, store_id: str) -> str:
+    """The size, content type and time columns of a listing of this store (over `records`)."""
+    if stores_with_deltas(conn, (store_id,)):
+        return _LISTING_WITH_DELTAS
+    return "length(value), content_type, updated_at"
+
+
+def drop_deltas(conn: sqlite3.Connection, store_ids: Set[str], pairs: Iterable[Pair], use_json: bool) -> None:
+    """Delete the deltas of these records of `store_ids` (a snapshot is written over them).
+
+    Only the stores that have any are looked in; `pairs` is not even gone through
+    when none has (a batch of 10,000 writes to a store without deltas costs one probe).
+    """
+    if not (stores := stores_with_deltas(conn, store_ids)):
+        return
     for store_id, keys in by_store(pair for pair in pairs if pair[0] in stores).items():
         if use_json:  # one statement per store: its keys as one JSON array
             conn.execute(
@@ -80,8 +93,10 @@ def append_deltas(
     return sum(len(a.value) for added in appends.values() for _, a in added)
 
 
-def add_chains(conn: sqlite3.Connection, found: dict[Pair, StoredRecord], stores: Set[str]) -> None:
-    """Replace each record of `found` (in `stores`) that has deltas by the chain of its pieces."""
+def add_chains(conn: sqlite3.Connection, found: dict[Pair, StoredRecord], store_ids: Iterable[str]) -> None:
+    """Replace each record of `found` (of `store_ids`) that has deltas by the chain of its pieces."""
+    if not found or not (stores := stores_with_deltas(conn, store_ids)):
+        return
     pieces: dict[Pair, list[tuple[int, bytes, str, float]]] = {}
     for store_id, keys in by_store(pair for pair in found if pair[0] in stores).items():
         for start in range(0, len(keys), _CHUNK):
