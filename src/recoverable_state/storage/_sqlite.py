@@ -21,7 +21,7 @@ from .._forks import FORK_WAIT, watch_forks
 from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
-from ._sqlite_deltas import add_chains, append_deltas, drop_deltas, listing_columns
+from ._sqlite_deltas import add_chains, append_deltas, drop_deltas, listing_columns, stores_with_deltas
 from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
@@ -39,6 +39,16 @@ _VERSION = (
     "WHERE v.store_id = records.store_id AND v.key = records.key), 0))"
 )
 """A record's version, in a query over `records`: its own, or a later claim's."""
+
+_VERSION_OF_CHAINS = (
+    "CASE WHEN EXISTS (SELECT 1 FROM deltas AS d "
+    "WHERE d.store_id = records.store_id AND d.key = records.key) "
+    "THEN (SELECT v.version FROM versions AS v WHERE v.store_id = records.store_id AND v.key = records.key) "
+    f"ELSE {_VERSION} END"
+)
+"""The same, in a store with deltas. A record with deltas has its version in `versions` (each append
+put it there), and reading its own column, stored after its value, would read every page of its
+snapshot (SQLite follows the value's overflow pages to reach it): an append would cost the snapshot."""
 
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
 _SCAN_FROM = 1000  # keys of one store in a batch from which reading the store's range may be cheaper
@@ -254,7 +264,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         missing = self._missing_stores(txn, store_ids)
         if missing:
             pairs = [pair for pair in pairs if pair[0] not in missing]
-        return missing, {(sid, key): v for sid, key, v in _select(txn, _VERSION, "records", pairs)}
+        version = _VERSION_OF_CHAINS if stores_with_deltas(txn, store_ids - missing.keys()) else _VERSION
+        return missing, {(sid, key): v for sid, key, v in _select(txn, version, "records", pairs)}
 
     def store_claims(self, txn: sqlite3.Connection, claimed: Mapping[Pair, int]) -> None:
         """Store the claimed versions: one statement per store, its claims as one JSON object.
