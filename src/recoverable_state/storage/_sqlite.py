@@ -21,6 +21,7 @@ from .._forks import FORK_WAIT, watch_forks
 from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
+from ._sqlite_deltas import add_chains, append_deltas, drop_deltas, listing_columns, stores_with_deltas
 from ._sqlite_schema import BUSY_SECONDS, open_database
 from ._transactional import TransactionalBackend
 
@@ -39,15 +40,52 @@ _VERSION = (
 )
 """A record's version, in a query over `records`: its own, or a later claim's."""
 
+_VERSION_OF_CHAINS = (
+    "CASE WHEN EXISTS (SELECT 1 FROM deltas AS d "
+    "WHERE d.store_id = records.store_id AND d.key = records.key) "
+    "THEN (SELECT v.version FROM versions AS v WHERE v.store_id = records.store_id AND v.key = records.key) "
+    f"ELSE {_VERSION} END"
+)
+"""The same, in a store with deltas. A record with deltas has its version in `versions` (each append
+put it there), and reading its own column, stored after its value, would read every page of its
+snapshot (SQLite follows the value's overflow pages to reach it): an append would cost the snapshot."""
+
 _CHUNK = 500  # placeholders per IN (...) query, well under SQLite's limit
 _SCAN_FROM = 1000  # keys of one store in a batch from which reading the store's range may be cheaper
 _BUSY = re.compile(r"database is locked|database table is locked|database is busy")
-_TABLES = ("records", "versions", "history")  # what a store's or a record's rows live in
+_TABLES = ("records", "versions", "history", "deltas")  # what a store's or a record's rows live in
 
 
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _select(
+    conn: sqlite3.Connection, columns: str, table: str, pairs: Sequence[tuple[str, str]]
+) -> Iterator[tuple[Any, ...]]:
+    """Rows of `table` for these (store_id, key) pairs, `key` first, then `columns`."""
+    # `store_id = ? AND key IN (...)` uses the primary key; a row-value IN scans the table.
+    for store_id, keys in by_store(pairs).items():
+        if (
+            len(keys) >= _SCAN_FROM
+            and 2 * len(keys)
+            >= conn.execute(f"SELECT count(*) FROM {table} WHERE store_id = ?", (store_id,)).fetchone()[0]
+        ):
+            # Most of the store: one pass over its range beats the IN lists by a third.
+            wanted = set(keys)
+            rows = conn.execute(f"SELECT key, {columns} FROM {table} WHERE store_id = ?", (store_id,))
+            yield from ((store_id, *row) for row in rows if row[0] in wanted)
+            continue
+        for chunk in _chunks(keys):
+            yield from (
+                (store_id, *row)
+                for row in conn.execute(
+                    f"SELECT key, {columns} FROM {table} WHERE store_id = ? "
+                    f"AND key IN ({','.join('?' * len(chunk))})",
+                    (store_id, *chunk),
+                )
+            )
 
 
 def _file_of(path: Path) -> tuple[int, int] | None:
@@ -83,6 +121,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
     transaction before failing with a StorageError saying another process holds the
     database (set before first use; the CLI sets it from `--timeout`).
     """
+
+    keeps_deltas = True
 
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_SECONDS) -> None:
         super().__init__()
@@ -203,45 +243,19 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
 
     # -- records ------------------------------------------------------------
 
-    @staticmethod
-    def _select(
-        conn: sqlite3.Connection, columns: str, table: str, pairs: Sequence[tuple[str, str]]
-    ) -> Iterator[tuple[Any, ...]]:
-        """Rows of `table` for these (store_id, key) pairs, `key` first, then `columns`."""
-        # `store_id = ? AND key IN (...)` uses the primary key; a row-value IN scans the table.
-        for store_id, keys in by_store(pairs).items():
-            if (
-                len(keys) >= _SCAN_FROM
-                and 2 * len(keys)
-                >= conn.execute(f"SELECT count(*) FROM {table} WHERE store_id = ?", (store_id,)).fetchone()[0]
-            ):
-                # Most of the store: one pass over its range beats the IN lists by a third.
-                wanted = set(keys)
-                rows = conn.execute(f"SELECT key, {columns} FROM {table} WHERE store_id = ?", (store_id,))
-                yield from ((store_id, *row) for row in rows if row[0] in wanted)
-                continue
-            for chunk in _chunks(keys):
-                yield from (
-                    (store_id, *row)
-                    for row in conn.execute(
-                        f"SELECT key, {columns} FROM {table} WHERE store_id = ? "
-                        f"AND key IN ({','.join('?' * len(chunk))})",
-                        (store_id, *chunk),
-                    )
-                )
-
     def find_records(
         self, txn: sqlite3.Connection, store_ids: Set[str], pairs: Sequence[Pair]
     ) -> tuple[dict[str, StorageError], dict[Pair, StoredRecord]]:
         missing = self._missing_stores(txn, store_ids)
         if missing:
             pairs = [pair for pair in pairs if pair[0] not in missing]
-        rows = self._select(txn, f"value, content_type, {_VERSION}, updated_at", "records", pairs)
+        rows = _select(txn, f"value, content_type, {_VERSION}, updated_at", "records", pairs)
         stamps: dict[float, datetime] = {}  # the records written in one batch share their time
         found = {
             (sid, key): _new_record(StoredRecord, (key, value, ct, v, stamps.get(at) or _stamp(stamps, at)))
             for sid, key, value, ct, v, at in rows
         }
+        add_chains(txn, found, store_ids - missing.keys())
         return missing, found
 
     def find_versions(
@@ -250,7 +264,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         missing = self._missing_stores(txn, store_ids)
         if missing:
             pairs = [pair for pair in pairs if pair[0] not in missing]
-        return missing, {(sid, key): v for sid, key, v in self._select(txn, _VERSION, "records", pairs)}
+        version = _VERSION_OF_CHAINS if stores_with_deltas(txn, store_ids - missing.keys()) else _VERSION
+        return missing, {(sid, key): v for sid, key, v in _select(txn, version, "records", pairs)}
 
     def store_claims(self, txn: sqlite3.Connection, claimed: Mapping[Pair, int]) -> None:
         """Store the claimed versions: one statement per store, its claims as one JSON object.
@@ -283,6 +298,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             for table in _TABLES:
                 txn.executemany(f"DELETE FROM {table} WHERE store_id = ? AND key = ?", list(plan.deletes))
         writes = [w for w, _ in plan.rows.values()]
+        if plan.rows:
+            drop_deltas(txn, {sid for sid, _ in plan.rows}, plan.rows, self._json)
         txn.executemany(
             _UPSERT_RECORD,
             [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()],
@@ -301,6 +318,8 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             "(SELECT version FROM history WHERE store_id = ? AND key = ? ORDER BY version DESC LIMIT ?)",
             [(sid, key, sid, key, change.keep_total) for (sid, key), change in plan.history.items()],
         )
+        if plan.appends:  # after the rows: a write then an append in one batch keeps the append
+            self._wrote += append_deltas(txn, plan.appends, now)
         self._wrote += estimated_bytes(writes)
         return {}
 
@@ -308,9 +327,10 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         """Each version moves on only where it is the expected one; when the count of moves
         falls short, nothing is kept and the batch is planned from the stored versions.
 
-        Skipping that read of every version saves a third of a big batch's time.
+        Skipping that read of every version saves a third of a big batch's time. The
+        snapshots written drop their records' deltas, looked for only in a store that has any.
         """
-        if self._missing_stores(txn, {w.store_id for w in writes}):
+        if self._missing_stores(txn, store_ids := {w.store_id for w in writes}):
             return False
         now = time.time()
         txn.execute("SAVEPOINT expected")
@@ -331,9 +351,11 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         if done != len(writes):
             txn.execute("ROLLBACK TO expected")
         txn.execute("RELEASE expected")
-        if done == len(writes):
-            self._wrote += estimated_bytes(writes)
-        return done == len(writes)
+        if done != len(writes):
+            return False
+        drop_deltas(txn, store_ids, ((w.store_id, w.key) for w in writes), self._json)
+        self._wrote += estimated_bytes(writes)
+        return True
 
     @classmethod
     def _missing_stores(cls, conn: sqlite3.Connection, store_ids: Set[str]) -> dict[str, StorageError]:
@@ -362,11 +384,11 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         def listing(conn: sqlite3.Connection) -> list[RecordInfo]:
             self._require_stores(conn, {store_id})
             cur = conn.execute(
-                f"SELECT key, length(value), content_type, {_VERSION}, updated_at FROM records "
+                f"SELECT key, {listing_columns(conn, store_id)}, {_VERSION} FROM records "
                 f"WHERE store_id = ? {after}ORDER BY key LIMIT ?",
                 (*params, -1 if limit is None else limit),
             )
-            return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, v, u in cur]
+            return [RecordInfo(k, size, ct, v, _ts(u)) for k, size, ct, u, v in cur]
 
         return await self._run(listing)
 

@@ -50,6 +50,18 @@ CREATE TABLE IF NOT EXISTS history (
     updated_at REAL NOT NULL,
     PRIMARY KEY (store_id, key, version)
 );
+-- The deltas appended to a record since its snapshot (_sqlite_deltas.py), in version order.
+-- With a rowid: the values may be large, and then belong in the table, not in the key's b-tree.
+-- Made here at every open: a database of an earlier release gets it, empty, and nothing else changes.
+CREATE TABLE IF NOT EXISTS deltas (
+    store_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (store_id, key, version)
+);
 """
 
 
