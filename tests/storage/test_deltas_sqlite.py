@@ -41,7 +41,7 @@ JSON = "application/json"
 
 def _delta(n: int, size: int = 2048) -> bytes:
     """A delta of about `size` bytes that sets `n` (JSON, though the backend stores opaque bytes)."""
-    return json.dumps([["s", ["n"], n], ["s", ["pad"], "x" * (size - 40)]]).encode()
+    return json.dumps([{"n": 1, "pad": 1}, {"n": n, "pad": "x" * (size - 40)}]).encode()
 
 
 def _io() -> dict[str, int]:
@@ -98,7 +98,7 @@ async def test_twenty_appends_to_a_5_mb_record_write_far_less_than_its_snapshot(
         assert record.version == 23 and record.content_type == CHAIN_CONTENT_TYPE
         pieces = unpack_chain(record.value)
         assert pieces[0] == (snapshot, JSON)
-        assert [json.loads(v)[0][2] for v, _ in pieces[1:]] == list(range(1, 21))
+        assert [json.loads(v)[1]["n"] for v, _ in pieces[1:]] == list(range(1, 21))
 
 
 async def _write_and_claim(backend: StorageBackend, store_id: str, expected: dict[str, int | None]) -> None:
@@ -223,7 +223,7 @@ async def main(path):
         await backend.write_batch([RecordWrite(store.id, "k", b"x" * 1_000_000, "application/json", 0)])
         version = 1
         while True:
-            delta = b'[["s",["n"],%d]]' % version + b" " * 3000
+            delta = b'[{"n":1},{"n":%d}]' % version + b" " * 3000
             append = RecordAppend(store.id, "k", delta, DELTA_CONTENT_TYPE, version)
             (outcome,) = await backend.write_batch([append])
             version = outcome.version
@@ -255,7 +255,7 @@ async def test_a_process_killed_while_appending_leaves_whole_deltas(tmp_path: Pa
         pieces = unpack_chain(record.value)
         assert record.version >= acknowledged and record.version == len(pieces)
         assert pieces[0] == (b"x" * 1_000_000, JSON)
-        assert [json.loads(v)[0][2] for v, _ in pieces[1:]] == list(range(1, record.version))
+        assert [json.loads(v)[1]["n"] for v, _ in pieces[1:]] == list(range(1, record.version))
 
 
 # -- databases made before deltas --------------------------------------------------
