@@ -91,6 +91,7 @@ from .._errors import StorageError, StoreNotFoundError
 from .._forks import watch_forks
 from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, split_by_size
+from ._postgres_deltas import attach_deltas, drop_deltas, store_appends, stores_with_deltas
 from ._postgres_durability import (
     SET_SYNCHRONOUS_COMMIT,
     describe,
@@ -106,6 +107,7 @@ from ._postgres_sql import (
     DDL,
     DELETE_HISTORY,
     DELETE_ROWS,
+    DELTAS,
     FIND_STORES,
     KEY_INDEX,
     KEY_PREFIX,
@@ -113,6 +115,7 @@ from ._postgres_sql import (
     LOCK_ROWS,
     READ_ROWS,
     SCHEMA,
+    apply_params,
     key_hash,
     utc,
 )
@@ -136,6 +139,8 @@ class _Txn:
     conn: Connection
     write: bool
     hashes: dict[Pair, bytes] = field(default_factory=dict)
+    with_deltas: set[str] = field(default_factory=set)
+    """The batch's stores that hold deltas, seen after its rows were locked (`find_versions`)."""
 
     def hash_of(self, pair: Pair) -> bytes:
         found = self.hashes.get(pair)
@@ -164,6 +169,7 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
     """Stores records in PostgreSQL; every batch is one transaction."""
 
     server_name = "PostgreSQL server"
+    keeps_deltas = True
 
     def __init__(
         self,
@@ -197,8 +203,13 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
             try:
                 with conn.transaction():
                     bound(conn, deadline)
-                    found = conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{KEY_INDEX}",)).fetchone()
-                    if found is None or found[0] is None:
+                    # A database made before deltas has the index but not the deltas table: the
+                    # DDL (all IF NOT EXISTS) then adds that table alone, rewriting nothing.
+                    found = conn.execute(
+                        "SELECT to_regclass(%s), to_regclass(%s)",
+                        (f"{SCHEMA}.{KEY_INDEX}", f"{SCHEMA}.{DELTAS}"),
+                    ).fetchone()
+                    if found is None or None in found:
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
                         for statement in DDL.split(";"):
                             if statement.strip():
@@ -301,7 +312,7 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
     async def drop_store(self, store_id: str) -> None:
         def drop(conn: Connection) -> None:
             conn.execute(f"DELETE FROM {SCHEMA}.stores WHERE id = %s", (store_id,))
-            for table in ("records", "history"):
+            for table in ("records", "history", DELTAS):
                 conn.execute(f"DELETE FROM {SCHEMA}.{table} WHERE store_id = %s", (store_id,))
 
         await self._run(self._label([store_id]), drop)
@@ -320,11 +331,17 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
         cur = txn.conn.cursor(binary=True)
         query = READ_ROWS + (" FOR UPDATE" if txn.write else "")
         cur.execute(query, ([p[0] for p in places], [p[1] for p in places]))
+        # After the rows: with claims they are locked, so no append lands in between; without,
+        # the transaction is REPEATABLE READ (read-only, see _postgres_pool.py): one snapshot.
+        deltas = stores_with_deltas(txn.conn, store_ids)
         missing = self._missing_stores(txn.conn, set(store_ids), stores)
         found = {}
         for store_id, hashed, value, ctype, version, at in cur:
             key = places[(store_id, bytes(hashed))]
             found[(store_id, key)] = StoredRecord(key, bytes(value), ctype, version, utc(at))
+        with_deltas = {row[0] for row in deltas}
+        if with_deltas:
+            attach_deltas(txn.conn, found, txn.hash_of, with_deltas)
         return missing, found
 
     def find_versions(
@@ -334,7 +351,9 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
         places = {(pair[0], txn.hash_of(pair)): pair[1] for pair in pairs}
         stores = txn.conn.execute(CHECK_STORES, (list(store_ids),))
         cur = txn.conn.execute(LOCK_ROWS, ([p[0] for p in places], [p[1] for p in places]))
+        deltas = stores_with_deltas(txn.conn, store_ids)  # after the locks: no append lands since
         missing = self._missing_stores(txn.conn, set(store_ids), stores)
+        txn.with_deltas = {row[0] for row in deltas}
         return missing, {(sid, places[(sid, bytes(h))]): version for sid, h, version in cur}
 
     def store_claims(self, txn: _Txn, claimed: Mapping[Pair, int]) -> None:
@@ -352,45 +371,26 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
             gone = ([sid for sid, _ in plan.deletes], [hash_of(p) for p in plan.deletes])
             conn.execute(DELETE_ROWS, gone)
             conn.execute(DELETE_HISTORY, gone)
+        if txn.with_deltas:  # only stores holding deltas pay for dropping them
+            stale = [p for p in (*plan.deletes, *rows) if p[0] in txn.with_deltas]
+            drop_deltas(conn, list(dict.fromkeys(stale)), hash_of)
         upd = [p for p in rows if p in plan.existing]
         ins = [p for p in rows if p not in plan.existing]
-        trim = [(p, h.keep_old) for p, h in plan.history.items()]
         hist = [(p, v, w) for p, h in plan.history.items() for v, w in h.added]
         now = datetime.now(UTC)
         inserted = 0
-        for n, (u_run, i_run, h_run) in enumerate(
+        for n, runs in enumerate(
             _zip_chunks(
                 split_by_size(upd, lambda p: len(rows[p][0].value)),
                 split_by_size(ins, lambda p: len(rows[p][0].value)),
                 split_by_size(hist, lambda item: len(item[2].value)),
             )
         ):
-            t_run = trim if n == 0 else []  # later statements would see new history rows
-            params = {
-                "now": now,
-                "u_store": [p[0] for p in u_run],
-                "u_hash": [hash_of(p) for p in u_run],
-                "u_value": [rows[p][0].value for p in u_run],
-                "u_type": [rows[p][0].content_type for p in u_run],
-                "u_version": [rows[p][1] for p in u_run],
-                "i_store": [p[0] for p in i_run],
-                "i_hash": [hash_of(p) for p in i_run],
-                "i_key": [p[1] for p in i_run],
-                "i_value": [rows[p][0].value for p in i_run],
-                "i_type": [rows[p][0].content_type for p in i_run],
-                "i_version": [rows[p][1] for p in i_run],
-                "t_store": [p[0] for p, _ in t_run],
-                "t_hash": [hash_of(p) for p, _ in t_run],
-                "t_keep": [keep for _, keep in t_run],
-                "h_store": [p[0] for p, _, _ in h_run],
-                "h_hash": [hash_of(p) for p, _, _ in h_run],
-                "h_version": [v for _, v, _ in h_run],
-                "h_value": [w.value for _, _, w in h_run],
-                "h_type": [w.content_type for _, _, w in h_run],
-            }
-            row = conn.execute(APPLY, params).fetchone()
+            row = conn.execute(APPLY, apply_params(plan, hash_of, now, runs, first=n == 0)).fetchone()
             assert row is not None
             inserted += row[1]
+        if plan.appends:
+            store_appends(conn, plan, hash_of, now)
         if inserted != len(ins):
             raise Retry
         return {}
@@ -426,7 +426,7 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
     async def purge_store(self, store_id: str) -> None:
         def purge(conn: Connection) -> None:
             stores = conn.execute(CHECK_STORES, ([store_id],))
-            for table in ("records", "history"):
+            for table in ("records", "history", DELTAS):
                 conn.execute(f"DELETE FROM {SCHEMA}.{table} WHERE store_id = %s", (store_id,))
             self._require_stores(conn, {store_id}, stores)
 

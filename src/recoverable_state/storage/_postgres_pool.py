@@ -213,6 +213,11 @@ class Pool:
             while True:
                 try:
                     with conn.pipeline():
+                        if not txn.mutating:
+                            # One snapshot for the whole read: a record's row and its deltas,
+                            # read by two statements, must not see a batch committed between
+                            # them. Read-only, it cannot meet a serialisation failure.
+                            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                         bound(conn, deadline)
                         xid = conn.execute("SELECT txid_current()") if txn.mutating else None
                         result = txn.body(conn)

@@ -7,11 +7,16 @@ statement took 0.15 s instead of 0.4 s in text.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
+
+from ._contract import Pair, WritePlan
 
 SCHEMA = "recoverable_state"
 LOCK_ID = 0x7265636F76657273  # advisory lock taken while creating the tables
-KEY_INDEX = "records_by_key"  # made last: its presence says the schema is complete
+KEY_INDEX = "records_by_key"  # made last of the first layout: its presence says that layout is complete
+DELTAS = "deltas"  # added later: a database made before it gets it lazily (see _postgres.py)
 KEY_PREFIX = 200  # characters of a key in the listing index: at most 800 bytes an entry
 
 DDL = f"""
@@ -42,6 +47,14 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.history (
 );
 CREATE INDEX IF NOT EXISTS {KEY_INDEX} ON {SCHEMA}.records
     (store_id, (left(key, {KEY_PREFIX})) COLLATE "C");
+CREATE TABLE IF NOT EXISTS {SCHEMA}.{DELTAS} (
+    store_id text NOT NULL,
+    key_hash bytea NOT NULL,
+    version bigint NOT NULL,
+    value bytea NOT NULL,
+    content_type text NOT NULL,
+    PRIMARY KEY (store_id, key_hash, version)
+);
 """
 
 FIND_STORES = f"SELECT id FROM {SCHEMA}.stores WHERE id = ANY(%b)"
@@ -122,6 +135,50 @@ DELETE_HISTORY = f"""
 DELETE FROM {SCHEMA}.history h USING unnest(%b::text[], %b::bytea[]) AS d(store_id, key_hash)
 WHERE h.store_id = d.store_id AND h.key_hash = d.key_hash
 """
+
+
+def apply_params(
+    plan: WritePlan,
+    hash_of: Callable[[Pair], bytes],
+    now: datetime,
+    runs: tuple[list[Any], ...],
+    *,
+    first: bool,
+) -> dict[str, Any]:
+    """The parameters of one APPLY statement: its runs of updates, inserts and history rows.
+
+    A record that also has appends in the batch is stored at its last append's version
+    (one row update, not two); its deltas follow in `store_appends`.
+    """
+    rows = plan.rows
+    u_run, i_run, h_run = runs
+    t_run = [(p, h.keep_old) for p, h in plan.history.items()] if first else []  # later: new rows
+    if plan.appends:
+        u_version, i_version = [plan.final_version(p) for p in u_run], [plan.final_version(p) for p in i_run]
+    else:
+        u_version, i_version = [rows[p][1] for p in u_run], [rows[p][1] for p in i_run]
+    return {
+        "now": now,
+        "u_store": [p[0] for p in u_run],
+        "u_hash": [hash_of(p) for p in u_run],
+        "u_value": [rows[p][0].value for p in u_run],
+        "u_type": [rows[p][0].content_type for p in u_run],
+        "u_version": u_version,
+        "i_store": [p[0] for p in i_run],
+        "i_hash": [hash_of(p) for p in i_run],
+        "i_key": [p[1] for p in i_run],
+        "i_value": [rows[p][0].value for p in i_run],
+        "i_type": [rows[p][0].content_type for p in i_run],
+        "i_version": i_version,
+        "t_store": [p[0] for p, _ in t_run],
+        "t_hash": [hash_of(p) for p, _ in t_run],
+        "t_keep": [keep for _, keep in t_run],
+        "h_store": [p[0] for p, _, _ in h_run],
+        "h_hash": [hash_of(p) for p, _, _ in h_run],
+        "h_version": [v for _, v, _ in h_run],
+        "h_value": [w.value for _, _, w in h_run],
+        "h_type": [w.content_type for _, _, w in h_run],
+    }
 
 
 def key_hash(key: str) -> bytes:
