@@ -90,7 +90,7 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/ticks.sqlite3"
     if request.param == "file":
         return f"file://{tmp_path}/ticks"
-    url = str(request.getfixturevalue(f"{request.param}_url"))
+    url = str(request.getfixturevalue("redis_url" if request.param == "redis" else "postgres_url"))
     (flush_redis if request.param == "redis" else flush_postgres)(url)
     return url
 

@@ -49,7 +49,7 @@ async def backend(postgres_url: str) -> AsyncIterator[StorageBackend]:
 
 
 def _delta(n: int) -> bytes:
-    return json.dumps([["s", ["n"], n]]).encode()
+    return json.dumps([{"n": 1}, {"n": n}]).encode()
 
 
 def _records_size(url: str) -> int:
@@ -82,7 +82,7 @@ async def test_an_append_to_a_big_record_costs_the_delta(backend: StorageBackend
     assert record.content_type == CHAIN_CONTENT_TYPE and record.version == 21
     pieces = unpack_chain(record.value)
     assert pieces[0] == (snapshot, BYTES)
-    assert [json.loads(v)[0][2] for v, _ in pieces[1:]] == list(range(1, 21))
+    assert [json.loads(v)[1]["n"] for v, _ in pieces[1:]] == list(range(1, 21))
 
 
 async def test_a_failed_batch_with_appends_leaves_nothing_torn(backend: StorageBackend) -> None:
