@@ -9,7 +9,9 @@ Layout (all under the `rs:` prefix; a store id is 32 hex digits):
 - `rs:names`           hash: store name -> store id
 - `rs:k:<id>`          sorted set of the store's keys, all scored 0 (lexical order)
 - `rs:r:<id>:<key>`    hash {value, content_type, version, updated_at}; the time
-                       is in integer microseconds since the epoch
+                       is in integer microseconds since the epoch; a record with
+                       deltas also holds n (their count) and d<i>, c<i> (the i-th
+                       delta and its content type), see `_redis_scripts.py`
 - `rs:h:<id>:<key>`    list of kept snapshots, newest first, each packed as
                        `<version> <updated_at> <len(content_type)> <content_type><value>`
 - `rs:batch:<uuid>`    the outcome of a mutating script call, kept for a short
@@ -81,16 +83,17 @@ from .._errors import NotDurableError, StorageError, StoreNotFoundError
 from .._forks import watch_forks
 from ._backend import (
     Durability,
+    RecordAppend,
     RecordDelete,
     RecordInfo,
     RecordRead,
-    RecordWrite,
     StoredRecord,
     StoreInfo,
     WriteOp,
     WriteOutcome,
 )
 from ._contract import split_by_size
+from ._redis_deltas import CHAIN_CONTENT_TYPE, chain_of
 from ._redis_durability import (
     ServerFacts,
     WaitOptions,
@@ -125,6 +128,7 @@ class RedisBackend(ServerBackend):
     """Stores records in a Redis server; every batch is one atomic script call."""
 
     server_name = "Redis server"
+    keeps_deltas = True
 
     def __init__(
         self,
@@ -281,17 +285,19 @@ class RedisBackend(ServerBackend):
             if not present:
                 found.append(None)
                 continue
+            if present == 2:  # a record with deltas: its pieces, as one chain
+                value, ctype = chain_of(value), CHAIN_CONTENT_TYPE
             found.append(StoredRecord(r.key, value, _text(ctype), int(version), _time(updated)))
         return found
 
     async def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
         outcomes: list[WriteOutcome | StorageError] = []
-        for run in split_by_size(ops, lambda w: len(w.value) if isinstance(w, RecordWrite) else 0):
+        for run in split_by_size(ops, lambda w: 0 if isinstance(w, RecordDelete) else len(w.value)):
             outcomes += await self._write_run(run)
         return outcomes
 
     async def _write_run(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
-        """Apply writes and deletes in one atomic script call."""
+        """Apply writes, deletes and appends in one atomic script call."""
         marker, ttl = self._marker()
         now = time.time_ns() // 1000
         keys = [marker, STORES]
@@ -307,7 +313,8 @@ class RedisBackend(ServerBackend):
                 args += [w.store_id, w.key, expected, "d", "", ""]
                 continue
             value = w.value if isinstance(w.value, bytes) else bytes(w.value)
-            args += [w.store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
+            keep = "a" if isinstance(w, RecordAppend) else max(w.keep_history, 0)
+            args += [w.store_id, w.key, expected, keep, w.content_type, value]
         label = self._label({w.store_id for w in ops})
         if self.durability_options.waits:
             reply, short = await self._run(

@@ -61,9 +61,9 @@ from .._errors import NotDurableError, StorageError, StoreNotFoundError
 from .._forks import watch_forks
 from ._backend import (
     Durability,
+    RecordDelete,
     RecordInfo,
     RecordRead,
-    RecordWrite,
     StoredRecord,
     StoreInfo,
     WriteOp,
@@ -100,6 +100,7 @@ from ._redis_cluster_layout import (
     live_key,
     record_prefix,
 )
+from ._redis_deltas import CHAIN_CONTENT_TYPE, chain_of
 from ._redis_durability import ServerFacts, WaitOptions, wait_ms, wait_options
 from ._redis_scripts import OPEN, READ, WRITE
 from ._server import Failure, ServerBackend
@@ -130,6 +131,7 @@ class RedisClusterBackend(ServerBackend):
     """Stores records in a Redis Cluster; each slot's share of a batch is one atomic script call."""
 
     server_name = "Redis Cluster"
+    keeps_deltas = True
 
     def __init__(
         self,
@@ -359,16 +361,18 @@ class RedisClusterBackend(ServerBackend):
         if short is not None and r.claim:
             store = self._label([r.store_id])
             return NotDurableError(short.message, store=store, key=r.key, acknowledged=short.acknowledged)
+        if present == 2:  # a record with deltas: its pieces, as one chain
+            value, ctype = chain_of(value), CHAIN_CONTENT_TYPE
         return StoredRecord(r.key, value, _text(ctype), int(version), _time(updated))
 
     async def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
         outcomes: list[WriteOutcome | StorageError] = []
-        for run in split_by_size(ops, lambda w: len(w.value) if isinstance(w, RecordWrite) else 0):
+        for run in split_by_size(ops, lambda w: 0 if isinstance(w, RecordDelete) else len(w.value)):
             outcomes += await self._write_run(run)
         return outcomes
 
     async def _write_run(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
-        """Apply writes and deletes: one atomic script call per slot, all slots at once."""
+        """Apply writes, deletes and appends: one atomic script call per slot, all slots at once."""
         groups = buckets((i, w.store_id, w.key) for i, w in enumerate(ops))
         calls = write_calls(ops, groups, uuid.uuid4().hex, self._ttl(), time.time_ns() // 1000)
         label = self._label({w.store_id for w in ops})

@@ -40,7 +40,7 @@ import redis.exceptions
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
-from ._backend import RecordDelete, RecordRead, WriteOp
+from ._backend import RecordAppend, RecordDelete, RecordRead, WriteOp
 from ._redis_cluster_layout import (
     BUCKETS,
     bucket_of,
@@ -269,7 +269,8 @@ def write_calls(
                 args += [store_id, w.key, expected, "d", "", ""]
                 continue
             value = w.value if isinstance(w.value, bytes) else bytes(w.value)
-            args += [store_id, w.key, expected, max(w.keep_history, 0), w.content_type, value]
+            keep = "a" if isinstance(w, RecordAppend) else max(w.keep_history, 0)
+            args += [store_id, w.key, expected, keep, w.content_type, value]
         calls.append(SlotCall("write", keys, args))
     return calls
 

@@ -23,8 +23,16 @@ return out
 
 # KEYS: marker, rs:stores, then per request: record, history, index.
 # ARGV: ttl, now, then per request: store id, key, expected ('' = any), keep ('d' for a
-# delete, else the history to keep), content type, value (both '' for a delete).
+# delete, 'a' for an append, else the history to keep), content type, value (both '' for
+# a delete).
 # Returns {1, then per request: applied (1, 0, or -1 when its store is missing), version}.
+#
+# Deltas live in the record's own hash, beside its snapshot: field `n` counts them and
+# `d<i>`/`c<i>` hold the i-th delta and its content type. An append is one HSET of
+# those small fields (the AOF logs only them, the snapshot is not touched); the HMGET
+# that reads the version also reads `n`, so a record without deltas costs no extra
+# command; a snapshot written over deltas starts the hash afresh (DEL, then HSET); a
+# delete, a drop or a purge deletes the hash and its deltas with it.
 WRITE = (
     REPLAY
     + """
@@ -44,10 +52,22 @@ for i = 1, n do
   local a = 3 + (i - 1) * 6
   local rec, hist, idx = KEYS[3 + (i - 1) * 3], KEYS[4 + (i - 1) * 3], KEYS[5 + (i - 1) * 3]
   local key, expected, keep = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local stored = tonumber(redis.call('HGET', rec, 'version') or '0')
+  local meta = redis.call('HMGET', rec, 'version', 'n')
+  local stored = tonumber(meta[1] or '0')
   if expected ~= '' and tonumber(expected) ~= stored then
     out[#out + 1] = 0
     out[#out + 1] = stored
+  elseif keep == 'a' then
+    if stored > 0 and expected ~= '' then
+      local nd, version = tonumber(meta[2] or '0') + 1, stored + 1
+      redis.call('HSET', rec, 'd' .. nd, ARGV[a + 5], 'c' .. nd, ARGV[a + 4], 'n', nd,
+                 'version', version, 'updated_at', now)
+      out[#out + 1] = 1
+      out[#out + 1] = version
+    else
+      out[#out + 1] = 0
+      out[#out + 1] = stored
+    end
   elseif keep == 'd' then
     if stored > 0 then
       redis.call('DEL', rec, hist)
@@ -60,6 +80,7 @@ for i = 1, n do
   else
     local version, ctype, value = stored + 1, ARGV[a + 4], ARGV[a + 5]
     keep = tonumber(keep)
+    if meta[2] then redis.call('DEL', rec) end
     redis.call('HSET', rec, 'value', value, 'content_type', ctype,
                'version', version, 'updated_at', now)
     redis.call('ZADD', idx, 0, key)
@@ -79,7 +100,9 @@ end
 # KEYS: marker, rs:stores, then one record key per read.
 # ARGV: ttl (0 when nothing is claimed: no marker), then per read: store id, claim ('1' or '0').
 # Returns {1, then per read: found (1, 0, or -1 when its store is missing), value,
-# content type, version, updated_at}. A replayed claim only reads.
+# content type, version, updated_at}. A replayed claim only reads. A record with deltas
+# answers found 2 and, for value, the list {snapshot, its content type, delta 1, its
+# content type, ...} (the backend packs it as one chain).
 READ = """
 local n = #KEYS - 2
 local gone = {}
@@ -90,7 +113,7 @@ local claim = ARGV[1] ~= '0' and redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARG
 local out = {1}
 for i = 1, n do
   local rec = KEYS[2 + i]
-  local found = redis.call('HMGET', rec, 'value', 'content_type', 'version', 'updated_at')
+  local found = redis.call('HMGET', rec, 'value', 'content_type', 'version', 'updated_at', 'n')
   if gone[i] then
     out[#out + 1] = -1
     for _ = 1, 4 do out[#out + 1] = 0 end
@@ -99,8 +122,25 @@ for i = 1, n do
     if claim and ARGV[2 * i + 1] == '1' then
       version = redis.call('HINCRBY', rec, 'version', 1)
     end
-    out[#out + 1] = 1
-    out[#out + 1] = found[1]
+    if found[5] then
+      -- HMGET by 500 deltas at a time: unpack() of too many fields overflows Lua's stack.
+      local pieces, count = {found[1], found[2]}, tonumber(found[5])
+      for first = 1, count, 500 do
+        local fields = {}
+        for d = first, math.min(count, first + 499) do
+          fields[#fields + 1] = 'd' .. d
+          fields[#fields + 1] = 'c' .. d
+        end
+        for _, piece in ipairs(redis.call('HMGET', rec, unpack(fields))) do
+          pieces[#pieces + 1] = piece
+        end
+      end
+      out[#out + 1] = 2
+      out[#out + 1] = pieces
+    else
+      out[#out + 1] = 1
+      out[#out + 1] = found[1]
+    end
     out[#out + 1] = found[2]
     out[#out + 1] = version
     out[#out + 1] = found[4]
