@@ -37,7 +37,7 @@ JSON = "application/json"
 
 
 def delta(n: int) -> bytes:
-    return b'[["s",["n"],%d]]' % n
+    return b'[{"n":1},{"n":%d}]' % n
 
 
 @pytest.fixture
