@@ -455,32 +455,40 @@ async def test_a_store_lost_by_its_server_is_made_again_and_written_whole(storag
 async def test_threads_changing_a_state_while_it_persists_lose_nothing(storage: StorageBackend) -> None:
     """A sync worker's threads change the state (no editing()) while the loop writes deltas of it."""
     import threading
+    import time
 
     import anyio.to_thread
 
     kvs = await _store(storage)
     state = _state(kvs)
     value = await state.initialize()
+    value.pad = PAD * 20  # 1.4 MB: the threads' changes stay well below it, so they go as deltas
     await state.persist_state()
-    stop = threading.Event()
+    done = threading.Event()
+    finished: list[int] = []
 
     def worker(n: int) -> None:
-        i = 0
-        while not stop.is_set() or i < 200:
+        for i in range(4000):
             value.seen[f"w{n}-{i}"] = i
             value.lines.append(f"w{n}-{i}")
             if i % 7 == 0:
                 value.seen.pop(f"w{n}-{i - 3}", None)
-            i += 1
+            if i % 100 == 0:
+                time.sleep(0.0005)  # let the loop's persists fall between changes
+        finished.append(n)
+        if len(finished) == 3:
+            done.set()
 
     async with anyio.create_task_group() as tg:
         for n in range(3):
             tg.start_soon(anyio.to_thread.run_sync, worker, n)
-        for _ in range(40):
+        chained = 0
+        while not done.is_set():
             await state.persist_state()
-            await anyio.sleep(0.002)
-        stop.set()
+            chained += len(await _pieces(kvs)) > 1
+            await anyio.sleep(0.001)
     await state.persist_state()
-    assert len(await _pieces(kvs)) > 1
+    chained += len(await _pieces(kvs)) > 1
+    assert chained  # deltas were written while (or after) the threads changed the state
     assert await _stored(kvs) == value
     await state.teardown()
