@@ -341,11 +341,11 @@ def seal_writes(ops: Sequence[WriteOp], ring: KeyRing | None) -> list[WriteOp]:
     """`ops` with each write's and append's value sealed as it is stored (deletes as they are)."""
     sealed: list[WriteOp] = []
     for op in ops:
-        if isinstance(op, RecordWrite):
+        if type(op) is RecordWrite:  # `type() is`: this runs once per write of a 100,000-state persist
             store_id, key, value, content_type, expected, keep = op
             value, content_type = seal(value, content_type, ring)
             op = _new_write(RecordWrite, (store_id, key, value, content_type, expected, keep))
-        elif isinstance(op, RecordAppend):
+        elif type(op) is RecordAppend:
             store_id, key, value, content_type, expected = op
             value, content_type = seal(value, content_type, ring)
             op = _new_write(RecordAppend, (store_id, key, value, content_type, expected))
