@@ -21,6 +21,7 @@ from recoverable_state import (
     RecordCorruptError,
     RecoverableState,
     StateOwnershipLost,
+    UnrepresentableStateError,
 )
 from recoverable_state.storage import (
     CHAIN_CONTENT_TYPE,
@@ -492,3 +493,62 @@ async def test_threads_changing_a_state_while_it_persists_lose_nothing(storage: 
     assert chained  # deltas were written while (or after) the threads changed the state
     assert await _stored(kvs) == value
     await state.teardown()
+
+
+class Keyed(BaseModel):
+    """Dict keys that JSON spells differently from Python: integers, and strings a JSON path could trip on."""
+
+    pad: str = PAD
+    by_id: dict[int, str] = {}
+    by_name: dict[str, list[int]] = {}
+    ratio: float = 0.0
+
+
+async def test_odd_keys_and_values_load_back_as_a_snapshot_would(storage: StorageBackend) -> None:
+    kvs = await _store(storage)
+
+    async def factory() -> KeyValueStore:
+        return kvs
+
+    state = RecoverableState(
+        default_state=Keyed,
+        persist_state_key="keyed",
+        persistence_enabled="explicit_only",
+        persist_state_kvs_factory=factory,
+    )
+    value = await state.initialize()
+    await state.persist_state()
+    hostile = ["", "0", "-1", "a.b", "a/b", '"quoted"', "\\", "é\u2028x", "k" * 300, "null"]
+    for n, name in enumerate(hostile):
+        value.by_id[-n] = name
+        value.by_id[10**20 + n] = name  # past 64 bits
+        value.by_name[name] = [n]
+        await state.persist_state()
+    del value.by_id[0]
+    value.by_name.pop('"quoted"')
+    await state.persist_state()
+    record = await kvs.get_record("keyed", chain=True)
+    assert record is not None
+    assert record.content_type == CHAIN_CONTENT_TYPE  # all of it went as deltas
+    stored = await kvs.get_record("keyed")
+    assert stored is not None
+    assert Keyed.model_validate_json(stored.value) == value
+    # A NaN cannot be stored as JSON: refused as ever, and the stored record is left as it was.
+    value.ratio = float("nan")
+    with pytest.raises(UnrepresentableStateError, match="ratio"):
+        await state.persist_state()
+    after = await kvs.get_record("keyed", chain=True)
+    assert after is not None
+    assert after.version == record.version
+    value.ratio = 0.5
+    await state.persist_state()
+    expected = value.model_copy(deep=True)
+    await state.teardown()
+    again = RecoverableState(
+        default_state=Keyed,
+        persist_state_key="keyed",
+        persistence_enabled="explicit_only",
+        persist_state_kvs_factory=factory,
+    )
+    assert await again.initialize() == expected
+    await again.teardown()
