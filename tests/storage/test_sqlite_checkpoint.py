@@ -167,3 +167,49 @@ async def test_a_stalled_checkpointer_leaves_writes_bounded(
     finally:
         release.set()
     assert not _checkpointers()
+
+
+async def test_a_big_record_written_again_goes_to_the_wal_once(tmp_path: Path) -> None:
+    """A record rewritten whole costs its own size in the WAL, not twice it.
+
+    Debian's SQLite zeroes every page it frees (secure_delete), which wrote the old
+    value's pages as well as the new ones: a 6 MB rewrite put 12 MB in the WAL.
+    """
+    path = tmp_path / "state.sqlite3"
+    first, second = b"a" * 6_000_000, b"b" * 6_000_017  # another length: every page is new
+    async with open_backend(f"sqlite:///{path}") as backend:
+        kvs = await KeyValueStore.open(name="big", storage=backend)
+        await kvs.set_value("big", first, "application/octet-stream")
+    assert not _size(path, "-wal")  # closing copied it back and removed it: the next one starts empty
+    async with open_backend(f"sqlite:///{path}") as backend:
+        kvs = await KeyValueStore.open(name="big", storage=backend)
+        await kvs.set_value("big", second, "application/octet-stream")
+        assert _size(path, "-wal") < 1.25 * len(second)
+        assert await kvs.get_value("big") == second
+
+
+async def test_the_wal_file_shrinks_back_after_a_big_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a big batch is copied back, a later commit cuts the WAL file to its limit.
+
+    Small commits keep coming meanwhile, as a worker's do: the copy often runs while
+    one is under way, and the WAL used to keep growing from its biggest size for good.
+    """
+    for module in (_sqlite_schema, _sqlite_checkpoint):
+        monkeypatch.setattr(module, "WAL_KEPT_BYTES", 1024 * 1024)
+    path = tmp_path / "state.sqlite3"
+    async with open_backend(f"sqlite:///{path}") as backend:
+        kvs = await KeyValueStore.open(name="big", storage=backend)
+        await _fill(kvs, 96)  # 6 MiB in one batch
+        assert _size(path, "-wal") > 6 * 1024 * 1024
+        small = iter(range(10**6))
+
+        async def one_small_write() -> bool:
+            await kvs.set_value("small", {"i": next(small)})
+            return _size(path, "-wal") <= 1024 * 1024 + 64 * 1024
+
+        with anyio.fail_after(15):
+            while not await one_small_write():
+                await anyio.sleep(0.05)
+        assert await kvs.get_value("k95") == _VALUE

@@ -16,6 +16,7 @@ from ._backend import RecordWrite
 CHECKPOINT_BYTES = 4 * 1024 * 1024  # values committed before the WAL is copied back, in the background
 SELF_CHECKPOINT_PAGES = 32 * 1024  # WAL pages from which a commit copies it back itself (SQLite: 1,000)
 CHECKPOINTER_IDLE = 5.0  # seconds without work after which the checkpointing thread ends
+WAL_KEPT_BYTES = 16 * 1024 * 1024  # the WAL file is cut back to this size once copied back and restarted
 
 _log = logging.getLogger("recoverable_state.storage")
 
@@ -39,6 +40,13 @@ class Checkpointer:
     for durability (the commit has synced the WAL), so it runs here, after the commit
     returned. Should this thread stall, a commit still copies the WAL back itself
     once it passes SELF_CHECKPOINT_PAGES.
+
+    SQLite starts the WAL again from its beginning (and cuts the file back to
+    WAL_KEPT_BYTES) only at a commit that finds every frame copied back. A commit
+    under way while the copy ran adds frames it did not copy, and the WAL then grew
+    by every later commit, a big batch's worth of file kept for good. So while the
+    file is bigger than that, every commit wakes the thread to copy what it added,
+    until one finds the WAL copied back and starts it again.
     """
 
     def __init__(self, path: Path) -> None:
@@ -48,6 +56,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending = 0
+        self._settling = False  # the WAL file is past WAL_KEPT_BYTES: copy back after every commit
         self._working = threading.Lock()  # held while the thread uses its connection
         self._conn: sqlite3.Connection | None = None
         self._idle_at_fork = False
@@ -56,7 +65,7 @@ class Checkpointer:
         """Note `nbytes` of values committed; wake the thread once enough have been."""
         with self._lock:
             self._pending += nbytes
-            if self._pending < CHECKPOINT_BYTES or self._stopping:
+            if (self._pending < CHECKPOINT_BYTES and not self._settling) or self._stopping:
                 return
             self._pending = 0
             self._wake.set()
@@ -107,6 +116,12 @@ class Checkpointer:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:  # the next commit past the limit checkpoints itself
             _log.debug("SQLite database %s: background checkpoint failed: %s", self._path, exc)
+        try:
+            settling = Path(f"{self._path}-wal").stat().st_size > WAL_KEPT_BYTES
+        except OSError:  # gone with its database, or not made yet
+            settling = False
+        with self._lock:
+            self._settling = settling
 
     # -- fork (see _forks.py) -------------------------------------------------
 
@@ -120,7 +135,7 @@ class Checkpointer:
     def after_fork_in_child(self) -> bool:
         """Start again without the parent's thread; False when its connection was in use at the fork."""
         self._lock, self._working, self._wake = threading.Lock(), threading.Lock(), threading.Event()
-        self._thread, self._stopping, self._pending = None, False, 0
+        self._thread, self._stopping, self._pending, self._settling = None, False, 0, False
         conn, self._conn = self._conn, None
         return conn is None or let_go(conn, close=self._idle_at_fork)
 

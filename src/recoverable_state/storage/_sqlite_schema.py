@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ._files_io import create_private_file, make_private_dirs
-from ._sqlite_checkpoint import SELF_CHECKPOINT_PAGES
+from ._sqlite_checkpoint import SELF_CHECKPOINT_PAGES, WAL_KEPT_BYTES
 
 _CACHE_KIB = 64 * 1024  # the most page cache a connection keeps
 BUSY_SECONDS = 30.0  # how long a writer waits for another process's transaction
@@ -87,6 +87,15 @@ def open_database(path: Path, busy_timeout: float = BUSY_SECONDS) -> tuple[sqlit
                 # 100,000 states then finds its rows' pages without reading them again.
                 conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
                 conn.execute(f"PRAGMA wal_autocheckpoint={SELF_CHECKPOINT_PAGES}")
+                # The WAL file keeps the size of its largest stretch of writes unless told
+                # otherwise: once copied back and started again, it is cut to this size.
+                conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
+                # Debian's SQLite zeroes every page it frees (secure_delete=1), and so wrote a
+                # big record's old pages as well as its new ones: twice the record per rewrite,
+                # in the WAL and again in the database. FAST zeroes freed content only where it
+                # writes the page anyway; what a freed overflow page held stays in the file
+                # until the page is used again (docs/guides/secrets.md says so).
+                conn.execute("PRAGMA secure_delete=FAST")
                 conn.executescript(_SCHEMA)
                 _add_record_versions(conn)
                 break
