@@ -295,3 +295,25 @@ def test_a_forked_child_never_seals_with_a_nonce_its_parent_drew() -> None:
     child = [data[i : i + 12] for i in range(0, len(data), 12)]
     assert len(child) == 3
     assert not set(child) & set(parent)
+
+
+async def test_a_batch_sealed_in_a_worker_thread_is_sealed_and_checked_like_a_small_one(
+    storage: StorageBackend,
+) -> None:
+    """From SEAL_IN_THREAD_FROM writes on, the batch is sealed off the event loop: same records."""
+    from recoverable_state.storage._batching import SEAL_IN_THREAD_FROM
+
+    storage.key_ring = KeyRing.parse(ring_text(("k1", key())))
+    kvs = await KeyValueStore.open(name="many")
+    n = SEAL_IN_THREAD_FROM + 7
+    values = [f'{{"cookie":"{SECRET}-{i}"}}'.encode() for i in range(n)]
+    puts = [(kvs, kvs.prepare_put(f"k{i}", v, "application/json")) for i, v in enumerate(values)]
+    outcomes = await KeyValueStore.put_together(puts)
+    assert not [o for o in outcomes if isinstance(o, Exception)]
+    raws = await storage.read_batch([RecordRead(kvs.id, f"k{i}") for i in (0, n // 2, n - 1)])
+    for raw in raws:
+        assert isinstance(raw, StoredRecord)
+        assert SECRET.encode() not in raw.value
+        assert sealed_key_id(raw.content_type) == "k1" and f"; {CHECKSUM_PARAM}=" in raw.content_type
+    back = await KeyValueStore.get_together([(kvs, f"k{i}", False) for i in range(n)])
+    assert [r.value for r in back if isinstance(r, StoredRecord)] == values

@@ -80,7 +80,7 @@ async def persist_slots(
     finally:
         with anyio.CancelScope(shield=True):  # every gate is left, also when cancelled
             for n, slot in enumerate(held):
-                if n % 5000 == 4999:
+                if n % 1000 == 999:
                     await anyio.lowlevel.checkpoint()
                 slot.gate.leave()
     if busy:
@@ -405,7 +405,7 @@ async def load_slots(
     records: Sequence[StoredRecord | StorageError | None] | None = None
     results: list[Exception | None] = []
     # Paused from the read on: the records read are as long-lived as the values made of them.
-    with collector_paused(active=len(slots) >= PAUSE_COLLECTOR_AT):
+    with collector_paused(active=len(slots) >= PAUSE_COLLECTOR_AT, settle=True):
         with anyio.move_on_after(timeout):
             records = await KeyValueStore.get_together([(s.kvs, s.key, True) for s in slots])  # type: ignore[misc]
         if records is None:
@@ -425,6 +425,7 @@ async def load_slots(
                 results.append(exc)
             else:
                 results.append(None)
+        records = None  # gone before the collector is back (see `collector_paused`)
     return results
 
 

@@ -56,7 +56,9 @@ def start_from(slot: StateSlot, record: StoredRecord | None, default: Callable[[
     slot.take(value, synced=synced, fresh=True)
     slot.version = record.version
     slot.stored = fingerprint(record.value) if synced and not chain[2] else None
-    slot.chain, slot.appendable = chain, synced  # an append follows what is stored as it loaded
+    slot.chain_bytes, slot.delta_bytes, slot.chain_deltas = chain
+    slot.appendable = synced  # an append follows what is stored as it loaded
+    slot.watch_loaded()
 
 
 def _shape(record: StoredRecord) -> tuple[int, int, int]:
