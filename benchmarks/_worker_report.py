@@ -10,12 +10,17 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from _worker_model import changed_indexes
+
 COLD_TARGET = 1.5
 PERSIST_TARGET = {10_000: 1.3, 100_000: 1.6}
 ONE_PERCENT_TARGET = 1.5
 HEARTBEAT_TARGET_MS = 20.0
 HEARTBEAT_TARGET_N = 100_000
 LINEAR_TARGET = 11.0
+SERVER_TARGET = 1.5
+"""PostgreSQL and Redis: persist-all and cold start at most 1.5x the raw client's."""
+RAW_LABELS = {"sqlite": "raw sqlite3", "postgres": "raw psycopg", "redis": "raw redis-py"}
 
 
 @dataclass(frozen=True)
@@ -25,12 +30,15 @@ class Job:
     system: str
     loop: str | None = None
     heartbeat: bool = False
+    store: str = "sqlite"
 
     @property
     def label(self) -> str:
         if self.system == "ours":
             return f"{'heartbeat' if self.heartbeat else 'ours'} {self.loop}"
-        return {"raw": "raw sqlite3", "diskcache": "diskcache", "langgraph": "LangGraph"}[self.system]
+        if self.system == "raw":
+            return RAW_LABELS[self.store]
+        return {"diskcache": "diskcache", "langgraph": "LangGraph"}[self.system]
 
 
 @dataclass
@@ -86,20 +94,37 @@ def table(samples: Sequence[Sample], ns: Sequence[int], labels: Sequence[str], c
             loads = [s.load for s in samples if s.n == n and figure in s.figures]
             load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "-"
             rows.append([name, f"{n:,}", *cells, load])
+    return columns(headers, rows)
+
+
+def columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A text table: the first column left-aligned, the others right-aligned."""
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(
-            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-        )
-    ]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
+    lines = []
+    for row in [headers, ["-" * w for w in widths], *rows]:
         lines.append(
             "  ".join(
                 c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
         )
     return "\n".join(lines)
+
+
+def per_state_table(samples: Sequence[Sample], ns: Sequence[int], labels: Sequence[str]) -> str:
+    """The worker's CPU time (the child's process_time) per state in each phase, in microseconds."""
+    headers = ["CPU per state in the worker (us)", "N", *labels]
+    rows = []
+    for n in ns:
+        for figure, name, states in (
+            ("cold", "cold start, per state", n),
+            ("persist_all", "persist-all, per state", n),
+            ("persist_1pct", "1% changed, per changed state", len(changed_indexes(n, 0.01))),
+        ):
+            cpu = [median_of(samples, label, n, figure + "_cpu") for label in labels]
+            cells = [fmt(None if ms is None else ms * 1000 / states) for ms in cpu]
+            if any(cell != "-" for cell in cells):
+                rows.append([name, f"{n:,}", *cells])
+    return columns(headers, rows)
 
 
 @dataclass
@@ -180,6 +205,25 @@ def verdicts(samples: Sequence[Sample], ns: Sequence[int], loops: Sequence[str])
                 out.append(
                     Verdict(target, loop, f"{large:,}/{small:,}", big, little, LINEAR_TARGET, cpu_ratio=cpu)
                 )
+    return out
+
+
+def server_verdicts(
+    samples: Sequence[Sample], ns: Sequence[int], loops: Sequence[str], reference: str
+) -> list[Verdict]:
+    """A server store: persist-all and cold start of the library against the raw client `reference`."""
+    out: list[Verdict] = []
+    for loop in loops:
+        for n in ns:
+            for figure, name in (("persist_all", "persist-all"), ("cold", "cold start")):
+                mine = median_of(samples, f"ours {loop}", n, figure)
+                theirs = median_of(samples, reference, n, figure)
+                cpu = ratio(
+                    median_of(samples, f"ours {loop}", n, figure + "_cpu"),
+                    median_of(samples, reference, n, figure + "_cpu"),
+                )
+                target = f"{name} <= {SERVER_TARGET:g}x raw"
+                out.append(Verdict(target, loop, f"{n:,}", mine, theirs, SERVER_TARGET, cpu_ratio=cpu))
     return out
 
 
