@@ -53,6 +53,8 @@ COPY_CHUNK = 10_000
 
 class Store(Protocol):
     name: str
+    port: int
+    """The server's port on 127.0.0.1 (0: no server)."""
     parallel: bool
     """Whether children may run side by side (a smoke run does so when it may)."""
 
@@ -66,6 +68,7 @@ class Store(Protocol):
 class SqliteStore:
     name = "sqlite"
     parallel = True
+    port = 0
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -307,6 +307,8 @@ def collect(
         if args.store != "sqlite":
             progress(f"starting a throwaway {args.store} server on loopback in {root}")
         store = open_store(args.store, root, stack)
+        if args.store != "sqlite":
+            progress(f"{args.store} server listening on 127.0.0.1:{store.port}")
         described = store.describe()
         samples = [] if args.profile_only else measure(args, root, others, store)
         profile = None
