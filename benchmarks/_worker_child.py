@@ -1,9 +1,13 @@
 """One measurement in a process of its own: what a worker pays, started as after a deploy.
 
     python benchmarks/_worker_child.py SYSTEM N DIR [--loop asyncio|trio] [--heartbeat] [--profile PREFIX]
+        [--url URL]
 
 SYSTEM is `ours`, `raw`, `diskcache` or `langgraph`; DIR holds a fresh copy of
-the data that system stored for N states (made by `_worker_setup.py`). The
+the data that system stored for N states (made by `_worker_setup.py`). With
+`--url` (a `postgresql://` or `redis://` URL of a fresh database holding that
+data, made by `_worker_servers.py`), `ours` opens the library on it and `raw`
+is the server's raw client (`_worker_raw_servers.py`); DIR is then unused. The
 child imports what its system needs, then times, in order:
 
 - cold: from after the imports to every state's value in hand (for the library:
@@ -72,7 +76,7 @@ def profiled(path: Path | None) -> Iterator[None]:
 # -- the library ---------------------------------------------------------------------
 
 
-def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path | None) -> dict[str, Any]:
+def run_ours(n: int, url: str, loop: str, heartbeat: bool, profile: Path | None) -> dict[str, Any]:
     import anyio
 
     from recoverable_state import (
@@ -134,7 +138,7 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
     async def main(started: Clock) -> None:
         cold_profile = profiled(phase("cold"))
         cold_profile.__enter__()  # the manager stays entered after the cold start: no `with` here
-        backend = open_backend(f"sqlite:///{directory / 'state.sqlite3'}")
+        backend = open_backend(url)
         service_locator.set_storage(backend)
         async with EventManager(persist_state_interval=never, close_timeout=600.0) as manager:
             default = WorkerState(worker_id=-1)
@@ -167,8 +171,18 @@ def run_ours(n: int, directory: Path, loop: str, heartbeat: bool, profile: Path 
                 await state.teardown()
         await backend.aclose()
 
+    import_driver(url)
     anyio.run(main, clock(), backend=loop)
     return out
+
+
+def import_driver(url: str) -> None:
+    """The server's client, imported before the clock as the raw child imports it (the library's own
+    modules for the scheme still load inside the cold start, as `_sqlite.py` does on SQLite)."""
+    if url.startswith("postgresql://"):
+        import psycopg  # noqa: F401
+    elif url.startswith("redis://"):
+        import redis  # noqa: F401
 
 
 # -- raw sqlite3 ---------------------------------------------------------------------
@@ -336,9 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="ours: cProfile each timed phase into PREFIX-{cold,persist_all,persist_1pct}.prof",
     )
+    parser.add_argument("--url", help="a PostgreSQL or Redis database holding the data (instead of DIR)")
     args = parser.parse_args(argv)
     if args.system == "ours":
-        result = run_ours(args.n, args.directory, args.loop, args.heartbeat, args.profile)
+        url = args.url or f"sqlite:///{args.directory / 'state.sqlite3'}"
+        result = run_ours(args.n, url, args.loop, args.heartbeat, args.profile)
+    elif args.system == "raw" and args.url:
+        from _worker_raw_servers import run_raw_server
+
+        result = run_raw_server(args.n, args.url)
     elif args.system == "raw":
         result = run_raw(args.n, args.directory)
     elif args.system == "diskcache":

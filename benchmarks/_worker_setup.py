@@ -18,14 +18,18 @@ from _worker_model import key_of, load, payloads
 
 
 def prepare_ours(directory: Path, n: int) -> None:
-    """N records written through the library in one batch, then the backend closed."""
+    fill_library(f"sqlite:///{directory / 'state.sqlite3'}", n)
+
+
+def fill_library(url: str, n: int) -> None:
+    """N records written through the library in one batch to the store at `url`, then the backend closed."""
     import anyio
 
     from recoverable_state import KeyValueStore, open_backend
     from recoverable_state.storage import JSON_CONTENT_TYPE
 
     async def fill() -> None:
-        backend = open_backend(f"sqlite:///{directory / 'state.sqlite3'}")
+        backend = open_backend(url)
         try:
             kvs = await KeyValueStore.open(name=KVS_NAME, storage=backend)
             puts = [
