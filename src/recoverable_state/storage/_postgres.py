@@ -50,7 +50,8 @@ least 2 s, as libpq wants), each transaction's statements (`statement_timeout`
 and `lock_timeout`, set at the start of each transaction to what is left of
 the budget, so a row lock held by another connection or a long statement ends
 on the server with a clear error and frees its locks), and the retries in
-between. libpq has no timeout for a reply that never comes, so a server that
+between. Batches past TRANSACTION_ITEMS go in several transactions, each with a
+budget of its own. libpq has no timeout for a reply that never comes, so a server that
 goes silent mid-transaction is handled by the caller: past the budget it
 shuts the connection's socket down, which ends the waiting worker thread.
 
@@ -77,7 +78,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -89,7 +90,7 @@ import psycopg.errors
 
 from .._errors import StorageError, StoreNotFoundError
 from .._forks import watch_forks
-from ._backend import Durability, RecordInfo, StoredRecord, StoreInfo
+from ._backend import Durability, RecordInfo, RecordRead, StoredRecord, StoreInfo, WriteOp, WriteOutcome
 from ._contract import Pair, WritePlan, split_by_size
 from ._postgres_deltas import attach_deltas, drop_deltas, store_appends, stores_with_deltas
 from ._postgres_durability import (
@@ -123,6 +124,24 @@ from ._server import Failure, ServerBackend
 from ._transactional import TransactionalBackend
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+TRANSACTION_ITEMS = 10_000
+"""Reads or writes per transaction. A persist of 100,000 states in one took 6-9 s on a 2-core
+machine, against the budget of 10 s each transaction gets: a server half as fast failed every
+one of them. A batch fails whole if one of its transactions fails (those before it may have
+committed): the states are then in doubt, and each is checked before its next write."""
+
+
+async def _in_transactions(run: Callable[[Sequence[R]], Awaitable[list[T]]], items: Sequence[R]) -> list[T]:
+    """`run` over `items` in slices of TRANSACTION_ITEMS, one after another; the answers in order."""
+    if len(items) <= TRANSACTION_ITEMS:
+        return await run(items)
+    answers: list[T] = []
+    for start in range(0, len(items), TRANSACTION_ITEMS):
+        answers += await run(items[start : start + TRANSACTION_ITEMS])
+    return answers
+
 
 _ALREADY_MADE = (
     psycopg.errors.UniqueViolation,
@@ -318,6 +337,12 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
         await self._run(self._label([store_id]), drop)
 
     # -- the transactional primitives ---------------------------------------------
+
+    async def read_batch(self, reads: Sequence[RecordRead]) -> list[StoredRecord | StorageError | None]:
+        return await _in_transactions(super().read_batch, reads)
+
+    async def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteOutcome | StorageError]:
+        return await _in_transactions(super().write_batch, ops)
 
     async def run_transaction(self, fn: Callable[[_Txn], T], *, write: bool, store_ids: Set[str]) -> T:
         return await self._run(self._label(store_ids), lambda conn: fn(_Txn(conn, write)), mutating=write)
