@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,22 +39,9 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _worker_model import WorkerState, changed_indexes, dump, key_of, mutate  # noqa: E402
+from _worker_timing import FRACTIONS, Clock, clock, record, timed_rounds  # noqa: E402
 
 KVS_NAME = "bench"
-FRACTIONS = (1.0, 0.01)
-
-Clock = tuple[float, float]
-
-
-def clock() -> Clock:
-    """Wall time and this process's CPU time (every thread's), now."""
-    return time.perf_counter(), time.process_time()
-
-
-def record(out: dict[str, Any], name: str, start: Clock) -> None:
-    """`out[name]`: wall seconds since `start`; `out[name + "_cpu"]`: CPU seconds since then."""
-    out[name] = time.perf_counter() - start[0]
-    out[name + "_cpu"] = time.process_time() - start[1]
 
 
 @contextmanager
@@ -244,27 +231,6 @@ def run_raw(n: int, directory: Path) -> dict[str, Any]:
     timed_rounds(out, n, values, write, read)
     conn.close()
     return out
-
-
-def timed_rounds(
-    out: dict[str, Any],
-    n: int,
-    values: list[WorkerState],
-    write: Callable[[range], None],
-    read: Callable[[int], bytes],
-) -> None:
-    """Persist-all then 1%: mutate, time `write` over the changed indexes, check the last one."""
-    for round_no, (name, fraction) in enumerate(
-        zip(("persist_all", "persist_1pct"), FRACTIONS, strict=True), 1
-    ):
-        indexes = changed_indexes(n, fraction)
-        for i in indexes:
-            mutate(values[i], round_no)
-        start = clock()
-        write(indexes)
-        record(out, name, start)
-        if read(indexes[-1]) != dump(values[indexes[-1]]):
-            raise AssertionError(f"{name}: the last changed state was not stored")
 
 
 # -- diskcache -----------------------------------------------------------------------

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from _worker_child import clock, record, timed_rounds
 from _worker_model import WorkerState, dump, key_of
+from _worker_timing import clock, record, timed_rounds
 
 PG_TABLE = (
     "CREATE TABLE IF NOT EXISTS records (store_id text NOT NULL, key text NOT NULL, "
