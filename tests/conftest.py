@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,15 @@ from fleet_servers import PgBouncerServer, PostgresPrimaryStandby, RedisClusterS
 from recoverable_state import Configuration, service_locator
 from recoverable_state.storage import MemoryBackend
 from servers import PostgresServer, RedisServer, start_or_skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a non-interactive shell (`./scripts/test &`)
+    # inherits SIGINT ignored, and so would every worker it starts: the library leaves
+    # an ignored SIGINT alone, as Python does, and the tests that send one would wait for
+    # ever. The children of this process get SIGINT's default action back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
