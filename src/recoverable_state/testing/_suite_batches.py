@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import anyio
 import pytest
 
@@ -20,6 +22,39 @@ from ._suite import BYTES, Suite, open_store, read, version_of, write
 
 class BatchChecks(Suite):
     """Batches handed to `read_batch` and `write_batch` directly, as the group commit hands them."""
+
+    async def test_big_values_among_small_ones_and_a_refused_write(self, backend: StorageBackend) -> None:
+        """Values of a few MiB beside small ones, conditional and not, with a stale write in the batch.
+
+        A stale write sends a batch to its planned path after its conditional one
+        found a version short: what the first attempt began must not show.
+        """
+        self.needs("large_values")
+        kvs = await open_store(backend)
+        one, two, three = (os.urandom(n * 1024 * 1024 + n) for n in (2, 3, 1))
+        await kvs.put_record("k", b"small", BYTES)
+        outcomes = await write(
+            backend,
+            [
+                RecordWrite(kvs.id, "big", one, BYTES, expected_version=0),
+                RecordWrite(kvs.id, "k", two, BYTES, expected_version=1),
+                RecordWrite(kvs.id, "s", b"s", BYTES, expected_version=0),
+            ],
+        )
+        assert outcomes == [WriteOutcome(True, 1), WriteOutcome(True, 2), WriteOutcome(True, 1)]
+        outcomes = await write(
+            backend,
+            [
+                RecordWrite(kvs.id, "big", three, BYTES, expected_version=1),
+                RecordWrite(kvs.id, "k", one, BYTES, expected_version=1),  # stale: k is at 2
+                RecordWrite(kvs.id, "new", two, BYTES, expected_version=0),
+            ],
+        )
+        assert outcomes == [WriteOutcome(True, 2), WriteOutcome(False, 2), WriteOutcome(True, 1)]
+        found = await read(backend, [RecordRead(kvs.id, key) for key in ("big", "k", "s", "new")])
+        assert [r.value if isinstance(r, StoredRecord) else r for r in found] == [three, two, b"s", two]
+        await kvs.put_record("big", b"small again", BYTES)
+        assert await kvs.get_value("big") == b"small again"
 
     async def test_requests_of_a_batch_act_one_after_another(self, backend: StorageBackend) -> None:
         """Two claimants never share a version; a second write to a key sees the first."""
