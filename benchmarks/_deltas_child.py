@@ -59,24 +59,6 @@ def written_bytes() -> int:
     return 0
 
 
-def _status_kib(field: str) -> int:
-    """A figure of /proc/self/status in KiB (VmRSS: resident now, VmHWM: the peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> int:
-    """Starts counting the resident peak again (Linux clear_refs); the resident bytes now."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_since() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
 def wal_bytes(url: str) -> int:
     """The size of a SQLite store's -wal file (0 for other stores)."""
     wal = Path(url.removeprefix("sqlite:///") + "-wal")
@@ -148,7 +130,6 @@ async def lib(url: str, ticks: int, deltas: bool) -> dict[str, Any]:
         tg.start_soon(heartbeat)
         await anyio.sleep(0.05)
         waits.clear()
-        resident = reset_peak()
         io_before = written_bytes()
         for _ in range(ticks):
             tick(value)
@@ -156,7 +137,6 @@ async def lib(url: str, ticks: int, deltas: bool) -> dict[str, Any]:
             await state.persist_state()
             times.append(time.perf_counter() - begun)
         io_after = written_bytes()
-        peak = peak_since() - resident
         wal = wal_bytes(url)
         running = False
     record = await kvs.get_record("crawl", chain=True)
@@ -168,7 +148,6 @@ async def lib(url: str, ticks: int, deltas: bool) -> dict[str, Any]:
         "tick_ms": sorted(times)[len(times) // 2] * 1000,
         "bytes_per_tick": (io_after - io_before) / ticks,
         "heartbeat_ms": max(waits) * 1000 if waits else 0.0,
-        "peak_beyond": peak,
         "wal_bytes": wal,
         "stored_as": record.content_type.split(";")[0],
     }

@@ -1,11 +1,13 @@
 """A big state's persist holds at most about twice its JSON beyond the model, on SQLite.
 
 Measured in a process of its own (Linux: the resident peak, reset through
-/proc/self/clear_refs): a state of about 30 MB of JSON is persisted whole, then
-changed and persisted whole again, the peak counted over the second persist.
-Pydantic's serialiser holds the JSON twice for a moment (its buffer and the
-bytes made of it); before big values went through a blob handle, SQLite's copy
-of the bound value and the row it built made it three times.
+/proc/self/clear_refs): a state of about 50 MB of JSON is persisted whole three times,
+the peak counted over the third (the first two have grown SQLite's page cache,
+which it keeps, up to 64 MiB). The peak is pydantic's serialiser, which holds the
+JSON twice for a moment (its buffer and the bytes made of it); writing the bytes
+(SQLite's copy of the bound value and the row it builds) stays within it. A copy
+more anywhere on the way (a record built by concatenation, bytes kept from the last
+persist) takes it to 3x.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ async def main(url):
     state = RecoverableState(default_state=Log, persist_state_key="log", persistence_enabled="explicit_only",
                              persist_state_kvs_factory=factory, deltas=False, persistence_timeout=None)
     value = await state.initialize()
-    value.lines.extend(f"{i:09d} " + "x" * 90 for i in range(300_000))
-    await state.persist_state()
+    value.lines.extend(f"{i:09d} " + "x" * 90 for i in range(500_000))
+    for n in range(2):  # the record made, then rewritten: SQLite's page cache has grown (up to 64 MiB)
+        value.lines[0] = str(n)
+        await state.persist_state()
     value.lines[0] = "changed"
     Path("/proc/self/clear_refs").write_text("5")
     resident = kib("VmRSS")
@@ -67,8 +71,8 @@ def test_a_big_snapshot_persists_within_twice_its_json_beyond_the_model(tmp_path
     )
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.splitlines()[-1])
-    assert figures["json"] > 30_000_000
-    assert figures["peak"] <= 2.4 * figures["json"], figures  # 3.0x before; 2.0x measured
+    assert figures["json"] > 50_000_000  # past glibc's 32 MB: each buffer mapped, and returned when freed
+    assert figures["peak"] <= 2.4 * figures["json"], figures  # 1.99-2.00x measured
     # The record is whole, as a reader outside the library sees it.
     conn = sqlite3.connect(db)
     (value,) = conn.execute("SELECT value FROM records WHERE key = 'log'").fetchone()

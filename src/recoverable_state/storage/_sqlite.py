@@ -20,7 +20,6 @@ from .._errors import StorageError, StoreNotFoundError
 from .._forks import FORK_WAIT, watch_forks
 from ._backend import Durability, RecordInfo, RecordWrite, StoredRecord, StoreInfo
 from ._contract import Pair, WritePlan, by_store
-from ._sqlite_blobs import BY_VERSION, hold_back_big, tables_with_value_last, write_big
 from ._sqlite_checkpoint import Checkpointer, estimated_bytes, let_go
 from ._sqlite_deltas import add_chains, append_deltas, drop_deltas, listing_columns, stores_with_deltas
 from ._sqlite_schema import BUSY_SECONDS, open_database
@@ -135,7 +134,6 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         self._checkpointer = Checkpointer(self.path.absolute())
         self._wrote = 0  # bytes of values the transaction under way writes (the checkpointer's measure)
         self._json = True  # whether this SQLite has json_each (built in since 3.38)
-        self._blobs: frozenset[str] = frozenset()  # tables whose big values go through a blob handle
         self._opened = self.path
         self._file: tuple[int, int] | None = None  # the database file's device and inode, once opened
         self._idle_at_fork = False
@@ -147,7 +145,6 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn, self._json = open_database(self.path, self.busy_timeout)
-            self._blobs = tables_with_value_last(self._conn)
             self._opened = self.path.absolute()  # as opened: a later chdir changes nothing
             self._file = _file_of(self._opened)
         elif _file_of(self._opened) != self._file:
@@ -303,32 +300,26 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         writes = [w for w, _ in plan.rows.values()]
         if plan.rows:
             drop_deltas(txn, {sid for sid, _ in plan.rows}, plan.rows, self._json)
-        rows = [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()]
-        rows, big = hold_back_big(rows, 2, "records" in self._blobs)
-        txn.executemany(_UPSERT_RECORD, rows)
-        write_big(txn, "records", big, 2, (0, 1))
-        rows, big = hold_back_big(
+        txn.executemany(
+            _UPSERT_RECORD,
+            [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()],
+        )
+        txn.executemany(
+            "INSERT OR REPLACE INTO history (store_id, key, value, content_type, version, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             [
                 (sid, key, w.value, w.content_type, version, now)
                 for (sid, key), change in plan.history.items()
                 for version, w in change.added
             ],
-            2,
-            "history" in self._blobs,
         )
-        txn.executemany(
-            "INSERT OR REPLACE INTO history (store_id, key, value, content_type, version, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        write_big(txn, "history", big, 2, (0, 1, 4), BY_VERSION)
         txn.executemany(
             "DELETE FROM history WHERE store_id = ? AND key = ? AND version NOT IN "
             "(SELECT version FROM history WHERE store_id = ? AND key = ? ORDER BY version DESC LIMIT ?)",
             [(sid, key, sid, key, change.keep_total) for (sid, key), change in plan.history.items()],
         )
         if plan.appends:  # after the rows: a write then an append in one batch keeps the append
-            self._wrote += append_deltas(txn, plan.appends, now, "deltas" in self._blobs)
+            self._wrote += append_deltas(txn, plan.appends, now)
         self._wrote += estimated_bytes(writes)
         return {}
 
@@ -343,37 +334,25 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             return False
         now = time.time()
         txn.execute("SAVEPOINT expected")
-        updates, big_updates = hold_back_big(
+        done = txn.executemany(
+            "UPDATE records SET value = ?, content_type = ?, updated_at = ?, version = ? "
+            f"WHERE store_id = ? AND key = ? AND {_VERSION} = ?",
             [
                 (w.value, w.content_type, now, w.expected_version + 1, w.store_id, w.key, w.expected_version)
                 for w in writes
                 if w.expected_version
             ],
-            0,
-            "records" in self._blobs,
-        )
-        done = txn.executemany(
-            "UPDATE records SET value = ?, content_type = ?, updated_at = ?, version = ? "
-            f"WHERE store_id = ? AND key = ? AND {_VERSION} = ?",
-            updates,
         ).rowcount
-        inserts, big_inserts = hold_back_big(
-            [(w.store_id, w.key, w.value, w.content_type, now) for w in writes if not w.expected_version],
-            2,
-            "records" in self._blobs,
-        )
         done += txn.executemany(
             "INSERT INTO records (store_id, key, value, content_type, updated_at, version) "
             "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT DO NOTHING",
-            inserts,
+            [(w.store_id, w.key, w.value, w.content_type, now) for w in writes if not w.expected_version],
         ).rowcount
         if done != len(writes):
             txn.execute("ROLLBACK TO expected")
         txn.execute("RELEASE expected")
         if done != len(writes):
             return False
-        write_big(txn, "records", big_updates, 0, (4, 5))
-        write_big(txn, "records", big_inserts, 2, (0, 1))
         drop_deltas(txn, store_ids, ((w.store_id, w.key) for w in writes), self._json)
         self._wrote += estimated_bytes(writes)
         return True

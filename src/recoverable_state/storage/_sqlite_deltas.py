@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from ._backend import RecordAppend, StoredRecord
 from ._chain import CHAIN_CONTENT_TYPE, pack_chain
 from ._contract import Pair, by_store
-from ._sqlite_blobs import BY_VERSION, hold_back_big, write_big
 
 _CHUNK = 500  # keys per IN (...) query, well under SQLite's limit of placeholders
 
@@ -79,23 +78,17 @@ def drop_deltas(conn: sqlite3.Connection, store_ids: Set[str], pairs: Iterable[P
 
 
 def append_deltas(
-    conn: sqlite3.Connection,
-    appends: Mapping[Pair, list[tuple[int, RecordAppend]]],
-    now: float,
-    blobs: bool,
+    conn: sqlite3.Connection, appends: Mapping[Pair, list[tuple[int, RecordAppend]]], now: float
 ) -> int:
     """Keep each record's new deltas and move its version to the last one's; the bytes of the deltas."""
-    rows, big = hold_back_big(
+    conn.executemany(
+        _INSERT,
         [
             (sid, key, version, a.value, a.content_type, now)
             for (sid, key), added in appends.items()
             for version, a in added
         ],
-        3,
-        blobs,
     )
-    conn.executemany(_INSERT, rows)
-    write_big(conn, "deltas", big, 3, (0, 1, 2), BY_VERSION)
     conn.executemany(_MOVE_VERSION, [(sid, key, added[-1][0]) for (sid, key), added in appends.items()])
     return sum(len(a.value) for added in appends.values() for _, a in added)
 

@@ -21,16 +21,13 @@ CREATE TABLE IF NOT EXISTS stores (
     id TEXT PRIMARY KEY,
     name TEXT UNIQUE
 );
--- The value is the last column of each table that keeps one (databases of earlier releases have it
--- third, and keep that): a column after it is read without following the value's pages, and a big
--- value is written through a blob handle without a copy of the row (_sqlite_blobs.py).
 CREATE TABLE IF NOT EXISTS records (
     store_id TEXT NOT NULL,
     key TEXT NOT NULL,
+    value BLOB NOT NULL,
     content_type TEXT NOT NULL,
     updated_at REAL NOT NULL,
     version INTEGER NOT NULL DEFAULT 0,
-    value BLOB NOT NULL,
     PRIMARY KEY (store_id, key)
 );
 -- A record's version is the larger of its own and its row here, if any. A claim bumps the
@@ -48,9 +45,9 @@ CREATE TABLE IF NOT EXISTS history (
     store_id TEXT NOT NULL,
     key TEXT NOT NULL,
     version INTEGER NOT NULL,
+    value BLOB NOT NULL,
     content_type TEXT NOT NULL,
     updated_at REAL NOT NULL,
-    value BLOB NOT NULL,
     PRIMARY KEY (store_id, key, version)
 );
 -- The deltas appended to a record since its snapshot (_sqlite_deltas.py), in version order.
@@ -60,9 +57,9 @@ CREATE TABLE IF NOT EXISTS deltas (
     store_id TEXT NOT NULL,
     key TEXT NOT NULL,
     version INTEGER NOT NULL,
+    value BLOB NOT NULL,
     content_type TEXT NOT NULL,
     updated_at REAL NOT NULL,
-    value BLOB NOT NULL,
     PRIMARY KEY (store_id, key, version)
 );
 """
