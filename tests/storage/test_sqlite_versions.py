@@ -92,11 +92,13 @@ async def test_big_values_in_a_0_1_database_are_fenced_kept_in_history_and_read_
         kvs = await KeyValueStore.open(name="jobs", storage=backend)
         stale = await kvs.put_record("progress", bigger, "application/octet-stream", expected_version=6)
         assert stale == WriteOutcome(False, 7)
-        assert await kvs.put_record(
+        moved = await kvs.put_record(
             "progress", big, "application/octet-stream", expected_version=7, keep_history=2
         )
-        assert await kvs.put_record("new", bigger, "application/octet-stream", expected_version=0)
-        assert await kvs.put_record("new", big, "application/octet-stream")
+        assert moved == WriteOutcome(True, 8)
+        made = await kvs.put_record("new", bigger, "application/octet-stream", expected_version=0)
+        assert made == WriteOutcome(True, 1)
+        assert await kvs.put_record("new", big, "application/octet-stream") == WriteOutcome(True, 2)
     async with open_backend(f"sqlite:///{path}") as backend:
         kvs = await KeyValueStore.open(name="jobs", storage=backend)
         assert (await kvs.get_value("progress"), await kvs.get_value("new")) == (big, big)
