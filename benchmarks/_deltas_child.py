@@ -59,10 +59,12 @@ def written_bytes() -> int:
     return 0
 
 
-def wal_bytes(url: str) -> int:
-    """The size of a SQLite store's -wal file (0 for other stores)."""
+def wal_bytes(url: str) -> int | None:
+    """The size of a SQLite store's -wal file (0 when there is none); None for other stores."""
+    if not url.startswith("sqlite:///"):
+        return None
     wal = Path(url.removeprefix("sqlite:///") + "-wal")
-    return wal.stat().st_size if url.startswith("sqlite:") and wal.exists() else 0
+    return wal.stat().st_size if wal.exists() else 0
 
 
 def _state(kvs: Any, deltas: bool) -> Any:
