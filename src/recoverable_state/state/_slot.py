@@ -140,10 +140,10 @@ class StateSlot:
             self.handed = True
             if self.track and self.enabled and not self.tracked:
                 mark = self.mark
-                mark.log = self._logs(self.chain_bytes)  # before the watch: it links the parts then
+                mark.note_where(self._logs(self.chain_bytes))  # before the watch: it links the parts then
                 if not self.watch_loaded():
                     self.tracked = watch(self, mark)
-                mark.log = mark.log and self.tracked
+                mark.note_where(mark.log and self.tracked)
         return self.value
 
     def watch_loaded(self) -> bool:
@@ -164,7 +164,7 @@ class StateSlot:
             return False
         mark = self.mark
         if not self.handed:  # hand_out has set it, else it is set here
-            mark.log = self._logs(self.chain_bytes)
+            mark.note_where(self._logs(self.chain_bytes))
         apply(value, plan, mark)
         self.tracked = True
         return True
@@ -263,9 +263,9 @@ class StateSlot:
         if self.deltas and self.handed and self.tracked:
             logs = self._logs(len(data))
             if logs and not mark.log:  # now big enough for deltas: link every part to its place
-                mark.log = True
+                mark.note_where(True)
                 self.tracked = watch(self, mark)
-            mark.log = logs and self.tracked
+            mark.note_where(logs and self.tracked)
         fields = (kvs.id, self.key, data, self.content_type, self.version, self.history)
         return _new_write(RecordWrite, fields)
 
@@ -300,7 +300,7 @@ class StateSlot:
         if mark.adopt:
             mark.adopt = False
             self.tracked = watch(self, mark)  # watch the parts put in since the last look
-            mark.log = mark.log and self.tracked
+            mark.note_where(mark.log and self.tracked)
         kvs = self.kvs
         assert kvs is not None
         return _new_write(RecordAppend, (kvs.id, self.key, delta, DELTA_CONTENT_TYPE, self.version))
