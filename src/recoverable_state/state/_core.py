@@ -97,21 +97,35 @@ class StateCore:
         """The store side of this state, made once its type is known (the T of `RecoverableState[T]`)."""
         if self.slot is not None:
             return self.slot
-        state_type = self._state_type if self._state_type is not None else type_hint
-        if state_type is None:
-            if isinstance(self._factory, type):
-                state_type = self._factory
-            elif self._factory is not None:
-                self._sample = [self._factory()]
-                state_type = infer_state_type(self._sample[0])
-            else:
-                state_type = infer_state_type(self._default)
-        codec, schema_version = _kind_of(state_type, self._settings[1])
+        codec, schema_version = _kind_of(self._type_of(type_hint), self._settings[1])
         # A weak reference back: a core and its slot then hold no cycle, so a dropped state is
         # freed by reference counting alone (also while the collector is paused). CPython
         # shares it with the one the live-key registry holds.
         self.slot = StateSlot(self.key, codec, schema_version, self._settings, self._log, weakref.ref(self))
         return self.slot
+
+    def fix_type(self) -> None:
+        """Take the type from the default now (a constructor's call); raises for migrations that do not fit it.
+
+        Bad `migrations` are refused at once this way, while the slot itself waits for
+        `initialize()`, whose batch may make ten thousand of them with the collector
+        paused (see `_collector.py`).
+        """
+        self._state_type = self._type_of(None)
+        _kind_of(self._state_type, self._settings[1])
+
+    def _type_of(self, type_hint: Any) -> Any:
+        """The state's type: the one given or fixed, else `type_hint`, else learnt from the default."""
+        if self._state_type is not None:
+            return self._state_type
+        if type_hint is not None:
+            return type_hint
+        if isinstance(self._factory, type):
+            return self._factory
+        if self._factory is not None:
+            self._sample = [self._factory()]
+            return infer_state_type(self._sample[0])
+        return infer_state_type(self._default)
 
     def fresh_default(self) -> Any:
         """A new default: the factory's (its first product, if the type was learnt from it), or a copy."""

@@ -12,6 +12,7 @@ from typing import Any, Generic, Literal, TypeVar, get_args
 import anyio
 
 from ..events import EventManager, EventPersistStateData
+from ._collector import PAUSE_COLLECTOR_AT, collector_paused
 from ._core import NO_STORE, StateCore, settings_for
 from ._editing import EditGuard
 from ._kvs import KeyValueStore, open_store
@@ -176,14 +177,14 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
             settings,
         )
         # The type is known now unless it must come from RecoverableState[T] (set after
-        # __init__) or from calling a factory: the slot is then made at initialize(). Made
-        # here, a bad `migrations` or `schema_version` is refused at once.
+        # __init__) or from calling a factory. Fixed here, a bad `migrations` or
+        # `schema_version` is refused at once; the slot is made at initialize() either way.
         if (
             state_type is not None
             or isinstance(factory, type)
             or (factory is None and type(default_state) is not dict and type(default_state) is not list)
         ):
-            self._core.make_slot()
+            self._core.fix_type()
 
     def _slot(self) -> StateSlot:
         """The core's slot, made with `RecoverableState[T]`'s T when that is how the type is given."""
@@ -250,10 +251,12 @@ class RecoverableState(SyncFacade, Generic[TStateModel]):
         record already in use) stay uninitialized; the others are ready. One
         failure is raised as it is; several as an ExceptionGroup.
         """
-        for state in states:
-            if state._core.slot is None:
-                state._slot()
-        errors = await StateCore.initialize_many([state._core for state in states])
+        # The slots are made here, with the collector paused for a big batch as for its load.
+        with collector_paused(active=len(states) >= PAUSE_COLLECTOR_AT, settle=True):
+            for state in states:
+                if state._core.slot is None:
+                    state._slot()
+            errors = await StateCore.initialize_many([state._core for state in states])
         if len(errors) == 1:
             raise errors[0]
         if errors:
