@@ -3,7 +3,7 @@
     python benchmarks/fleet.py                          # K = 1, 4, 16; 60 s each; every setup
     python benchmarks/fleet.py --ks 1,4,16 --seconds 20 # shorter, for a small machine
     python benchmarks/fleet.py --setups postgres,redis  # some setups only
-    python benchmarks/fleet.py --smoke                  # K = 1, 2; 3 s; 200 states (< 1 min)
+    python benchmarks/fleet.py --smoke                  # K = 1, 2; 2 s; 200 states (< 1 min)
 
 The setups, each started on loopback for its runs and stopped after them
 (tests/servers.py, tests/fleet_servers.py):
@@ -479,7 +479,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--states", type=int, default=2000, help="states per worker (default 2000)")
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"default {','.join(SETUPS)}")
     parser.add_argument("--pgbouncer-pool", type=int, default=8, help="PgBouncer's default_pool_size (8)")
-    parser.add_argument("--smoke", action="store_true", help="K = 1, 2; 3 s; 200 states: a quick check")
+    parser.add_argument("--smoke", action="store_true", help="K = 1, 2; 2 s; 200 states: a quick check")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     # The worker side, used by the parent only.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -488,7 +488,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.ks, args.seconds, args.states = "1,2", 3, 200
+        args.ks, args.seconds, args.states = "1,2", 2, 200
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
     args.setups = [s.strip() for s in str(args.setups).split(",") if s.strip()]
     if not args.ks or min(args.ks) < 1 or args.seconds < 1 or args.states < 1:

@@ -197,6 +197,10 @@ class RedisServer:
                     # its AOF writes, and a killed server loses acknowledged writes.
                     "--appendfsync",
                     "always",
+                    # A primary waits 5 s (by default) for more replicas before it sends a full
+                    # copy: the replication tests would wait that long at every resync.
+                    "--repl-diskless-sync-delay",
+                    "0",
                     "--dir",
                     str(self.directory),
                     "--daemonize",

@@ -1,6 +1,6 @@
 """benchmarks/fleet.py --smoke: every setup runs, every persist succeeds, the table prints.
 
-About 40 s on the 2-core development machine (the servers of five setups are started
+About 30 s on the 2-core development machine (the servers of five setups are started
 and stopped). Timings are not checked: only that the script works end to end.
 """
 

@@ -46,6 +46,8 @@ class Progress(BaseModel):
 class TestClusterWaitingForAReplica(BackendConformance):
     """The whole contract holds with every master's share pipelined with its WAIT."""
 
+    machine_examples = 8  # the cluster without WAIT (test_redis_cluster_backend.py) runs the full 20
+
     @pytest.fixture
     def make_backend(self, cluster: RedisClusterServer) -> MakeBackend:
         return lambda: open_backend(cluster.url + "?wait_replicas=1&wait_timeout=5")

@@ -84,6 +84,8 @@ def primary(pair: tuple[RedisServer, RedisServer]) -> RedisServer:
 class TestWaitingForAReplica(BackendConformance):
     """The whole contract holds with every write batch pipelined with its WAIT."""
 
+    machine_examples = 8  # the same backend without WAIT (test_conformance.py) runs the full 20
+
     @pytest.fixture
     def make_backend(self, primary: RedisServer) -> MakeBackend:
         return lambda: open_backend(primary.url + "?wait_replicas=1&wait_timeout=5")
