@@ -105,7 +105,7 @@ class StateCore:
         return self.slot
 
     def fix_type(self) -> None:
-        """Take the type from the default now (a constructor's call); raises for migrations that do not fit it.
+        """Fix the type from the default now (the constructor calls it); raises for unfit migrations.
 
         Bad `migrations` are refused at once this way, while the slot itself waits for
         `initialize()`, whose batch may make ten thousand of them with the collector
