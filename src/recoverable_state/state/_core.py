@@ -40,6 +40,7 @@ class StateCore:
         "_default",
         "_factory",
         "_group",
+        "_kind",
         "_kvs_factory",
         "_log",
         "_open_store",
@@ -90,6 +91,7 @@ class StateCore:
         self._settings = settings
         self._group: weakref.ref[PersistGroup] | None = None
         self._owner_key: _ownership.OwnerKey | None = None
+        self._kind: tuple[StateCodec, int | None] | None = None  # fixed by the constructor, if it could
 
     # -- the slot ------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class StateCore:
         """The store side of this state, made once its type is known (the T of `RecoverableState[T]`)."""
         if self.slot is not None:
             return self.slot
-        codec, schema_version = _kind_of(self._type_of(type_hint), self._settings[1])
+        codec, schema_version = self._kind or _kind_of(self._type_of(type_hint), self._settings[1])
         # A weak reference back: a core and its slot then hold no cycle, so a dropped state is
         # freed by reference counting alone (also while the collector is paused). CPython
         # shares it with the one the live-key registry holds.
@@ -111,11 +113,12 @@ class StateCore:
         `initialize()`, whose batch may make ten thousand of them with the collector
         paused (see `_collector.py`).
         """
-        self._state_type = self._type_of(None)
-        _kind_of(self._state_type, self._settings[1])
+        # Kept for the slot: a type whose codec is not cached (unhashable, or with migrations)
+        # would otherwise have it built a second time by `initialize()`.
+        self._kind = _kind_of(self._type_of(None), self._settings[1])
 
     def _type_of(self, type_hint: Any) -> Any:
-        """The state's type: the one given or fixed, else `type_hint`, else learnt from the default."""
+        """The state's type: the one given, else `type_hint`, else learnt from the default."""
         if self._state_type is not None:
             return self._state_type
         if type_hint is not None:
