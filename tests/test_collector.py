@@ -82,3 +82,52 @@ async def test_a_big_load_then_its_first_persist_leave_nothing_young() -> None:
         assert young() < N // 10, "the persist left objects young, one or more per state"
         for s in again:
             await s.teardown()
+
+
+@pytest.mark.parametrize("fault", ["hang", "fail"])
+async def test_a_big_load_that_hangs_or_fails_gives_the_collector_back_and_can_be_retried(fault: str) -> None:
+    """The collector is paused from the making of a big batch's slots on: a load that times
+    out or fails must end the pause, leave every state uninitialized, and free its keys."""
+    from recoverable_state import KeyValueStore, PersistenceTimeoutError, StorageError
+    from recoverable_state.storage import MemoryBackend
+    from recoverable_state.testing import FaultInjectingBackend
+
+    storage = FaultInjectingBackend(MemoryBackend())
+    kvs = await KeyValueStore.open(name="big", storage=storage)
+
+    async def factory() -> KeyValueStore:
+        return kvs
+
+    def batch(manager: EventManager) -> list[RecoverableState[Worker]]:
+        return [
+            RecoverableState(
+                default_state=Worker(),
+                persist_state_key=f"w{i}",
+                persistence_enabled=True,
+                persist_state_kvs_factory=factory,
+                event_manager=manager,
+                persistence_timeout=0.5,
+            )
+            for i in range(N)
+        ]
+
+    assert gc.isenabled()
+    async with EventManager(persist_state_interval=3600) as manager:
+        first = batch(manager)
+        if fault == "hang":
+            storage.hang_next(on="read")
+        else:
+            storage.fail_next(on="read")
+        with pytest.raises(BaseException) as raised:  # noqa: PT011 - one error per state, grouped
+            await RecoverableState.initialize_many(first)
+        found = raised.value.exceptions if isinstance(raised.value, BaseExceptionGroup) else (raised.value,)
+        expected = PersistenceTimeoutError if fault == "hang" else StorageError
+        assert found and all(isinstance(e, expected) for e in found), found[:3]
+        assert gc.isenabled(), "the failed load left the collector paused"
+        assert not any(s.is_initialized for s in first)
+        again = batch(manager)  # the same keys: the failed batch holds none of them
+        await RecoverableState.initialize_many(again)
+        assert gc.isenabled()
+        assert all(s.is_initialized for s in again)
+        for s in again:
+            await s.teardown()
