@@ -91,7 +91,7 @@ import psycopg.errors
 from .._errors import StorageError, StoreNotFoundError
 from .._forks import watch_forks
 from ._backend import Durability, RecordInfo, RecordRead, StoredRecord, StoreInfo, WriteOp, WriteOutcome
-from ._contract import Pair, WritePlan, split_by_size
+from ._contract import Pair, WritePlan
 from ._postgres_deltas import attach_deltas, drop_deltas, store_appends, stores_with_deltas
 from ._postgres_durability import (
     SET_SYNCHRONOUS_COMMIT,
@@ -102,7 +102,6 @@ from ._postgres_durability import (
 )
 from ._postgres_pool import Connection, Pool, PoolBusy, Retry, Transaction, bound, failure
 from ._postgres_sql import (
-    APPLY,
     CHECK_STORES,
     CLAIM_ROWS,
     DDL,
@@ -116,7 +115,7 @@ from ._postgres_sql import (
     LOCK_ROWS,
     READ_ROWS,
     SCHEMA,
-    apply_params,
+    apply_rows,
     key_hash,
     utc,
 )
@@ -166,12 +165,6 @@ class _Txn:
         if found is None:
             found = self.hashes[pair] = key_hash(pair[1])
         return found
-
-
-def _zip_chunks(*parts: list[list[Any]]) -> list[tuple[list[Any], ...]]:
-    """The n-th run of every part together, empty where a part has fewer runs."""
-    count = max(len(p) for p in parts)
-    return [tuple(p[n] if n < len(p) else [] for p in parts) for n in range(count)]
 
 
 def _with_synchronous_commit(body: Callable[[Connection], T], value: str) -> Callable[[Connection], T]:
@@ -399,24 +392,11 @@ class PostgresBackend(ServerBackend, TransactionalBackend[_Txn]):
         if txn.with_deltas:  # only stores holding deltas pay for dropping them
             stale = [p for p in (*plan.deletes, *rows) if p[0] in txn.with_deltas]
             drop_deltas(conn, list(dict.fromkeys(stale)), hash_of)
-        upd = [p for p in rows if p in plan.existing]
-        ins = [p for p in rows if p not in plan.existing]
-        hist = [(p, v, w) for p, h in plan.history.items() for v, w in h.added]
         now = datetime.now(UTC)
-        inserted = 0
-        for n, runs in enumerate(
-            _zip_chunks(
-                split_by_size(upd, lambda p: len(rows[p][0].value)),
-                split_by_size(ins, lambda p: len(rows[p][0].value)),
-                split_by_size(hist, lambda item: len(item[2].value)),
-            )
-        ):
-            row = conn.execute(APPLY, apply_params(plan, hash_of, now, runs, first=n == 0)).fetchone()
-            assert row is not None
-            inserted += row[1]
+        inserted = apply_rows(conn, plan, hash_of, now)
         if plan.appends:
             store_appends(conn, plan, hash_of, now)
-        if inserted != len(ins):
+        if inserted != len(plan.rows) - len(plan.existing):
             raise Retry
         return {}
 

@@ -11,13 +11,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ._contract import Pair, WritePlan
+import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+
+from ._contract import Pair, WritePlan, split_by_size
 
 SCHEMA = "recoverable_state"
 LOCK_ID = 0x7265636F76657273  # advisory lock taken while creating the tables
 KEY_INDEX = "records_by_key"  # made last of the first layout: its presence says that layout is complete
 DELTAS = "deltas"  # added later: a database made before it gets it lazily (see _postgres.py)
 KEY_PREFIX = 200  # characters of a key in the listing index: at most 800 bytes an entry
+BIG_VALUE = 1024 * 1024  # a value this big is sent in a statement of its own (see apply_rows)
 
 DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -179,6 +184,95 @@ def apply_params(
         "h_value": [w.value for _, _, w in h_run],
         "h_type": [w.content_type for _, _, w in h_run],
     }
+
+
+BIG_UPDATE = f"""
+UPDATE {SCHEMA}.records SET value = %(value)b, content_type = %(type)b::text,
+    version = %(version)b::bigint, updated_at = %(now)b
+WHERE store_id = %(store)b::text AND key_hash = %(hash)b
+"""
+
+BIG_INSERT = f"""
+INSERT INTO {SCHEMA}.records (store_id, key_hash, key, value, content_type, version, updated_at)
+VALUES (%(store)b::text, %(hash)b, %(key)b::text, %(value)b, %(type)b::text, %(version)b::bigint, %(now)b)
+ON CONFLICT (store_id, key_hash) DO NOTHING
+RETURNING 1
+"""
+
+BIG_HISTORY = f"""
+INSERT INTO {SCHEMA}.history (store_id, key_hash, version, value, content_type, updated_at)
+VALUES (%(store)b::text, %(hash)b, %(version)b::bigint, %(value)b, %(type)b::text, %(now)b)
+ON CONFLICT (store_id, key_hash, version) DO UPDATE
+SET value = excluded.value, content_type = excluded.content_type, updated_at = excluded.updated_at
+"""
+
+
+def apply_rows(
+    conn: psycopg.Connection[Any], plan: WritePlan, hash_of: Callable[[Pair], bytes], now: datetime
+) -> int:
+    """Apply a batch's record writes and history rows; the number of its inserts that landed.
+
+    Values travel in APPLY statements, one per 64 MiB. A value of BIG_VALUE or more
+    travels alone, as a parameter of its own that the driver sends as it is: in an
+    array the driver copies each value twice (its dump, then the array), and a big
+    state's persist held three times its JSON instead of twice.
+    """
+    rows = plan.rows
+
+    def small(size: int) -> bool:
+        return size < BIG_VALUE
+
+    upd = [p for p in rows if p in plan.existing]
+    ins = [p for p in rows if p not in plan.existing]
+    hist = [(p, v, w) for p, h in plan.history.items() for v, w in h.added]
+    inserted = 0
+    for n, runs in enumerate(
+        _zip_chunks(
+            split_by_size([p for p in upd if small(len(rows[p][0].value))], lambda p: len(rows[p][0].value)),
+            split_by_size([p for p in ins if small(len(rows[p][0].value))], lambda p: len(rows[p][0].value)),
+            split_by_size([h for h in hist if small(len(h[2].value))], lambda h: len(h[2].value)),
+        )
+    ):
+        row = conn.execute(APPLY, apply_params(plan, hash_of, now, runs, first=n == 0)).fetchone()
+        assert row is not None
+        inserted += row[1]
+    cur = conn.cursor()
+    cur.adapters.register_dumper(_Whole, _WholeDumper)
+    for p in (p for p in rows if not small(len(rows[p][0].value))):
+        record, version = rows[p][0], plan.final_version(p)
+        params = {"store": p[0], "hash": hash_of(p), "key": p[1], "value": _Whole(record.value)}
+        params |= {"type": record.content_type, "version": version, "now": now}
+        cur.execute(BIG_UPDATE if p in plan.existing else BIG_INSERT, params)
+        inserted += p not in plan.existing and cur.fetchone() is not None
+    for p, version, record in (h for h in hist if not small(len(h[2].value))):
+        params = {"store": p[0], "hash": hash_of(p), "version": version, "value": _Whole(record.value)}
+        cur.execute(BIG_HISTORY, params | {"type": record.content_type, "now": now})
+    return inserted
+
+
+def _zip_chunks(*parts: list[list[Any]]) -> list[tuple[list[Any], ...]]:
+    """The n-th run of every part together, empty where a part has fewer runs."""
+    count = max(len(p) for p in parts)
+    return [tuple(p[n] if n < len(p) else [] for p in parts) for n in range(count)]
+
+
+class _Whole:
+    """A value the driver sends as it is (see _WholeDumper)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _WholeDumper(Dumper):
+    """bytea from the bytes themselves: psycopg's own dumper copies them into a bytearray first."""
+
+    format = Format.BINARY
+    oid = psycopg.postgres.types["bytea"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return obj.data  # type: ignore[no-any-return]
 
 
 def key_hash(key: str) -> bytes:
