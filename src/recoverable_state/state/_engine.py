@@ -74,12 +74,15 @@ async def persist_slots(
                     doubtful.append(slot)
             else:
                 busy.append(slot)
+    # Every slot, in order: the young copy goes (the collector would visit each state through it).
+    taken: Sequence[StateSlot] = slots if len(held) == len(slots) else held
+    del held
     errors: list[Exception] = []
     try:
-        errors += await _write_held(held, doubtful, timeout, tally, full)
+        errors += await _write_held(taken, doubtful, timeout, tally, full)
     finally:
         with anyio.CancelScope(shield=True):  # every gate is left, also when cancelled
-            for n, slot in enumerate(held):
+            for n, slot in enumerate(taken):
                 if n % 1000 == 999:
                     await anyio.lowlevel.checkpoint()
                 slot.gate.leave()
