@@ -278,7 +278,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             txn.executemany(
                 "INSERT INTO versions (store_id, key, version) VALUES (?, ?, ?) "
                 "ON CONFLICT (store_id, key) DO UPDATE SET version = excluded.version",
-                [(sid, key, version) for (sid, key), version in claimed.items()],
+                ((sid, key, version) for (sid, key), version in claimed.items()),
             )
             return
         claims: dict[str, dict[str, int]] = {}
@@ -302,7 +302,7 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
             drop_deltas(txn, {sid for sid, _ in plan.rows}, plan.rows, self._json)
         txn.executemany(
             _UPSERT_RECORD,
-            [(sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()],
+            ((sid, key, w.value, w.content_type, now, v) for (sid, key), (w, v) in plan.rows.items()),
         )
         txn.executemany(
             "INSERT OR REPLACE INTO history (store_id, key, value, content_type, version, updated_at) "
@@ -337,16 +337,16 @@ class SQLiteBackend(TransactionalBackend[sqlite3.Connection]):
         done = txn.executemany(
             "UPDATE records SET value = ?, content_type = ?, updated_at = ?, version = ? "
             f"WHERE store_id = ? AND key = ? AND {_VERSION} = ?",
-            [
+            (  # a generator: 100,000 rows made and freed one at a time, not freed at once in C
                 (w.value, w.content_type, now, w.expected_version + 1, w.store_id, w.key, w.expected_version)
                 for w in writes
                 if w.expected_version
-            ],
+            ),
         ).rowcount
         done += txn.executemany(
             "INSERT INTO records (store_id, key, value, content_type, updated_at, version) "
             "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT DO NOTHING",
-            [(w.store_id, w.key, w.value, w.content_type, now) for w in writes if not w.expected_version],
+            ((w.store_id, w.key, w.value, w.content_type, now) for w in writes if not w.expected_version),
         ).rowcount
         if done != len(writes):
             txn.execute("ROLLBACK TO expected")
