@@ -7,6 +7,9 @@ that left is never written again.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import anyio
 import pytest
 from pydantic import BaseModel
@@ -132,3 +135,18 @@ async def test_a_persist_under_way_leaves_alone_the_write_of_a_state_that_joined
         assert (await stored(backend))["joined"] == {"done": 2}
         for s in (*first, joined):
             await s.teardown()
+
+
+async def test_a_state_torn_down_after_a_persist_is_freed_without_waiting_for_the_next_one() -> None:
+    async with EventManager(persist_state_interval=3600) as manager:
+        backend = open_backend("memory://")
+        kept, gone = state(manager, backend, "kept"), state(manager, backend, "gone")
+        await RecoverableState.initialize_many([kept, gone])
+        await persist(manager)
+        value = weakref.ref(gone.current_value)
+        await gone.teardown()
+        del gone
+        gc.collect()
+        assert value() is None  # the manager's persist let go of its list of states
+        await kept.teardown()
+        await backend.aclose()

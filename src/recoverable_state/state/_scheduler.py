@@ -75,6 +75,7 @@ class PersistGroup:
         # A persist holds the list (`_lent`): a member joining then gets the group a new one.
         self._members: list[StateSlot] | None = []
         self._lent: list[StateSlot] | None = None
+        self._lending = 0  # persists under way holding `_lent`
         self._heard = False  # a PERSIST_STATE came: the manager was entered
         self._ticks = 0  # PERSIST_STATE events heard
         self._watch: threading.Timer | None = None
@@ -164,6 +165,7 @@ class PersistGroup:
         # (heapq, unbound list methods) is saved then at the latest.
         self._ticks += 1
         full = migrating or self._ticks % FULL_COMPARE_EVERY == 0
+        self._lending += 1
         try:
             # A shutdown's persist is bounded by the manager's close timeout alone.
             errors = await persist_slots(
@@ -172,6 +174,10 @@ class PersistGroup:
         except BaseException:  # cancelled at the close timeout, or a bug: a failed persist
             name_unsaved(slots, "interrupted before it was known to be stored")
             raise
+        finally:
+            self._lending -= 1
+            if not self._lending:  # let go: a list replaced meanwhile (and the slots of states gone) is freed
+                self._lent = None
         _log_failures(errors, slots)
         return EventPersistedData(
             duration=timedelta(seconds=time.perf_counter() - started),
